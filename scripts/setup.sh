@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set-up from a fresh Debian 12 machine, as root: system packages, the Python
+# virtual environment, and the guest assets (kernel + busybox initramfs).
+# Idempotent: a second run only checks what is already there.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${VENV:-$here/.venv}
+
+apt_packages=(
+  qemu-system-x86 qemu-utils        # the guests (TCG) and QEMU's own dump as oracle
+  fuse3 libfuse3-dev pkg-config gcc python3-dev  # FUSE and what pyfuse3 compiles against
+  busybox-static cpio kmod          # the guest initramfs
+  binutils elfutils                 # readelf, eu-readelf
+  makedumpfile crash gdb            # the tools users run on the core
+)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c 'import vmcorefs, pyfuse3, qemu.qmp, drgn, elftools, hypothesis, pytest' 2>/dev/null \
+   || [ "$here/pyproject.toml" -nt "$venv/.installed" ]; then
+  "$venv/bin/pip" install -q --upgrade pip >/dev/null
+  "$venv/bin/pip" install -q -e "$here[test]"
+  touch "$venv/.installed"
+fi
+
+"$here/scripts/build-guest.sh"

@@ -1,0 +1,54 @@
+"""vmcorefs: /proc/kcore for a QEMU guest.
+
+``vmcorefs mount QMP_SOCKET MNT`` makes ``MNT/vmcore`` an ELF core file of the
+live guest, served on demand through FUSE from the guest's memory.
+
+Layers (dependencies point downwards only)::
+
+    cli        argument parsing, daemonisation, one-line errors and exit codes
+    fs         pyfuse3 adapter: requests -> core/qemu calls, errors -> errno
+    qemu       QMP (qemu.qmp), guest discovery, memory backends (pread)
+    core       pure: ELF layout, notes, memory map model (no I/O)
+
+Every error vmcorefs raises derives from :class:`VmcorefsError`
+(see :mod:`vmcorefs.errors`)::
+
+    VmcorefsError                      exit 1 unless said otherwise
+    +-- UsageError                     exit 2: bad paths, bad options
+    |   +-- NotQMPError                socket answers but is not a QMP monitor
+    +-- QMPError                       a QMP command failed (.command)
+    |   +-- QMPTimeoutError            no answer within the timeout
+    |   +-- MonitorBusyError           monitor already has a client
+    |   +-- QEMUGoneError              QEMU exited / connection lost
+    +-- GuestMemoryError               guest memory could not be read (.gpa)
+    +-- AccessError                    no way to reach guest memory (.fix)
+    +-- FormatError                    malformed data from QEMU or the guest
+"""
+
+from vmcorefs.errors import (
+    AccessError,
+    FormatError,
+    GuestMemoryError,
+    MonitorBusyError,
+    NotQMPError,
+    QEMUGoneError,
+    QMPError,
+    QMPTimeoutError,
+    UsageError,
+    VmcorefsError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessError",
+    "FormatError",
+    "GuestMemoryError",
+    "MonitorBusyError",
+    "NotQMPError",
+    "QEMUGoneError",
+    "QMPError",
+    "QMPTimeoutError",
+    "UsageError",
+    "VmcorefsError",
+]

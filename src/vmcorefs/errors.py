@@ -1,0 +1,64 @@
+"""The vmcorefs exception hierarchy (drawn in the package docstring).
+
+Each error renders as one line for users (``str(err)``) and carries the
+context needed to act on it: the QMP command that failed, the guest-physical
+address that could not be read, or the fix for a missing permission.
+"""
+
+from __future__ import annotations
+
+
+class VmcorefsError(Exception):
+    """Root of every error vmcorefs raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(VmcorefsError):
+    """Bad input from the user: paths, options, mountpoints."""
+
+    exit_code = 2
+
+
+class NotQMPError(UsageError):
+    """The socket is not a QMP monitor (no QMP greeting)."""
+
+
+class QMPError(VmcorefsError):
+    """A QMP command failed; ``command`` names it."""
+
+    def __init__(self, message: str, command: str | None = None) -> None:
+        self.command = command
+        super().__init__(f"QMP {command}: {message}" if command else message)
+
+
+class QMPTimeoutError(QMPError):
+    """QEMU did not answer within the timeout (stopped or hung)."""
+
+
+class MonitorBusyError(QMPError):
+    """The QMP monitor already serves another client (QMP allows one)."""
+
+
+class QEMUGoneError(QMPError):
+    """QEMU exited or closed the monitor connection."""
+
+
+class GuestMemoryError(VmcorefsError):
+    """Guest memory could not be read; ``gpa`` is the guest-physical address."""
+
+    def __init__(self, message: str, gpa: int | None = None) -> None:
+        self.gpa = gpa
+        super().__init__(f"{message} at guest-physical {gpa:#x}" if gpa is not None else message)
+
+
+class AccessError(VmcorefsError):
+    """No method can reach the guest's memory; ``fix`` says what would."""
+
+    def __init__(self, message: str, fix: str) -> None:
+        self.fix = fix
+        super().__init__(f"{message} ({fix})")
+
+
+class FormatError(VmcorefsError):
+    """Malformed data from QEMU or the guest (ELF, notes, mtree, VMCOREINFO)."""

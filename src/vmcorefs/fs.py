@@ -1,0 +1,287 @@
+"""The FUSE adapter (pyfuse3, asyncio mode): requests in, errno out.
+
+Files (all read-only, mode 0400, owned by the mounting user)::
+
+    vmcore       live ELF core (:func:`vmcorefs.core.elf.build_vmcore`)
+    pmem         raw guest-physical memory, holes as zeros
+    vmcoreinfo   the guest's VMCOREINFO text (listed only when known)
+
+Semantics follow Linux ``/proc/kcore``: sizes come from the latest layout
+(refreshed when older than ``ATTR_TTL``), every ``open()`` takes a fresh
+:class:`~vmcorefs.qemu.guest.Snapshot` that its handle keeps until release,
+reads bypass the page cache (``direct_io``), and with ``--freeze`` the guest
+is paused while any handle on ``vmcore`` or ``pmem`` is open.  Errors become
+errno values in one place, :func:`_errno_of`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, TypeVar
+
+import pyfuse3
+
+from vmcorefs.core.layout import SparseFile
+from vmcorefs.errors import (
+    AccessError,
+    QEMUGoneError,
+    QMPTimeoutError,
+    VmcorefsError,
+)
+from vmcorefs.qemu.guest import Guest, Snapshot
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+VMCORE, PMEM, VMCOREINFO = ROOT + 1, ROOT + 2, ROOT + 3
+NAMES = {VMCORE: b"vmcore", PMEM: b"pmem", VMCOREINFO: b"vmcoreinfo"}
+BY_NAME = {v: k for k, v in NAMES.items()}
+#: Seconds a layout serves getattr/lookup before it is recomputed.
+ATTR_TTL = 1.0
+BLKSIZE = 1 << 20
+
+T = TypeVar("T")
+
+
+def _errno_of(exc: BaseException) -> int:
+    """The one mapping from vmcorefs errors to errno."""
+    if isinstance(exc, QMPTimeoutError):
+        return errno.ETIMEDOUT
+    if isinstance(exc, AccessError):
+        return errno.EACCES
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO
+
+
+def _fuse_op(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Run a FUSE handler, turning any failure into a FUSEError."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: "VmcoreFS", *args: Any) -> T:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except VmcorefsError as e:
+            if isinstance(e, QEMUGoneError):
+                self.guest_gone(str(e))
+            log.warning("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(_errno_of(e)) from None
+        except Exception as e:  # a bug: keep serving, say where
+            log.error("%s failed", fn.__name__, exc_info=True)
+            raise pyfuse3.FUSEError(_errno_of(e)) from None
+
+    return wrapper
+
+
+@dataclass
+class Handle:
+    inode: int
+    file: SparseFile
+    snap: Snapshot
+    frozen: bool
+
+
+class VmcoreFS(pyfuse3.Operations):  # type: ignore[misc]
+    """The mounted directory of one guest."""
+
+    enable_writeback_cache = False
+
+    def __init__(self, guest: Guest, freeze: bool = False) -> None:
+        super().__init__()
+        self.guest = guest
+        self.freeze = freeze
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.mounted_at = time.time()
+        self.gone_reason: str | None = None
+        self._snap: Snapshot | None = None
+        self._snap_lock = asyncio.Lock()
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._freeze_lock = asyncio.Lock()
+        self._freeze_count = 0
+        self._paused_by_us = False
+
+    # -- state ------------------------------------------------------------
+    def guest_gone(self, reason: str) -> None:
+        """QEMU exited: fail every request from now on and stop serving."""
+        if self.gone_reason is None:
+            self.gone_reason = reason
+            log.warning("QEMU is gone (%s): unmounting", reason)
+            pyfuse3.terminate()
+
+    def _check_alive(self) -> None:
+        if self.gone_reason is not None:
+            raise QEMUGoneError(self.gone_reason)
+
+    async def current(self, max_age: float = ATTR_TTL) -> Snapshot:
+        """The latest layout, recomputed when older than ``max_age`` seconds."""
+        self._check_alive()
+        async with self._snap_lock:
+            if self._snap is None or time.monotonic() - self._snap.taken > max_age:
+                self._snap = await self.guest.snapshot()
+            return self._snap
+
+    def set_initial(self, snap: Snapshot) -> None:
+        self._snap = snap
+
+    def _file(self, inode: int, snap: Snapshot) -> SparseFile:
+        if inode == VMCORE:
+            return snap.vmcore
+        if inode == PMEM:
+            return snap.pmem
+        if inode == VMCOREINFO and snap.vmcoreinfo is not None:
+            data = snap.vmcoreinfo.encode()
+            return SparseFile(data, (), len(data))
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    def _attr(self, inode: int, snap: Snapshot | None) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.generation = 0
+        a.entry_timeout = 0
+        a.attr_timeout = 0
+        a.st_uid, a.st_gid = self.uid, self.gid
+        ns = int(self.mounted_at * 1e9)
+        a.st_atime_ns = a.st_ctime_ns = a.st_mtime_ns = ns
+        a.st_blksize = BLKSIZE
+        if inode == ROOT:
+            a.st_mode = stat.S_IFDIR | 0o500
+            a.st_nlink = 2
+        else:
+            assert snap is not None
+            a.st_mode = stat.S_IFREG | 0o400
+            a.st_nlink = 1
+            a.st_size = self._file(inode, snap).size
+            a.st_mtime_ns = int((time.time() - (time.monotonic() - snap.taken)) * 1e9)
+        a.st_blocks = (a.st_size + 511) // 512
+        return a
+
+    # -- freeze -----------------------------------------------------------
+    async def _freeze_acquire(self) -> None:
+        async with self._freeze_lock:
+            if self._freeze_count == 0 and await self.guest.status() == "running":
+                await self.guest.monitor.execute("stop")
+                self._paused_by_us = True
+                log.info("guest paused (--freeze)")
+            self._freeze_count += 1
+
+    async def _freeze_release(self) -> None:
+        async with self._freeze_lock:
+            self._freeze_count -= 1
+            if self._freeze_count == 0:
+                await self.thaw()
+
+    async def thaw(self) -> None:
+        """Resume the guest if vmcorefs paused it."""
+        if self._paused_by_us:
+            self._paused_by_us = False
+            if self.gone_reason is None:
+                await self.guest.monitor.execute("cont")
+                log.info("guest resumed (--freeze)")
+
+    # -- FUSE operations --------------------------------------------------
+    @_fuse_op
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name in (b".", b".."):
+            return self._attr(ROOT, None)
+        inode = BY_NAME.get(name)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(inode, await self.current())
+
+    @_fuse_op
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if inode == ROOT:
+            return self._attr(ROOT, None)
+        if inode not in NAMES:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(inode, await self.current())
+
+    @_fuse_op
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return ROOT
+
+    @_fuse_op
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        snap = await self.current()
+        inodes = [VMCORE, PMEM] + ([VMCOREINFO] if snap.vmcoreinfo is not None else [])
+        for inode in inodes:
+            if inode <= start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, NAMES[inode], self._attr(inode, snap), inode):
+                break
+
+    @_fuse_op
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_fuse_op
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if inode not in NAMES:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        self._check_alive()
+        frozen = self.freeze and inode in (VMCORE, PMEM)
+        if frozen:
+            await self._freeze_acquire()
+        try:
+            snap = await self.current(max_age=0.0)
+            file = self._file(inode, snap)
+        except BaseException:
+            if frozen:
+                await self._freeze_release()
+            raise
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = Handle(inode, file, snap, frozen)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    @_fuse_op
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+        self._check_alive()
+        h = self._handles[fh]
+        file = h.file
+        length = max(0, min(size, file.size - off))
+        buf = bytearray(length)
+        if not length:
+            return buf
+        mv = memoryview(buf)
+        read_mem = self.guest.read_mem
+        for ext in file.extents(off, length):
+            start = ext.offset - off
+            if ext.kind == "mem":
+                read_mem(h.snap, ext.src, mv[start:start + ext.length])
+            elif ext.kind == "data":
+                mv[start:start + ext.length] = file.prefix[ext.src:ext.src + ext.length]
+        self._check_alive()
+        return buf
+
+    @_fuse_op
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is not None and h.frozen:
+            await self._freeze_release()
+
+    @_fuse_op
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = BLKSIZE
+        s.f_namemax = 255
+        return s
+
+    def open_handles(self) -> int:
+        return len(self._handles)

@@ -1,0 +1,170 @@
+"""The QMP connection to QEMU (through qemu.qmp), with timeouts and errors.
+
+QMP serves one client per monitor: a second client's connection is accepted
+by the kernel but never greeted.  :func:`connect` tells the cases apart with
+``SO_PEERCRED`` (the listening process) so the user learns whether the
+socket is not QMP or the monitor is busy.  Every command has a timeout, so a
+stopped QEMU (SIGSTOP) fails a request instead of hanging it.  HMP command
+lines are only ever built from validated integers (see :meth:`Monitor.gpa2hva`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+import struct
+from typing import Any
+
+import qemu.qmp
+from qemu.qmp import QMPClient
+
+from vmcorefs.errors import (
+    MonitorBusyError,
+    NotQMPError,
+    QEMUGoneError,
+    QMPError,
+    QMPTimeoutError,
+    UsageError,
+)
+
+log = logging.getLogger(__name__)
+
+GREETING_TIMEOUT = 5.0
+COMMAND_TIMEOUT = 10.0
+_UCRED = struct.Struct("3i")
+
+
+def peer_pid(sock: socket.socket) -> int | None:
+    """PID of the process at the other end of a unix socket (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid = int(_UCRED.unpack(raw)[0])
+    return pid if pid > 0 else None
+
+
+def _process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def check_socket_path(path: str) -> None:
+    """Raise :class:`UsageError` unless ``path`` is an existing unix socket."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such QMP socket") from None
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UsageError(f"{path}: not a unix socket (give the path of QEMU's -qmp unix: socket)")
+
+
+class Monitor:
+    """A connected QMP monitor.  Use :func:`connect` to make one."""
+
+    def __init__(self, client: QMPClient, path: str, pid: int | None) -> None:
+        self._client = client
+        self.path = path
+        #: PID of the QEMU process, from SO_PEERCRED (None if not visible).
+        self.pid = pid
+        #: The greeting's QEMU version, e.g. "7.2.19".
+        self.version = "unknown"
+        try:
+            v = client.greeting.QMP.version["qemu"]  # type: ignore[union-attr,index]
+            self.version = f"{v['major']}.{v['minor']}.{v['micro']}"
+        except (AttributeError, KeyError, TypeError):
+            pass
+        self.gone = False
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                      timeout: float = COMMAND_TIMEOUT) -> Any:
+        """Run a QMP command; map every failure to a :class:`QMPError`."""
+        if self.gone:
+            raise QEMUGoneError("QEMU has exited", command)
+        try:
+            return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
+        except asyncio.TimeoutError:
+            raise QMPTimeoutError(f"no answer within {timeout:g} s (is QEMU stopped or hung?)", command) from None
+        except qemu.qmp.ExecuteError as e:
+            raise QMPError(str(e.error.desc), command) from None
+        except (qemu.qmp.QMPError, OSError, EOFError) as e:
+            self.gone = True
+            raise QEMUGoneError(f"monitor connection lost ({type(e).__name__})", command) from None
+
+    async def hmp(self, command_line: str, timeout: float = COMMAND_TIMEOUT) -> str:
+        """Run an HMP command through QMP ``human-monitor-command``."""
+        out = await self.execute("human-monitor-command", {"command-line": command_line}, timeout)
+        if not isinstance(out, str):
+            raise QMPError("answer is not text", "human-monitor-command")
+        return out
+
+    async def gpa2hva(self, gpa: int) -> str:
+        """HMP ``gpa2hva`` for an integer address (never user text)."""
+        if not isinstance(gpa, int) or gpa < 0 or gpa >= 1 << 64:
+            raise ValueError(f"bad guest-physical address {gpa!r}")
+        return await self.hmp(f"gpa2hva {gpa:#x}")
+
+    def send_fd(self, fd: int) -> None:
+        """Pass ``fd`` to QEMU (SCM_RIGHTS); a following ``getfd`` names it."""
+        try:
+            self._client.send_fd_scm(fd)
+        except (qemu.qmp.QMPError, OSError, AssertionError, AttributeError) as e:
+            self.gone = True
+            raise QEMUGoneError(f"cannot pass a file descriptor ({e})", "getfd") from None
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self._client.disconnect(), 2.0)
+        except (asyncio.TimeoutError, qemu.qmp.QMPError, OSError, EOFError):
+            pass
+
+
+async def connect(path: str, greeting_timeout: float = GREETING_TIMEOUT) -> Monitor:
+    """Connect to the QMP unix socket at ``path`` and negotiate capabilities."""
+    check_socket_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(greeting_timeout)
+        sock.connect(path)
+        sock.setblocking(False)
+    except ConnectionRefusedError:
+        sock.close()
+        raise UsageError(f"{path}: connection refused (no process is listening; has QEMU exited?)") from None
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"{path}: cannot connect: {e.strerror or e}") from None
+    pid = peer_pid(sock)
+    client = QMPClient("vmcorefs")
+    try:
+        await asyncio.wait_for(client.connect(sock), greeting_timeout)
+    except asyncio.TimeoutError:
+        await _abandon(client, sock)
+        name = _process_name(pid) if pid else ""
+        if "qemu" in name:
+            raise MonitorBusyError(
+                f"{path}: the monitor of QEMU (pid {pid}) did not greet within {greeting_timeout:g} s:"
+                " it already has a client (QMP serves one at a time; give QEMU another -qmp socket)"
+            ) from None
+        raise NotQMPError(f"{path}: not a QMP monitor (no QMP greeting within {greeting_timeout:g} s)") from None
+    except (qemu.qmp.QMPError, OSError, EOFError) as e:
+        await _abandon(client, sock)
+        raise NotQMPError(f"{path}: not a QMP monitor ({_describe(e)})") from None
+    return Monitor(client, path, pid)
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:160]
+
+
+async def _abandon(client: QMPClient, sock: socket.socket) -> None:
+    try:
+        await asyncio.wait_for(client.disconnect(), 1.0)
+    except (asyncio.TimeoutError, qemu.qmp.QMPError, OSError, EOFError):
+        pass
+    sock.close()
