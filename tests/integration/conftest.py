@@ -1,0 +1,48 @@
+"""Session fixtures: two booted guests shared by the integration tests.
+
+``memfd_guest`` uses ``memory-backend-memfd,share=on`` (served by pread on
+the memfd), ``private_guest`` QEMU's default private RAM (served through
+/proc/PID/mem).  Each boots once per session (about 4 s under TCG).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Iterator
+
+import pytest
+
+from qemu_guest import QemuGuest, require
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fuse_available() -> None:
+    require(os.path.exists("/dev/fuse"), "/dev/fuse missing")
+    require(shutil.which("fusermount3") is not None, "fusermount3 (fuse3) not installed")
+
+
+def _boot(name: str, **kw: object) -> Iterator[QemuGuest]:
+    g = QemuGuest(name, **kw)  # type: ignore[arg-type]
+    try:
+        yield g.wait_ready()
+    finally:
+        g.close()
+
+
+@pytest.fixture(scope="session")
+def memfd_guest() -> Iterator[QemuGuest]:
+    yield from _boot("memfd", memory="memfd")
+
+
+@pytest.fixture(scope="session")
+def private_guest() -> Iterator[QemuGuest]:
+    yield from _boot("private", memory="private")
+
+
+@pytest.fixture(params=["memfd", "private"])
+def guest(request: pytest.FixtureRequest) -> QemuGuest:
+    """Each test using this runs against both memory kinds."""
+    return request.getfixturevalue(f"{request.param}_guest")  # type: ignore[no-any-return]

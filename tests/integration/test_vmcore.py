@@ -1,0 +1,208 @@
+"""vmcore against QEMU's own dump-guest-memory, and the tools users run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from qemu_guest import (
+    Mount,
+    QemuGuest,
+    printk_head_addr,
+    printk_head_id,
+    require,
+    run_vmcorefs,
+    vmcoreinfo_dict,
+)
+
+pytestmark = pytest.mark.integration
+CHUNK = 1 << 20
+
+
+def _loads(elf: ELFFile) -> list[tuple[int, int, int, int]]:
+    """(p_paddr, p_memsz, p_offset, p_filesz) of every PT_LOAD."""
+    return [(s["p_paddr"], s["p_memsz"], s["p_offset"], s["p_filesz"])
+            for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
+
+
+def _note_bytes(f, elf: ELFFile) -> bytes:  # type: ignore[no-untyped-def]
+    (note,) = [s for s in elf.iter_segments() if s["p_type"] == "PT_NOTE"]
+    f.seek(note["p_offset"])
+    return bytes(f.read(note["p_filesz"]))
+
+
+def test_paused_vmcore_equals_qemu_dump(guest: QemuGuest, tmp_path: Path) -> None:
+    """Layout, notes and every PT_LOAD byte equal dump-guest-memory's."""
+    oracle = tmp_path / "qemu.dump"
+    with guest.paused(), Mount(guest) as m, open(m.vmcore, "rb") as ours:
+        guest.dump(oracle)
+        with open(oracle, "rb") as theirs:
+            e_ours, e_theirs = ELFFile(ours), ELFFile(theirs)
+            assert e_ours["e_type"] == "ET_CORE" and e_ours.elfclass == 64
+            assert e_ours["e_machine"] == e_theirs["e_machine"]
+            assert e_ours["e_phoff"] == 64
+            assert e_ours["e_shnum"] == 0
+            phdrs = list(e_ours.iter_segments())
+            assert phdrs[0]["p_type"] == "PT_NOTE"
+            assert all(s["p_type"] == "PT_LOAD" for s in phdrs[1:])
+            ours_loads, their_loads = _loads(e_ours), _loads(e_theirs)
+            assert [(p, n) for p, n, _, _ in ours_loads] == [(p, n) for p, n, _, _ in their_loads]
+            for s_ours, s_theirs in zip(phdrs[1:], [s for s in e_theirs.iter_segments() if s["p_type"] == "PT_LOAD"]):
+                assert s_ours["p_vaddr"] == s_theirs["p_vaddr"]
+                assert s_ours["p_offset"] % 4096 == 0
+                assert s_ours["p_filesz"] == s_ours["p_memsz"]
+                assert s_ours["p_offset"] >= phdrs[0]["p_offset"] + phdrs[0]["p_filesz"]
+            assert _note_bytes(ours, e_ours) == _note_bytes(theirs, e_theirs)
+            # Every byte of every PT_LOAD.
+            mismatches = []
+            for (paddr, size, off_o, _), (_, _, off_t, _) in zip(ours_loads, their_loads):
+                done = 0
+                while done < size:
+                    n = min(CHUNK, size - done)
+                    ours.seek(off_o + done)
+                    theirs.seek(off_t + done)
+                    a, b = ours.read(n), theirs.read(n)
+                    assert len(a) == n
+                    if a != b:
+                        mismatches.append(paddr + done)
+                    done += n
+            assert mismatches == []
+            assert os.fstat(ours.fileno()).st_size == ours_loads[-1][2] + ours_loads[-1][1]
+
+
+def test_pmem_matches_vmcore(memfd_guest: QemuGuest) -> None:
+    """pmem is guest-physical: same bytes as the PT_LOADs, zeros in holes."""
+    with memfd_guest.paused(), Mount(memfd_guest) as m, open(m.vmcore, "rb") as v, open(m.pmem, "rb") as p:
+        loads = _loads(ELFFile(v))
+        assert os.fstat(p.fileno()).st_size == max(a + n for a, n, _, _ in loads)
+        for paddr, size, off, _ in loads:
+            for delta in (0, size // 2, size - 4096):
+                v.seek(off + delta)
+                p.seek(paddr + delta)
+                assert v.read(4096) == p.read(4096)
+        p.seek(0xFEC00000)  # the IOAPIC: not RAM, reads as zeros
+        assert p.read(4096) == bytes(4096)
+
+
+def test_files_and_modes(memfd_guest: QemuGuest) -> None:
+    with Mount(memfd_guest) as m:
+        assert sorted(os.listdir(m.path)) == ["pmem", "vmcore", "vmcoreinfo"]
+        for name in ("vmcore", "pmem", "vmcoreinfo"):
+            st = os.stat(m.path / name)
+            assert stat.S_IMODE(st.st_mode) == 0o400
+            assert st.st_uid == os.getuid()
+        assert os.stat(m.vmcore).st_blksize >= 1 << 17
+        text = (m.path / "vmcoreinfo").read_text()
+        assert text.startswith(f"OSRELEASE={memfd_guest.release}\n")
+        with pytest.raises(OSError):
+            open(m.vmcore, "r+b")
+        # A read spanning EOF is short only at EOF.
+        size = os.stat(m.vmcore).st_size
+        with open(m.vmcore, "rb") as f:
+            f.seek(size - 100)
+            assert len(f.read(1000)) == 100
+            assert f.read(10) == b""
+
+
+def test_readelf_notes_clean(memfd_guest: QemuGuest) -> None:
+    with Mount(memfd_guest) as m:
+        for tool in ("readelf", "eu-readelf"):
+            require(shutil.which(tool) is not None, f"{tool} not installed")
+            r = subprocess.run([tool, "-n", str(m.vmcore)], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            assert r.stderr == ""
+            assert "VMCOREINFO" in r.stdout
+            assert r.stdout.count("NT_PRSTATUS") == 2 or r.stdout.count("PRSTATUS") == 2
+
+
+def test_info(guest: QemuGuest) -> None:
+    r = run_vmcorefs("info", guest.qmp_path, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["qemu_pid"] == guest.pid
+    assert info["arch"] == "x86_64"
+    assert info["vcpus"] == 2
+    assert info["vmcoreinfo"]["OSRELEASE"] == guest.release
+    ram = [b for b in info["memory"] if b["kind"] == "ram"]
+    assert sum(b["size"] for b in ram) == guest.mem_mb << 20
+    expected = "shared" if "memfd" in " ".join(guest.args) else "procmem"
+    assert {b["access"] for b in ram} == {expected}
+    text = run_vmcorefs("info", guest.qmp_path)
+    assert text.returncode == 0 and f"OSRELEASE={guest.release}" in text.stdout
+
+
+def test_live_reads_see_guest_change(memfd_guest: QemuGuest) -> None:
+    """No cache between reader and guest: the printk head moves between reads,
+    across opens and within one open handle."""
+    with Mount(memfd_guest) as m:
+        vci = vmcoreinfo_dict((m.path / "vmcoreinfo").read_text())
+        first = printk_head_id(m.pmem, vci)
+        deadline = time.monotonic() + 10
+        while printk_head_id(m.pmem, vci) == first:
+            assert time.monotonic() < deadline, "printk head did not move in 10 s (across opens)"
+            time.sleep(0.1)
+        addr = printk_head_addr(vci)
+        with open(m.pmem, "rb", buffering=0) as f:
+            first_bytes = os.pread(f.fileno(), 8, addr)
+            deadline = time.monotonic() + 10
+            while os.pread(f.fileno(), 8, addr) == first_bytes:
+                assert time.monotonic() < deadline, "printk head did not move in 10 s (one handle)"
+                time.sleep(0.1)
+
+
+def test_notes_refreshed_at_open(memfd_guest: QemuGuest) -> None:
+    """Registers are those of the moment of opening."""
+    with Mount(memfd_guest) as m:
+        notes = set()
+        for _ in range(5):
+            with open(m.vmcore, "rb") as f:
+                e = ELFFile(f)
+                notes.add(_note_bytes(f, e))
+            time.sleep(0.2)
+        assert len(notes) > 1
+
+
+def test_freeze(memfd_guest: QemuGuest) -> None:
+    g = memfd_guest
+    assert g.status() == "running"
+    with Mount(g, "--freeze") as m:
+        assert g.status() == "running"
+        a = open(m.vmcore, "rb")
+        assert g.status() == "paused"
+        b = open(m.pmem, "rb")
+        a.close()
+        assert g.status() == "paused"
+        b.close()
+        # FUSE RELEASE is asynchronous: the resume follows the close shortly.
+        _eventually(lambda: g.status() == "running")
+        # vmcoreinfo does not freeze.
+        (m.path / "vmcoreinfo").read_text()
+        assert g.status() == "running"
+        # Another open then release by the kernel even if the reader is killed.
+        reader = subprocess.Popen(["sh", "-c", f"exec 3<{m.vmcore}; sleep 30"])
+        _eventually(lambda: g.status() == "paused")
+        reader.kill()
+        reader.wait()
+        _eventually(lambda: g.status() == "running")
+        # A guest paused by someone else stays paused.
+        g.qmp("stop")
+        with open(m.vmcore, "rb"):
+            pass
+        time.sleep(0.5)
+        assert g.status() == "paused"
+        g.qmp("cont")
+
+
+def _eventually(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
