@@ -187,7 +187,7 @@ def test_freeze(memfd_guest: QemuGuest) -> None:
         (m.path / "vmcoreinfo").read_text()
         assert g.status() == "running"
         # Another open then release by the kernel even if the reader is killed.
-        reader = subprocess.Popen(["sh", "-c", f"exec 3<{m.vmcore}; sleep 30"])
+        reader = subprocess.Popen(["sh", "-c", f"exec 3<{m.vmcore}; exec sleep 30"])
         _eventually(lambda: g.status() == "paused")
         reader.kill()
         reader.wait()

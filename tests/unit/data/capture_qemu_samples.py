@@ -2,7 +2,7 @@
 
 For each machine below this starts ``qemu-system-x86_64`` paused at reset
 (``-S``, TCG, no guest; ``pc-seabios`` lets the firmware run first), asks ``info mtree -f`` and ``gpa2hva`` for every
-ram/rom range through QMP, runs QEMU's own ``dump-guest-memory
+range through QMP, runs QEMU's own ``dump-guest-memory
 paging=false`` into a temporary file and keeps only the (p_paddr, p_memsz)
 of its PT_LOADs, and copies the ``/proc/PID/maps`` lines that hold the
 recorded host addresses.  Outputs, per machine NAME:
@@ -127,10 +127,15 @@ async def capture(name: str, spec: dict[str, Any], tmp: Path) -> None:
             return str(await qmp.execute("human-monitor-command", {"command-line": line}))
 
         mtree = await hmp("info mtree -f")
+        # Every range (i/o ones answer "... is not RAM"), and the first
+        # unmapped address ("No memory is mapped at address ...").
         gpa2hva: dict[str, str] = {}
-        for start, _last, typ in memory_view_ranges(mtree):
-            if typ in ("ram", "rom", "nv-ram", "nv-rom", "ramd", "romd"):
-                gpa2hva[f"{start:#x}"] = await hmp(f"gpa2hva {start:#x}")
+        ranges = memory_view_ranges(mtree)
+        probes = [start for start, _last, _typ in ranges]
+        probes += [last + 1 for (_s, last, _t), (nxt, _l, _u) in zip(ranges, ranges[1:])
+                   if nxt != last + 1][:1]
+        for gpa in probes:
+            gpa2hva[f"{gpa:#x}"] = await hmp(f"gpa2hva {gpa:#x}")
         hvas = [int(m.group(1), 16) for a in gpa2hva.values()
                 if (m := re.search(r" is 0x([0-9a-f]+)", a))]
 
