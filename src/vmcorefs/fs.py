@@ -46,6 +46,8 @@ BY_NAME = {v: k for k, v in NAMES.items()}
 #: Seconds a layout serves getattr/lookup before it is recomputed.
 ATTR_TTL = 1.0
 BLKSIZE = 1 << 20
+#: Seconds requests fail with EIO after QEMU exits, before the unmount.
+GONE_GRACE = 0.3
 
 T = TypeVar("T")
 
@@ -64,8 +66,12 @@ def _errno_of(exc: BaseException) -> int:
 def _fuse_op(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Run a FUSE handler, turning any failure into a FUSEError."""
 
+    name = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(self: "VmcoreFS", *args: Any) -> T:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%r", name, tuple(a for a in args if not isinstance(a, pyfuse3.RequestContext)))
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -73,10 +79,10 @@ def _fuse_op(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except VmcorefsError as e:
             if isinstance(e, QEMUGoneError):
                 self.guest_gone(str(e))
-            log.warning("%s: %s", fn.__name__, e)
+            log.info("%s: %s", name, e)
             raise pyfuse3.FUSEError(_errno_of(e)) from None
         except Exception as e:  # a bug: keep serving, say where
-            log.error("%s failed", fn.__name__, exc_info=True)
+            log.error("%s failed", name, exc_info=True)
             raise pyfuse3.FUSEError(_errno_of(e)) from None
 
     return wrapper
@@ -115,8 +121,9 @@ class VmcoreFS(pyfuse3.Operations):  # type: ignore[misc]
         """QEMU exited: fail every request from now on and stop serving."""
         if self.gone_reason is None:
             self.gone_reason = reason
-            log.warning("QEMU is gone (%s): unmounting", reason)
-            pyfuse3.terminate()
+            log.info("QEMU is gone (%s): unmounting", reason)
+            # Readers in flight get EIO (not ECONNABORTED) for a moment, then unmount.
+            asyncio.get_running_loop().call_later(GONE_GRACE, pyfuse3.terminate)
 
     def _check_alive(self) -> None:
         if self.gone_reason is not None:

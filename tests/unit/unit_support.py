@@ -19,8 +19,14 @@ def fake_mem_byte(gpa: int) -> int:
     return (gpa * 7 + 3) & 0xFF
 
 
+_PERIOD = bytes(fake_mem_byte(g) for g in range(256))  # the pattern repeats every 256
+
+
 def fake_mem(gpa: int, length: int) -> bytes:
-    return bytes(fake_mem_byte(g) for g in range(gpa, gpa + length))
+    """``length`` bytes of fake guest memory from ``gpa`` (fake_mem_byte each)."""
+    start = gpa % 256
+    reps = (start + length) // 256 + 1
+    return (_PERIOD * reps)[start:start + length]
 
 
 def materialise(sf: SparseFile) -> bytes:

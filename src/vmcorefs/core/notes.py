@@ -70,9 +70,10 @@ def parse_vmcoreinfo(text: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for line in text.splitlines():
         key, sep, value = line.partition("=")
+        key = key.strip()
         if not sep or not key:
             continue
-        out.setdefault(key.strip(), value.strip())
+        out.setdefault(key, value.strip())
         if len(out) >= MAX_VMCOREINFO_KEYS:
             break
     return out

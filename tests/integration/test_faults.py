@@ -1,0 +1,173 @@
+"""Bad input and faults: one clear line, the right exit code, nothing mounted, no hang."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from qemu_guest import REPO, VMCOREFS, Mount, QemuGuest, is_mounted, run_vmcorefs, unmount
+
+pytestmark = pytest.mark.integration
+
+
+def _one_line_error(r: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("vmcorefs: ")
+    assert "Traceback" not in r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Iterator[Path]:
+    d = tmp_path / "mnt"
+    d.mkdir()
+    yield d
+    unmount(d)
+
+
+@pytest.fixture
+def silent_socket(tmp_path: Path) -> Iterator[str]:
+    """A unix socket that accepts and then says nothing (not QMP)."""
+    path = str(tmp_path / "silent.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(4)
+    conns: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(srv.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield path
+    stop.set()
+    t.join()
+    for c in conns:
+        c.close()
+    srv.close()
+
+
+def test_socket_missing(mnt: Path) -> None:
+    _one_line_error(run_vmcorefs("mount", "/nonexistent/qmp.sock", str(mnt)), 2, "no such QMP socket")
+    assert not is_mounted(mnt)
+
+
+def test_socket_not_a_socket(mnt: Path, tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    _one_line_error(run_vmcorefs("mount", str(f), str(mnt)), 2, "not a unix socket")
+    _one_line_error(run_vmcorefs("info", str(f)), 2, "not a unix socket")
+
+
+def test_socket_not_qmp(mnt: Path, silent_socket: str) -> None:
+    t = time.monotonic()
+    r = run_vmcorefs("mount", silent_socket, str(mnt), timeout=30)
+    assert time.monotonic() - t < 20
+    _one_line_error(r, 2, "not a QMP monitor")
+    assert not is_mounted(mnt)
+
+
+def test_usage_errors() -> None:
+    _one_line_error(run_vmcorefs("mount"), 2)
+    _one_line_error(run_vmcorefs("frobnicate"), 2)
+    _one_line_error(run_vmcorefs("mount", "--memory", "bogus", "a", "b"), 2)
+
+
+def test_mountpoint_errors(memfd_guest: QemuGuest, tmp_path: Path) -> None:
+    sock = memfd_guest.qmp_path
+    _one_line_error(run_vmcorefs("mount", sock, str(tmp_path / "missing")), 2, "does not exist")
+    f = tmp_path / "plain"
+    f.write_text("")
+    _one_line_error(run_vmcorefs("mount", sock, str(f)), 2, "not a directory")
+    with Mount(memfd_guest) as m:
+        # Already mounted (by us); the busy monitor would also refuse, but
+        # the mountpoint is checked first.
+        _one_line_error(run_vmcorefs("mount", sock, str(m.path)), 2, "already a mount point")
+
+
+def test_monitor_in_use(memfd_guest: QemuGuest, mnt: Path) -> None:
+    with Mount(memfd_guest):
+        other = tempfile.mkdtemp()
+        try:
+            r = run_vmcorefs("mount", memfd_guest.qmp_path, other, timeout=30)
+            _one_line_error(r, 1, "already has a client")
+            assert not is_mounted(other)
+        finally:
+            os.rmdir(other)
+
+
+def test_qemu_exit_while_mounted(tmp_path: Path) -> None:
+    """Reads fail with EIO promptly; the daemon unmounts and exits 1 with a message."""
+    g = QemuGuest("dying", mem_mb=128).wait_ready()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    daemon = subprocess.Popen([*VMCOREFS, "mount", "-f", g.qmp_path, str(mnt)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not is_mounted(mnt):
+            assert daemon.poll() is None, daemon.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        fd = os.open(mnt / "vmcore", os.O_RDONLY)
+        assert len(os.pread(fd, 1 << 20, 1 << 20)) == 1 << 20
+        g.proc.kill()
+        g.proc.wait()
+        t = time.monotonic()
+        with pytest.raises(OSError) as e:
+            while True:
+                os.pread(fd, 1 << 20, 1 << 20)
+                assert time.monotonic() - t < 2, "reads still succeed 2 s after QEMU died"
+                time.sleep(0.01)
+        assert time.monotonic() - t < 2
+        assert e.value.errno == 5  # EIO
+        os.close(fd)
+        _, err = daemon.communicate(timeout=10)
+        assert daemon.returncode == 1
+        assert "QEMU exited while mounted" in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1, err
+        assert not is_mounted(mnt)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        unmount(mnt)
+        g.close()
+
+
+def test_unmount_with_fusermount_exits_zero(memfd_guest: QemuGuest, mnt: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    daemon = subprocess.Popen([*VMCOREFS, "mount", "-f", memfd_guest.qmp_path, str(mnt)], env=env,
+                              stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not is_mounted(mnt):
+        assert daemon.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+    assert daemon.wait(timeout=10) == 0
+    # SIGTERM also unmounts cleanly.
+    daemon = subprocess.Popen([*VMCOREFS, "mount", "-f", memfd_guest.qmp_path, str(mnt)], env=env,
+                              stderr=subprocess.PIPE, text=True)
+    while not is_mounted(mnt):
+        assert daemon.poll() is None
+        time.sleep(0.05)
+    daemon.terminate()
+    assert daemon.wait(timeout=10) == 0
+    assert not is_mounted(mnt)
