@@ -206,3 +206,48 @@ def _eventually(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-
     while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+def test_split_numa_hotplug_equals_dump(tmp_path: Path) -> None:
+    """RAM split around the 4 GiB hole, two NUMA backends (memfd + private),
+    then a hotplugged DIMM: the layout follows at the next open, open handles
+    keep theirs, and every byte still equals QEMU's dump."""
+    g = QemuGuest(
+        "numa", mem_mb=3584, memory="none",
+        extra=["-m", "3584M,slots=2,maxmem=8G",
+               "-object", "memory-backend-memfd,id=m0,size=2G,share=on",
+               "-object", "memory-backend-ram,id=m1,size=1536M",
+               "-numa", "node,memdev=m0", "-numa", "node,memdev=m1", "-machine", "pc"],
+    ).wait_ready()
+    try:
+        with Mount(g) as m:
+            old = open(m.vmcore, "rb")
+            old_loads = _loads(ELFFile(old))
+            assert any(p >= 1 << 32 for p, _, _, _ in old_loads), "no RAM above 4 GiB"
+            g.qmp("object-add", **{"qom-type": "memory-backend-memfd", "id": "d0", "size": 256 << 20, "share": True})
+            g.qmp("device_add", driver="pc-dimm", id="dimm0", memdev="d0")
+            with g.paused(), open(m.vmcore, "rb") as ours:
+                new_loads = _loads(ELFFile(ours))
+                assert len(new_loads) == len(old_loads) + 1
+                # The handle opened before the hotplug keeps its layout.
+                old.seek(0)
+                assert _loads(ELFFile(old)) == old_loads
+                oracle = Path("/dev/shm") / f"vmcorefs-test-{os.getpid()}.dump"
+                try:
+                    g.dump(oracle)
+                    with open(oracle, "rb") as theirs:
+                        e_theirs = ELFFile(theirs)
+                        their_loads = _loads(e_theirs)
+                        assert [(p, n) for p, n, _, _ in new_loads] == [(p, n) for p, n, _, _ in their_loads]
+                        assert _note_bytes(ours, ELFFile(ours)) == _note_bytes(theirs, e_theirs)
+                        for (paddr, size, off_o, _), (_, _, off_t, _) in zip(new_loads, their_loads):
+                            for done in range(0, size, 4 * CHUNK):
+                                n = min(4 * CHUNK, size - done)
+                                ours.seek(off_o + done)
+                                theirs.seek(off_t + done)
+                                assert ours.read(n) == theirs.read(n), f"mismatch at {paddr + done:#x}"
+                finally:
+                    oracle.unlink(missing_ok=True)
+            old.close()
+    finally:
+        g.close()

@@ -143,7 +143,7 @@ def test_vmcoreinfo_text_bounded() -> None:
         pytest.param("no equals here\n\n=orphan\nB=\n", {"B": ""}, id="skips-junk"),
         pytest.param("  KEY  =  v  \r\nK2=v2\r\n", {"KEY": "v", "K2": "v2"}, id="whitespace-crlf"),
         pytest.param("   =x\nC=3\n", {"C": "3"}, id="whitespace-only-key-skipped"),
-        pytest.param("NUMBER(phys_base)=-1237319680", {"NUMBER(phys_base)": "-123731968"},
+        pytest.param("NUMBER(phys_base)=-123731968", {"NUMBER(phys_base)": "-123731968"},
                      id="no-final-newline"),
     ],
 )
