@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import logging
 import os
 import stat
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, TypeVar, cast
 
 import pyfuse3
 
@@ -50,6 +49,7 @@ BLKSIZE = 1 << 20
 GONE_GRACE = 0.3
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def _errno_of(exc: BaseException) -> int:
@@ -63,17 +63,18 @@ def _errno_of(exc: BaseException) -> int:
     return errno.EIO
 
 
-def _fuse_op(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def _fuse_op(
+    fn: Callable[Concatenate["VmcoreFS", P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate["VmcoreFS", P], Coroutine[Any, Any, T]]:
     """Run a FUSE handler, turning any failure into a FUSEError."""
 
     name = fn.__name__
 
-    @functools.wraps(fn)
-    async def wrapper(self: "VmcoreFS", *args: Any) -> T:
+    async def wrapper(self: "VmcoreFS", /, *args: P.args, **kwargs: P.kwargs) -> T:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s%r", name, tuple(a for a in args if not isinstance(a, pyfuse3.RequestContext)))
         try:
-            return await fn(self, *args)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except VmcorefsError as e:
@@ -85,6 +86,8 @@ def _fuse_op(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             log.error("%s failed", name, exc_info=True)
             raise pyfuse3.FUSEError(_errno_of(e)) from None
 
+    wrapper.__name__ = wrapper.__qualname__ = name
+    wrapper.__doc__ = fn.__doc__
     return wrapper
 
 
@@ -96,7 +99,7 @@ class Handle:
     frozen: bool
 
 
-class VmcoreFS(pyfuse3.Operations):  # type: ignore[misc]
+class VmcoreFS(pyfuse3.Operations):
     """The mounted directory of one guest."""
 
     enable_writeback_cache = False
@@ -197,7 +200,8 @@ class VmcoreFS(pyfuse3.Operations):  # type: ignore[misc]
 
     # -- FUSE operations --------------------------------------------------
     @_fuse_op
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if parent_inode != ROOT:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if name in (b".", b".."):
@@ -208,7 +212,7 @@ class VmcoreFS(pyfuse3.Operations):  # type: ignore[misc]
         return self._attr(inode, await self.current())
 
     @_fuse_op
-    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if inode == ROOT:
             return self._attr(ROOT, None)
         if inode not in NAMES:
@@ -216,13 +220,13 @@ class VmcoreFS(pyfuse3.Operations):  # type: ignore[misc]
         return self._attr(inode, await self.current())
 
     @_fuse_op
-    async def opendir(self, inode: int, ctx: Any) -> int:
+    async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
         if inode != ROOT:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return ROOT
+        return pyfuse3.FileHandleT(ROOT)
 
     @_fuse_op
-    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         snap = await self.current()
         inodes = [VMCORE, PMEM] + ([VMCOREINFO] if snap.vmcoreinfo is not None else [])
         for inode in inodes:
@@ -232,11 +236,12 @@ class VmcoreFS(pyfuse3.Operations):  # type: ignore[misc]
                 break
 
     @_fuse_op
-    async def releasedir(self, fh: int) -> None:
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         return None
 
     @_fuse_op
-    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+    async def open(self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if inode not in NAMES:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
@@ -255,17 +260,17 @@ class VmcoreFS(pyfuse3.Operations):  # type: ignore[misc]
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = Handle(inode, file, snap, frozen)
-        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), direct_io=True, keep_cache=False)
 
     @_fuse_op
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         self._check_alive()
         h = self._handles[fh]
         file = h.file
         length = max(0, min(size, file.size - off))
         buf = bytearray(length)
         if not length:
-            return buf
+            return b""
         mv = memoryview(buf)
         read_mem = self.guest.read_mem
         for ext in file.extents(off, length):
@@ -275,16 +280,16 @@ class VmcoreFS(pyfuse3.Operations):  # type: ignore[misc]
             elif ext.kind == "data":
                 mv[start:start + ext.length] = file.prefix[ext.src:ext.src + ext.length]
         self._check_alive()
-        return buf
+        return cast(bytes, buf)  # pyfuse3 replies from any contiguous buffer
 
     @_fuse_op
-    async def release(self, fh: int) -> None:
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
         h = self._handles.pop(fh, None)
         if h is not None and h.frozen:
             await self._freeze_release()
 
     @_fuse_op
-    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = BLKSIZE
         s.f_namemax = 255

@@ -1,14 +1,6 @@
-"""Fixtures shared by the unit tests (pure core: no QEMU, no FUSE)."""
+"""Unit tests of the pure core: no QEMU, no FUSE, no root.
 
-from __future__ import annotations
-
-from pathlib import Path
-
-import pytest
-
-DATA = Path(__file__).resolve().parent / "data"
-
-
-@pytest.fixture
-def data_dir() -> Path:
-    return DATA
+Helpers live in ``unit_support.py`` (importable because pytest puts this
+folder on sys.path; it has no ``__init__.py``).  Real QEMU 7.2 samples are
+in ``data/``; ``data/capture_qemu_samples.py`` regenerates them.
+"""

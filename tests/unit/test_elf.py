@@ -9,9 +9,18 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
+from elftools.elf.segments import NoteSegment
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from unit_support import DATA, fake_cpu_notes, fake_mem, materialise, require_tool, write_sparse
+from unit_support import (
+    DATA,
+    fake_cpu_notes,
+    fake_mem,
+    materialise,
+    read_via_extents,
+    require_tool,
+    write_sparse,
+)
 
 from vmcorefs.core.elf import (
     ELF32_EHDR,
@@ -169,7 +178,9 @@ def test_build_vmcore_properties(ncpus: int, loads: list[LoadRange], vmcoreinfo:
     elf = check_vmcore(sf, info, loads)
 
     # pyelftools sees the notes QEMU gave us.
-    got = [(n["n_name"], n["n_type"]) for n in elf.get_segment(0).iter_notes()]
+    note_seg = elf.get_segment(0)
+    assert isinstance(note_seg, NoteSegment)
+    got: list[tuple[object, object]] = [(n["n_name"], n["n_type"]) for n in note_seg.iter_notes()]
     assert got.count(("CORE", "NT_PRSTATUS")) == ncpus
     assert got.count(("QEMU", 0)) == ncpus
     assert (("VMCOREINFO", 0) in got) == vmcoreinfo
@@ -194,6 +205,9 @@ def test_materialised_vmcore_reads_back(ncpus: int, loads: list[LoadRange]) -> N
         assert seg.data() == fake_mem(load.p_paddr, load.p_memsz)
     gap_bytes = whole[len(sf.prefix):sf.segments[0].offset]
     assert gap_bytes == bytes(len(gap_bytes))
+    # What the FUSE adapter serves (via extents) is this file.
+    assert read_via_extents(sf, 0, sf.size) == whole
+    assert read_via_extents(sf, 100, 10000) == whole[100:10100]
 
 
 # --- PN_XNUM ----------------------------------------------------------------

@@ -71,8 +71,11 @@ def encode_note(name: bytes, ntype: int, desc: bytes, namesz: int | None = None,
     raw_name = name + b"\0"
     n = len(raw_name) if namesz is None else namesz
     d = len(desc) if descsz is None else descsz
-    pad = lambda b: b + bytes(-len(b) % 4)  # noqa: E731
-    return NHDR.pack(n, d, ntype) + pad(raw_name) + pad(desc)
+    return NHDR.pack(n, d, ntype) + _pad4(raw_name) + _pad4(desc)
+
+
+def _pad4(b: bytes) -> bytes:
+    return b + bytes(-len(b) % 4)
 
 
 def fake_cpu_notes(ncpus: int, vmcoreinfo: bytes | None = b"OSRELEASE=6.1.0-test\nPAGESIZE=4096\n") -> bytes:

@@ -75,7 +75,7 @@ class Monitor:
         #: The greeting's QEMU version, e.g. "7.2.19".
         self.version = "unknown"
         try:
-            v = client.greeting.QMP.version["qemu"]  # type: ignore[union-attr,index]
+            v: Any = client.greeting.QMP.version["qemu"]  # type: ignore[union-attr]
             self.version = f"{v['major']}.{v['minor']}.{v['micro']}"
         except (AttributeError, KeyError, TypeError):
             pass
@@ -91,7 +91,7 @@ class Monitor:
         except asyncio.TimeoutError:
             raise QMPTimeoutError(f"no answer within {timeout:g} s (is QEMU stopped or hung?)", command) from None
         except qemu.qmp.ExecuteError as e:
-            raise QMPError(str(e.error.desc), command) from None
+            raise QMPError(str(e.error.error.desc), command) from None
         except (qemu.qmp.QMPError, OSError, EOFError) as e:
             self.gone = True
             raise QEMUGoneError(f"monitor connection lost ({type(e).__name__})", command) from None

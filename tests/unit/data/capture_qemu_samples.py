@@ -116,7 +116,8 @@ async def capture(name: str, spec: dict[str, Any], tmp: Path) -> None:
             time.sleep(0.05)
         qmp = QMPClient(name)
         await qmp.connect(str(sock))
-        version = (await qmp.execute("query-version"))["qemu"]
+        version: Any = await qmp.execute("query-version")
+        version = version["qemu"]
         for cmd, args in spec.get("qmp", []):
             await qmp.execute(cmd, args)
         await asyncio.sleep(spec.get("run_seconds", 0))
