@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-other", action="store_true", help="let other users through the mount (files stay 0400)")
     m.add_argument("--memory", choices=("auto", "shared", "procmem"), default="auto",
                    help="how to read guest RAM: shared backing file, /proc/PID/mem, or auto (default)")
+    m.add_argument("--timeout", type=_positive, default=10.0, metavar="SECONDS",
+                   help="how long a QMP command may take before the request fails (default 10)")
     m.add_argument("--debug", action="store_true", help="log every request (stderr with -f, else --log-file)")
     m.add_argument("--log-file", metavar="FILE", help="daemon log file (default: none)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -56,8 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("qmp_socket", metavar="QMP_SOCKET")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--memory", choices=("auto", "shared", "procmem"), default="auto")
+    i.add_argument("--timeout", type=_positive, default=10.0, metavar="SECONDS")
     i.add_argument("--debug", action="store_true")
     return p
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds: {text!r}")
+    return value
 
 
 def _setup_logging(debug: bool, log_file: str | None = None) -> None:
@@ -101,7 +114,7 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
 
     pyfuse3.asyncio.enable()
     mountpoint = _check_mountpoint(args.mountpoint)
-    monitor = await connect(args.qmp_socket)
+    monitor = await connect(args.qmp_socket, timeout=args.timeout)
     guest = Guest(monitor, args.memory)
     try:
         snap = await guest.snapshot()
@@ -155,7 +168,7 @@ async def _info(args: argparse.Namespace) -> int:
     from vmcorefs.qemu.guest import Guest
     from vmcorefs.qemu.monitor import connect
 
-    monitor = await connect(args.qmp_socket)
+    monitor = await connect(args.qmp_socket, timeout=args.timeout)
     guest = Guest(monitor, args.memory)
     try:
         info = await guest.info()

@@ -31,6 +31,7 @@ from vmcorefs.core.layout import SparseFile
 from vmcorefs.errors import (
     AccessError,
     QEMUGoneError,
+    QMPError,
     QMPTimeoutError,
     VmcorefsError,
 )
@@ -132,12 +133,29 @@ class VmcoreFS(pyfuse3.Operations):
         if self.gone_reason is not None:
             raise QEMUGoneError(self.gone_reason)
 
-    async def current(self, max_age: float = ATTR_TTL) -> Snapshot:
-        """The latest layout, recomputed when older than ``max_age`` seconds."""
+    async def current(self, max_age: float = ATTR_TTL, stale_ok: bool = True) -> Snapshot:
+        """The latest layout, recomputed when older than ``max_age`` seconds.
+
+        With ``stale_ok`` (attributes, listings) a refresh that is already
+        running or fails (QEMU stopped, monitor timeout) yields the previous
+        layout instead of an error; ``open()`` passes ``stale_ok=False``.
+        """
         self._check_alive()
+        snap = self._snap
+        if snap is not None and stale_ok:
+            if time.monotonic() - snap.taken <= max_age or self._snap_lock.locked():
+                return snap
         async with self._snap_lock:
-            if self._snap is None or time.monotonic() - self._snap.taken > max_age:
+            snap = self._snap
+            if snap is not None and time.monotonic() - snap.taken <= max_age:
+                return snap
+            try:
                 self._snap = await self.guest.snapshot()
+            except QMPError as e:
+                if not stale_ok or snap is None or isinstance(e, QEMUGoneError):
+                    raise
+                log.info("layout refresh failed, serving the previous one: %s", e)
+                return snap
             return self._snap
 
     def set_initial(self, snap: Snapshot) -> None:
@@ -251,7 +269,7 @@ class VmcoreFS(pyfuse3.Operations):
         if frozen:
             await self._freeze_acquire()
         try:
-            snap = await self.current(max_age=0.0)
+            snap = await self.current(max_age=0.0, stale_ok=False)
             file = self._file(inode, snap)
         except BaseException:
             if frozen:

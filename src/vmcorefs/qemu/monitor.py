@@ -67,8 +67,11 @@ def check_socket_path(path: str) -> None:
 class Monitor:
     """A connected QMP monitor.  Use :func:`connect` to make one."""
 
-    def __init__(self, client: QMPClient, path: str, pid: int | None) -> None:
+    def __init__(self, client: QMPClient, path: str, pid: int | None,
+                 timeout: float = COMMAND_TIMEOUT) -> None:
         self._client = client
+        #: Seconds any command may take before it fails with QMPTimeoutError.
+        self.timeout = timeout
         self.path = path
         #: PID of the QEMU process, from SO_PEERCRED (None if not visible).
         self.pid = pid
@@ -82,8 +85,9 @@ class Monitor:
         self.gone = False
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None,
-                      timeout: float = COMMAND_TIMEOUT) -> Any:
+                      timeout: float | None = None) -> Any:
         """Run a QMP command; map every failure to a :class:`QMPError`."""
+        timeout = self.timeout if timeout is None else timeout
         if self.gone:
             raise QEMUGoneError("QEMU has exited", command)
         try:
@@ -96,9 +100,9 @@ class Monitor:
             self.gone = True
             raise QEMUGoneError(f"monitor connection lost ({type(e).__name__})", command) from None
 
-    async def hmp(self, command_line: str, timeout: float = COMMAND_TIMEOUT) -> str:
+    async def hmp(self, command_line: str) -> str:
         """Run an HMP command through QMP ``human-monitor-command``."""
-        out = await self.execute("human-monitor-command", {"command-line": command_line}, timeout)
+        out = await self.execute("human-monitor-command", {"command-line": command_line})
         if not isinstance(out, str):
             raise QMPError("answer is not text", "human-monitor-command")
         return out
@@ -124,7 +128,8 @@ class Monitor:
             pass
 
 
-async def connect(path: str, greeting_timeout: float = GREETING_TIMEOUT) -> Monitor:
+async def connect(path: str, greeting_timeout: float = GREETING_TIMEOUT,
+                  timeout: float = COMMAND_TIMEOUT) -> Monitor:
     """Connect to the QMP unix socket at ``path`` and negotiate capabilities."""
     check_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -154,7 +159,7 @@ async def connect(path: str, greeting_timeout: float = GREETING_TIMEOUT) -> Moni
     except (qemu.qmp.QMPError, OSError, EOFError) as e:
         await _abandon(client, sock)
         raise NotQMPError(f"{path}: not a QMP monitor ({_describe(e)})") from None
-    return Monitor(client, path, pid)
+    return Monitor(client, path, pid, timeout)
 
 
 def _describe(e: BaseException) -> str:
