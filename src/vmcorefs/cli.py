@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--freeze", action="store_true",
                    help="pause the guest while vmcore or pmem is open (resumed at the last close)")
     m.add_argument("--allow-other", action="store_true", help="let other users through the mount (files stay 0400)")
+    m.add_argument("--mode", type=_file_mode, default=0o400, metavar="OCTAL",
+                   help="permission bits of the files, read bits only (default 0400; with"
+                        " --allow-other, e.g. 0440 lets the mounting user's group read)")
     m.add_argument("--memory", choices=("auto", "shared", "procmem"), default="auto",
                    help="how to read guest RAM: shared backing file, /proc/PID/mem, or auto (default)")
     m.add_argument("--timeout", type=_positive, default=10.0, metavar="SECONDS",
@@ -61,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--timeout", type=_positive, default=10.0, metavar="SECONDS")
     i.add_argument("--debug", action="store_true")
     return p
+
+
+def _file_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    if mode & ~0o444 or not mode & 0o400:
+        raise argparse.ArgumentTypeError(f"only read bits, including the owner's (e.g. 0400, 0440): {text!r}")
+    return mode
 
 
 def _positive(text: str) -> float:
@@ -118,7 +131,7 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     guest = Guest(monitor, args.memory)
     try:
         snap = await guest.snapshot()
-        fs = VmcoreFS(guest, freeze=args.freeze)
+        fs = VmcoreFS(guest, freeze=args.freeze, file_mode=args.mode)
         fs.set_initial(snap)
         options = {"fsname=vmcorefs", "subtype=vmcorefs", "ro", "default_permissions", "noatime"}
         if args.allow_other:

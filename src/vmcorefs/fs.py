@@ -1,6 +1,6 @@
 """The FUSE adapter (pyfuse3, asyncio mode): requests in, errno out.
 
-Files (all read-only, mode 0400, owned by the mounting user)::
+Files (all read-only, mode 0400 unless ``--mode``, owned by the mounting user)::
 
     vmcore       live ELF core (:func:`vmcorefs.core.elf.build_vmcore`)
     pmem         raw guest-physical memory, holes as zeros
@@ -105,10 +105,13 @@ class VmcoreFS(pyfuse3.Operations):
 
     enable_writeback_cache = False
 
-    def __init__(self, guest: Guest, freeze: bool = False) -> None:
+    def __init__(self, guest: Guest, freeze: bool = False, file_mode: int = 0o400) -> None:
         super().__init__()
         self.guest = guest
         self.freeze = freeze
+        #: Permission bits of the files; the directory gets r-x where they have r.
+        self.file_mode = file_mode & 0o444
+        self.dir_mode = 0o500 | self.file_mode | (self.file_mode >> 2)
         self.uid, self.gid = os.getuid(), os.getgid()
         self.mounted_at = time.time()
         self.gone_reason: str | None = None
@@ -182,11 +185,11 @@ class VmcoreFS(pyfuse3.Operations):
         a.st_atime_ns = a.st_ctime_ns = a.st_mtime_ns = ns
         a.st_blksize = BLKSIZE
         if inode == ROOT:
-            a.st_mode = stat.S_IFDIR | 0o500
+            a.st_mode = stat.S_IFDIR | self.dir_mode
             a.st_nlink = 2
         else:
             assert snap is not None
-            a.st_mode = stat.S_IFREG | 0o400
+            a.st_mode = stat.S_IFREG | self.file_mode
             a.st_nlink = 1
             a.st_size = self._file(inode, snap).size
             a.st_mtime_ns = int((time.time() - (time.monotonic() - snap.taken)) * 1e9)

@@ -49,7 +49,7 @@ def guest_assets() -> tuple[Path, Path, str]:
 
 class QemuGuest:
     def __init__(self, name: str, mem_mb: int = 256, smp: int = 2, memory: str = "memfd",
-                 extra: list[str] | None = None, vmcoreinfo: bool = True) -> None:
+                 extra: list[str] | None = None, vmcoreinfo: bool = True, reboot: bool = False) -> None:
         kernel, initrd, self.release = guest_assets()
         self.dir = Path(tempfile.mkdtemp(prefix=f"vmcorefs-{name}-"))
         self.qmp_path = str(self.dir / "qmp.sock")
@@ -58,7 +58,7 @@ class QemuGuest:
         self.mem_mb = mem_mb
         args = [
             "qemu-system-x86_64", "-accel", "tcg", "-cpu", "qemu64", "-smp", str(smp),
-            "-display", "none", "-vga", "none", "-nodefaults", "-no-reboot",
+            "-display", "none", "-vga", "none", "-nodefaults", *([] if reboot else ["-no-reboot"]),
             "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", "console=ttyS0 panic=-1 printk.devkmsg=on",
             "-serial", f"file:{self.serial}",
