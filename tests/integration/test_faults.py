@@ -129,8 +129,16 @@ def test_qemu_exit_while_mounted(tmp_path: Path) -> None:
             time.sleep(0.05)
         fd = os.open(mnt / "vmcore", os.O_RDONLY)
         assert len(os.pread(fd, 1 << 20, 1 << 20)) == 1 << 20
+        # A second reader streams the whole core with dd, slowly, in a loop.
+        streamer = subprocess.Popen(
+            ["sh", "-c", f"while dd if={mnt / 'vmcore'} of=/dev/null bs=64k 2>/tmp/dd.err.$$; do :; done;"
+                         f" cat /tmp/dd.err.$$; rm -f /tmp/dd.err.$$"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(0.5)
+        assert streamer.poll() is None
         g.proc.kill()
         g.proc.wait()
+        killed_at = time.monotonic()
         t = time.monotonic()
         with pytest.raises(OSError) as e:
             while True:
@@ -140,11 +148,17 @@ def test_qemu_exit_while_mounted(tmp_path: Path) -> None:
         assert time.monotonic() - t < 2
         assert e.value.errno == 5  # EIO
         os.close(fd)
+        out, _ = streamer.communicate(timeout=10)
+        assert time.monotonic() - killed_at < 5
+        assert "Input/output error" in out, out
         _, err = daemon.communicate(timeout=10)
         assert daemon.returncode == 1
         assert "QEMU exited while mounted" in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1, err
         assert not is_mounted(mnt)
+        # The mountpoint is an ordinary empty directory again; nobody is stuck in D state.
+        assert os.listdir(mnt) == []
+        assert streamer.returncode is not None
     finally:
         if daemon.poll() is None:
             daemon.kill()
