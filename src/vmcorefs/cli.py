@@ -19,7 +19,7 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Coroutine, Sequence
 
 from vmcorefs import __version__
 from vmcorefs.errors import QEMUGoneError, UsageError, VmcorefsError
@@ -245,6 +245,15 @@ def _daemonize(argv: Sequence[str], args: argparse.Namespace) -> int:
     return 1
 
 
+def _event_loop_run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run the daemon on uvloop when available (cheaper per FUSE request)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def _run_mount(argv: Sequence[str], args: argparse.Namespace) -> int:
     if not args.foreground:
         return _daemonize(argv, args)
@@ -259,7 +268,7 @@ def _run_mount(argv: Sequence[str], args: argparse.Namespace) -> int:
             ready_fd = None
 
     try:
-        return asyncio.run(_serve(args, ready))
+        return _event_loop_run(_serve(args, ready))
     except VmcorefsError as e:
         if ready_fd is not None:
             os.write(ready_fd, f"ERR {e.exit_code} {e}".encode()[:4000])

@@ -36,6 +36,7 @@ from vmcorefs.errors import (
     VmcorefsError,
 )
 from vmcorefs.qemu.guest import Guest, Snapshot
+from vmcorefs.qemu.memory import zero_fill
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class VmcoreFS(pyfuse3.Operations):
         self._freeze_lock = asyncio.Lock()
         self._freeze_count = 0
         self._paused_by_us = False
+        self._buf = memoryview(bytearray(BLKSIZE))
 
     # -- state ------------------------------------------------------------
     def guest_gone(self, reason: str) -> None:
@@ -285,23 +287,28 @@ class VmcoreFS(pyfuse3.Operations):
 
     @_fuse_op
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        # The reply buffer is reused: pyfuse3 sends it before any other
+        # handler can run (this coroutine never awaits), so no request ever
+        # sees another's bytes, and no request pays for a fresh allocation.
         self._check_alive()
         h = self._handles[fh]
         file = h.file
         length = max(0, min(size, file.size - off))
-        buf = bytearray(length)
-        if not length:
-            return b""
-        mv = memoryview(buf)
+        if length > len(self._buf):
+            self._buf = memoryview(bytearray(length))
+        out = self._buf[:length]
         read_mem = self.guest.read_mem
         for ext in file.extents(off, length):
             start = ext.offset - off
+            piece = out[start:start + ext.length]
             if ext.kind == "mem":
-                read_mem(h.snap, ext.src, mv[start:start + ext.length])
+                read_mem(h.snap, ext.src, piece)
             elif ext.kind == "data":
-                mv[start:start + ext.length] = file.prefix[ext.src:ext.src + ext.length]
+                piece[:] = file.prefix[ext.src:ext.src + ext.length]
+            else:
+                zero_fill(piece)
         self._check_alive()
-        return cast(bytes, buf)  # pyfuse3 replies from any contiguous buffer
+        return cast(bytes, out)  # pyfuse3 replies from any contiguous buffer
 
     @_fuse_op
     async def release(self, fh: pyfuse3.FileHandleT) -> None:

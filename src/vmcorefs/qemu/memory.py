@@ -195,27 +195,48 @@ class ProcessMemory:
         return True
 
 
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def zero_fill(buf: memoryview) -> None:
+    """Set ``buf`` to zeros without allocating."""
+    pos = 0
+    while pos < len(buf):
+        n = min(len(buf) - pos, len(_ZEROS))
+        buf[pos:pos + n] = _ZEROS[:n]
+        pos += n
+
+
 def read_into(src: Source, delta: int, buf: memoryview, memory: ProcessMemory) -> None:
     """Fill ``buf`` from ``src`` at ``delta`` bytes into its block.
 
-    Unreadable pages become zeros (``buf`` must arrive zeroed); a short read
-    at end of a backing file leaves zeros.  Raises :class:`QEMUGoneError`
-    when ``/proc/PID/mem`` stops answering because QEMU exited.
+    Pages that cannot be read, and bytes past the end of a backing file,
+    become zeros.  Raises :class:`QEMUGoneError` when ``/proc/PID/mem``
+    stops answering because QEMU exited.
     """
-    pos = 0
     total = len(buf)
     off = src.base + delta
+    try:
+        n = os.preadv(src.fd, [buf], off)
+    except OSError:
+        n = 0
+    if n == total:  # the common case: one system call
+        return
+    pos = n
     while pos < total:
         try:
             n = os.preadv(src.fd, [buf[pos:]], off + pos)
         except OSError as e:
             if e.errno == errno.ESRCH or not memory.alive():
                 raise QEMUGoneError("QEMU has exited") from None
-            # Unreadable (e.g. EIO/EFAULT for a page QEMU unmapped): leave zeros.
-            pos = (off + pos + PAGE) // PAGE * PAGE - off
+            # Unreadable (e.g. EIO/EFAULT for a page QEMU unmapped): zeros.
+            nxt = min(total, (off + pos + PAGE) // PAGE * PAGE - off)
+            zero_fill(buf[pos:nxt])
+            pos = nxt
             continue
         if n == 0:
             if src.method == "procmem" and not memory.alive():
                 raise QEMUGoneError("QEMU has exited")
+            zero_fill(buf[pos:])
             return
         pos += n

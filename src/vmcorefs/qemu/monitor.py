@@ -10,6 +10,7 @@ lines are only ever built from validated integers (see :meth:`Monitor.gpa2hva`).
 
 from __future__ import annotations
 
+import array
 import asyncio
 import logging
 import os
@@ -67,9 +68,10 @@ def check_socket_path(path: str) -> None:
 class Monitor:
     """A connected QMP monitor.  Use :func:`connect` to make one."""
 
-    def __init__(self, client: QMPClient, path: str, pid: int | None,
+    def __init__(self, client: QMPClient, sock: socket.socket, path: str, pid: int | None,
                  timeout: float = COMMAND_TIMEOUT) -> None:
         self._client = client
+        self._sock = sock
         #: Seconds any command may take before it fails with QMPTimeoutError.
         self.timeout = timeout
         self.path = path
@@ -114,12 +116,17 @@ class Monitor:
         return await self.hmp(f"gpa2hva {gpa:#x}")
 
     def send_fd(self, fd: int) -> None:
-        """Pass ``fd`` to QEMU (SCM_RIGHTS); a following ``getfd`` names it."""
+        """Pass ``fd`` to QEMU (SCM_RIGHTS); a following ``getfd`` names it.
+
+        Done on the connection's own socket, exactly as qemu.qmp's
+        ``send_fd_scm`` does (one whitespace byte carrying the descriptor),
+        because that method only works on asyncio's default event loop.
+        """
         try:
-            self._client.send_fd_scm(fd)
-        except (qemu.qmp.QMPError, OSError, AssertionError, AttributeError) as e:
+            self._sock.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        except OSError as e:
             self.gone = True
-            raise QEMUGoneError(f"cannot pass a file descriptor ({e})", "getfd") from None
+            raise QEMUGoneError(f"cannot pass a file descriptor ({e.strerror})", "getfd") from None
 
     async def close(self) -> None:
         try:
@@ -159,7 +166,7 @@ async def connect(path: str, greeting_timeout: float = GREETING_TIMEOUT,
     except (qemu.qmp.QMPError, OSError, EOFError) as e:
         await _abandon(client, sock)
         raise NotQMPError(f"{path}: not a QMP monitor ({_describe(e)})") from None
-    return Monitor(client, path, pid, timeout)
+    return Monitor(client, sock, path, pid, timeout)
 
 
 def _describe(e: BaseException) -> str:
