@@ -147,3 +147,46 @@ def clip(runs: list[Run], start: int, end: int) -> list[Run]:
         if lo < hi:
             out.append(Run(lo, r.paddr + (lo - r.vaddr), hi - lo))
     return out
+
+
+def naive_walk(mem: PhysMem, root: int, levels: int, phys_limit: int, start: int, end: int,
+               max_visits: int = 1) -> tuple[list[Run], int, int]:
+    """Oracle for :func:`~vmcorefs.core.paging.walk`: entry by entry, no bounds.
+
+    Returns (leaf pages clipped to [start, end) in walk order, skipped, shared).
+    """
+    bits = 12 + 9 * levels
+    visits: dict[int, int] = {}
+    out: list[Run] = []
+    counts = {"skipped": 0, "shared": 0}
+
+    def canonical(va: int) -> int:
+        return va | (1 << 64) - (1 << bits) if va >> (bits - 1) else va
+
+    def table(addr: int, level: int, va_base: int) -> None:
+        if addr + KiB4 > phys_limit:
+            counts["skipped"] += 1
+            return
+        if visits.get(addr, 0) >= max_visits:
+            counts["shared"] += 1
+            return
+        visits[addr] = visits.get(addr, 0) + 1
+        data = bytes(mem.pages.get(addr, bytes(KiB4)))
+        shift = 12 + 9 * (level - 1)
+        for i in range(512):
+            e = int(U64.unpack_from(data, 8 * i)[0])
+            lo, hi = canonical(va_base + (i << shift)), canonical(va_base + (i << shift)) + (1 << shift)
+            if not e & PAGE_PRESENT or hi <= start or lo >= end:
+                continue
+            if level == 1 or (level <= 3 and e & PAGE_PSE):
+                pa = e & PHYS_ADDR_MASK & ~((1 << shift) - 1)
+                clo, chi = max(lo, start), min(hi, end)
+                out.append(Run(clo, pa + (clo - lo), chi - clo))
+            elif e & PAGE_PSE:
+                counts["skipped"] += 1
+            else:
+                table(e & PHYS_ADDR_MASK, level - 1, va_base + (i << shift))
+
+    if start < end:
+        table(root, levels, 0)
+    return out, counts["skipped"], counts["shared"]

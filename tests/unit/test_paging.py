@@ -7,7 +7,7 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from paging_support import GiB1, KiB4, MiB2, PageTables, PhysMem, clip, coalesce
+from paging_support import GiB1, KiB4, MiB2, PageTables, PhysMem, clip, coalesce, naive_walk
 from unit_support import DATA
 
 from vmcorefs.core.elf import parse_qemu_dump
@@ -226,8 +226,25 @@ def extents(draw: st.DrawFn, levels: int) -> tuple[int, int, int, int, int]:
 
 @st.composite
 def layouts(draw: st.DrawFn) -> tuple[int, list[tuple[int, int, int, int, int]]]:
+    """Extents; some continue the previous one (both sides) with another page size."""
     levels = draw(st.sampled_from([4, 5]))
-    return levels, draw(st.lists(extents(levels), min_size=1, max_size=10))
+    out: list[tuple[int, int, int, int, int]] = []
+    for _ in range(draw(st.integers(1, 10))):
+        follow = draw(st.booleans())
+        if out and follow:
+            va, pa, size, count, flags = out[-1]
+            va, pa = va + size * count, pa + size * count
+            fits = [s for s in (KiB4, MiB2, GiB1) if va % s == 0 and pa % s == 0 and va + s <= U64]
+            if fits:
+                size = draw(st.sampled_from(fits))
+                count = draw(st.integers(1, 3 if size == GiB1 else 24))
+                count = min(count, (U64 - va) // size)
+                if size == KiB4:
+                    flags &= ~(1 << 12)  # a 4 KiB page's bit 12 is an address bit
+                out.append((va, pa, size, count, flags))
+                continue
+        out.append(draw(extents(levels)))
+    return levels, out
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -326,6 +343,10 @@ def test_exponential_fan_out_is_bounded(levels: int) -> None:
     # Default: each table is expanded once, so the self-references cost nothing.
     w = walk(mem.read, table, levels=levels, phys_limit=mem.limit)
     assert len(mem.reads) == w.tables_read == 1 and w.shared == 256 and w.runs == []
+    assert not w.truncated
+    # Refused references count against max_tables too: 1 read + 99 refused.
+    w = walk(mem.read, table, levels=levels, phys_limit=mem.limit, max_tables=100)
+    assert w.truncated and w.tables_read == 1 and w.shared == 99
     # Revisits allowed: bounded by max_tables, reported as truncated.
     mem.reads.clear()
     w = walk(mem.read, table, levels=levels, phys_limit=mem.limit, max_tables=300, max_visits=1 << 30)
@@ -358,8 +379,9 @@ def test_unreadable_and_short_tables() -> None:
     assert pt.map(K4, 0x1000, KiB4)
     assert pt.map(PAGE_OFFSET, 0x2000, KiB4)
     assert pt.map(VMALLOC, 0x3000, KiB4)
-    pte_of = {va: pt.table_for(va, 1) for va in (K4, PAGE_OFFSET, VMALLOC)}
-    mem.bad.add(pte_of[K4])        # GuestMemoryError: skipped
+    pte = pt.table_for(K4, 1)
+    assert pte is not None
+    mem.bad.add(pte)               # GuestMemoryError: skipped
     mem.short.add(pt.root)         # 100 bytes = entries 0..11 (+4 bytes): the rest are zero
     w = do_walk(pt)
     assert w.runs == [] and w.skipped == 0
@@ -392,7 +414,7 @@ def test_random_bytes_as_tables(seed: int, root_page: int, levels: int) -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(0, U64 - 1), st.sampled_from([4, 5]), st.integers(1, 1000), st.floats(0, 1))
+@given(st.integers(0, U64 - 1), st.sampled_from([4, 5]), st.integers(1, 4) | st.integers(5, 1000), st.floats(0, 1))
 def test_random_tables_pointing_at_each_other(seed: int, levels: int, visits: int, present: float) -> None:
     """16 tables whose entries point among them and just past them: loops, sharing, fan-out."""
     rng = random.Random(seed)
@@ -408,6 +430,39 @@ def test_random_tables_pointing_at_each_other(seed: int, levels: int, visits: in
     check_invariants(w, 0, U64, max_runs)
     if not w.truncated:
         assert w.tables_read <= 16 * visits
+    if not w.truncated and visits <= 4:
+        leaves, skipped, shared = naive_walk(mem, 0, levels, mem.limit, 0, U64, visits)
+        assert (w.runs, w.skipped, w.shared) == (coalesce(leaves), skipped, shared)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, U64 - 1), st.sampled_from([4, 5]), st.integers(1, 3), st.floats(0, 1),
+       st.sampled_from([0x63, 0x80, 0xFFF, 1 << 63]), st.data())
+def test_walk_equals_naive_walk(seed: int, levels: int, visits: int, present: float, flags: int,
+                                data: st.DataObject) -> None:
+    """Tables of mostly contiguous entries (runs, PS, holes, loops) against an entry-by-entry walk."""
+    rng = random.Random(seed)
+    ntables = 8
+    mem = PhysMem(ntables * KiB4)
+    for t in range(ntables):
+        pa = rng.randrange(1 << 20) << 30
+        for i in range(512):
+            if rng.random() < 0.05:  # pointer to a table, or just past the last one
+                entry = rng.randrange(ntables + 1) * KiB4 | 0x63
+            else:
+                if rng.random() < 0.1:
+                    pa = rng.randrange(1 << 20) << 30
+                entry = pa | (flags & rng.getrandbits(64)) | (rng.getrandbits(1) << 12)
+                pa += rng.choice([KiB4, MiB2, GiB1])
+            mem.set(t * KiB4 + 8 * i, entry | (rng.random() < present))
+    k = KERNEL_HALF[levels]
+    points = [0, 0x7FFF_FFFF_F000, k, k + GiB1 + 7 * KiB4, U64 - MiB2 - KiB4, U64]
+    start, end = sorted(data.draw(st.lists(st.sampled_from(points), min_size=2, max_size=2)))
+    w = walk(mem.read, 0, levels=levels, phys_limit=mem.limit, start=start, end=end, max_visits=visits)
+    leaves, skipped, shared = naive_walk(mem, 0, levels, mem.limit, start, end, visits)
+    assert not w.truncated
+    assert (w.runs, w.skipped, w.shared) == (coalesce(leaves), skipped, shared)
+    check_invariants(w, start, end)
 
 
 def test_bad_arguments() -> None:
