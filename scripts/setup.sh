@@ -12,6 +12,7 @@ apt_packages=(
   busybox-static cpio kmod          # the guest initramfs
   binutils elfutils                 # readelf, eu-readelf
   makedumpfile crash gdb            # the tools users run on the core
+  python3-libkdumpfile              # libkdumpfile (system python3) for its test
 )
 missing=()
 for p in "${apt_packages[@]}"; do
@@ -33,4 +34,5 @@ if ! "$venv/bin/python" -c 'import vmcorefs, pyfuse3, qemu.qmp, drgn, elftools, 
   touch "$venv/.installed"
 fi
 
-"$here/scripts/build-guest.sh"
+# --dbg: the guest kernel's full debug vmlinux (crash, gdb and drgn tests).
+"$here/scripts/build-guest.sh" --dbg

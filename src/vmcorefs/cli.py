@@ -131,7 +131,7 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     guest = Guest(monitor, args.memory)
     try:
         snap = await guest.snapshot()
-        fs = VmcoreFS(guest, freeze=args.freeze, file_mode=args.mode)
+        fs = VmcoreFS(guest, freeze=args.freeze, file_mode=args.mode, mountpoint=mountpoint)
         fs.set_initial(snap)
         options = {"fsname=vmcorefs", "subtype=vmcorefs", "ro", "default_permissions", "noatime"}
         if args.allow_other:

@@ -5,6 +5,8 @@ Files (all read-only, mode 0400 unless ``--mode``, owned by the mounting user)::
     vmcore       live ELF core (:func:`vmcorefs.core.elf.build_vmcore`)
     pmem         raw guest-physical memory, holes as zeros
     vmcoreinfo   the guest's VMCOREINFO text (listed only when known)
+    kcore        kernel-virtual ELF core, like /proc/kcore (needs VMCOREINFO)
+    gdbinit      gdb commands that load vmlinux with the KASLR offset and kcore
 
 Semantics follow Linux ``/proc/kcore``: sizes come from the latest layout
 (refreshed when older than ``ATTR_TTL``), every ``open()`` takes a fresh
@@ -27,6 +29,7 @@ from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, TypeVar, ca
 
 import pyfuse3
 
+from vmcorefs.core.kcore import gdb_script
 from vmcorefs.core.layout import SparseFile
 from vmcorefs.errors import (
     AccessError,
@@ -41,8 +44,10 @@ from vmcorefs.qemu.memory import zero_fill
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
-VMCORE, PMEM, VMCOREINFO = ROOT + 1, ROOT + 2, ROOT + 3
-NAMES = {VMCORE: b"vmcore", PMEM: b"pmem", VMCOREINFO: b"vmcoreinfo"}
+VMCORE, PMEM, VMCOREINFO, KCORE, GDBINIT = ROOT + 1, ROOT + 2, ROOT + 3, ROOT + 4, ROOT + 5
+NAMES = {VMCORE: b"vmcore", PMEM: b"pmem", VMCOREINFO: b"vmcoreinfo", KCORE: b"kcore", GDBINIT: b"gdbinit"}
+#: Opening these pauses the guest under --freeze.
+MEMORY_FILES = (VMCORE, PMEM, KCORE)
 BY_NAME = {v: k for k, v in NAMES.items()}
 #: Seconds a layout serves getattr/lookup before it is recomputed.
 ATTR_TTL = 1.0
@@ -52,6 +57,11 @@ GONE_GRACE = 0.3
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+
+def _text_file(text: str) -> SparseFile:
+    data = text.encode()
+    return SparseFile(data, (), len(data))
 
 
 def _errno_of(exc: BaseException) -> int:
@@ -106,9 +116,11 @@ class VmcoreFS(pyfuse3.Operations):
 
     enable_writeback_cache = False
 
-    def __init__(self, guest: Guest, freeze: bool = False, file_mode: int = 0o400) -> None:
+    def __init__(self, guest: Guest, freeze: bool = False, file_mode: int = 0o400,
+                 mountpoint: str = ".") -> None:
         super().__init__()
         self.guest = guest
+        self.mountpoint = mountpoint
         self.freeze = freeze
         #: Permission bits of the files; the directory gets r-x where they have r.
         self.file_mode = file_mode & 0o444
@@ -172,9 +184,24 @@ class VmcoreFS(pyfuse3.Operations):
         if inode == PMEM:
             return snap.pmem
         if inode == VMCOREINFO and snap.vmcoreinfo is not None:
-            data = snap.vmcoreinfo.encode()
-            return SparseFile(data, (), len(data))
+            return _text_file(snap.vmcoreinfo)
+        if inode == KCORE:
+            kcore = self.guest.kcore(snap)
+            if kcore is not None:
+                return kcore
+        if inode == GDBINIT and snap.kernel_offset is not None:
+            return _text_file(gdb_script(os.path.join(self.mountpoint, "kcore"), snap.kernel_offset))
         raise pyfuse3.FUSEError(errno.ENOENT)
+
+    def _listed(self, snap: Snapshot) -> list[int]:
+        inodes = [VMCORE, PMEM]
+        if snap.vmcoreinfo is not None:
+            inodes.append(VMCOREINFO)
+        if self.guest.kcore(snap) is not None:
+            inodes.append(KCORE)
+        if snap.kernel_offset is not None:
+            inodes.append(GDBINIT)
+        return inodes
 
     def _attr(self, inode: int, snap: Snapshot | None) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -251,8 +278,7 @@ class VmcoreFS(pyfuse3.Operations):
     @_fuse_op
     async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         snap = await self.current()
-        inodes = [VMCORE, PMEM] + ([VMCOREINFO] if snap.vmcoreinfo is not None else [])
-        for inode in inodes:
+        for inode in self._listed(snap):
             if inode <= start_id:
                 continue
             if not pyfuse3.readdir_reply(token, NAMES[inode], self._attr(inode, snap), inode):
@@ -270,7 +296,7 @@ class VmcoreFS(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         self._check_alive()
-        frozen = self.freeze and inode in (VMCORE, PMEM)
+        frozen = self.freeze and inode in MEMORY_FILES
         if frozen:
             await self._freeze_acquire()
         try:

@@ -39,3 +39,29 @@ def kcore_loads(runs: Iterable[Run]) -> list[LoadRange]:
 def build_kcore(info: DumpInfo, runs: Iterable[Run]) -> SparseFile:
     """Lay out a kcore: QEMU's notes, then one page-aligned PT_LOAD per run."""
     return build_vmcore(info, kcore_loads(runs))
+
+
+def gdb_script(kcore_path: str, kernel_offset: int) -> str:
+    """The ``gdbinit`` served next to ``kcore``: load the guest's vmlinux
+    (gdb's exec file) relocated by the KASLR offset, then open ``kcore``.
+
+    gdb reads core memory by ``p_vaddr`` and does no page-table walk, so it
+    needs ``kcore`` (kernel-virtual PT_LOADs), not ``vmcore``.  Usage::
+
+        gdb -q VMLINUX -x MOUNTPOINT/gdbinit
+    """
+    return f"""\
+# vmcorefs: gdb on the live kernel of this guest (KASLR offset {kernel_offset:#x}).
+# usage: gdb -q VMLINUX -x {kcore_path.rsplit("/", 1)[0]}/gdbinit
+set confirm off
+set pagination off
+python
+import gdb
+_vmlinux = gdb.current_progspace().filename
+if not _vmlinux:
+    raise gdb.GdbError("vmcorefs: start gdb with the guest's vmlinux: gdb -q VMLINUX -x THIS_FILE")
+gdb.execute("symbol-file", to_string=True)
+gdb.execute("symbol-file -o {kernel_offset:#x} " + _vmlinux, to_string=True)
+gdb.execute("core-file {kcore_path}")
+end
+"""

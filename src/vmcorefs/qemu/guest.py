@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import logging
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from vmcorefs.core.elf import DumpInfo, LoadRange, build_pmem, build_vmcore, parse_qemu_dump
+from vmcorefs.core.kcore import build_kcore
 from vmcorefs.core.layout import SparseFile
 from vmcorefs.core.memmap import (
     FlatRange,
@@ -27,18 +29,27 @@ from vmcorefs.core.memmap import (
     parse_mtree_flat,
 )
 from vmcorefs.core.notes import count_cpus, parse_notes, parse_vmcoreinfo, vmcoreinfo_text
+from vmcorefs.core.paging import clip_runs, kernel_root_from_vmcoreinfo, walk
 from vmcorefs.errors import FormatError, GuestMemoryError, QMPError
 from vmcorefs.qemu.memory import ProcessMemory, Source, read_into
 from vmcorefs.qemu.monitor import Monitor
 
+log = logging.getLogger(__name__)
+
 NOTES_FDNAME = "vmcorefs-notes"
+#: Bound on kcore PT_LOADs (a real kernel needs a few thousand).
+KCORE_MAX_RUNS = 1 << 16
 #: Bound on what we read back of the 1-byte dump (headers + notes + 1 byte).
 MAX_SAMPLE_DUMP = 80 << 20
 
 
-@dataclass(frozen=True)
+@dataclass
 class Snapshot:
-    """One consistent layout: what an open handle serves until it closes."""
+    """One consistent layout: what an open handle serves until it closes.
+
+    ``kcore`` (the kernel-virtual view) costs a page-table walk, so it is
+    computed on first use by :meth:`Guest.kcore` and kept here.
+    """
 
     taken: float
     blocks: tuple[RamBlock, ...]
@@ -48,6 +59,19 @@ class Snapshot:
     pmem: SparseFile
     vmcoreinfo: str | None
     _starts: tuple[int, ...] = field(repr=False, compare=False)
+    kcore: SparseFile | None = field(default=None, repr=False, compare=False)
+    kcore_error: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def kernel_offset(self) -> int | None:
+        """KASLR offset of the kernel text (VMCOREINFO ``KERNELOFFSET``)."""
+        if self.vmcoreinfo is None:
+            return None
+        value = parse_vmcoreinfo(self.vmcoreinfo).get("KERNELOFFSET")
+        try:
+            return int(value, 16) if value else None
+        except ValueError:
+            return None
 
     def source_for(self, gpa: int) -> Source:
         i = bisect.bisect_right(self._starts, gpa) - 1
@@ -120,6 +144,33 @@ class Guest:
             vmcoreinfo=text,
             _starts=tuple(b.gpa for b in blocks),
         )
+
+    def kcore(self, snap: Snapshot) -> SparseFile | None:
+        """The kernel-virtual core of ``snap`` (None when no page-table root
+        is known): the guest's kernel page tables, walked from
+        VMCOREINFO's ``init_top_pgt``, as coalesced PT_LOADs clipped to RAM."""
+        if snap.kcore is not None or snap.kcore_error is not None:
+            return snap.kcore
+        if snap.vmcoreinfo is None:
+            snap.kcore_error = "the guest published no VMCOREINFO (no page-table root)"
+            return None
+        try:
+            root, levels = kernel_root_from_vmcoreinfo(parse_vmcoreinfo(snap.vmcoreinfo))
+        except FormatError as e:
+            snap.kcore_error = str(e)
+            return None
+
+        def read_phys(gpa: int, length: int) -> bytes:
+            buf = bytearray(length)
+            self.read_mem(snap, gpa, memoryview(buf))
+            return bytes(buf)
+
+        result = walk(read_phys, root, levels=levels, phys_limit=snap.pmem.size, max_runs=KCORE_MAX_RUNS)
+        if result.truncated:
+            log.warning("kcore: page-table walk stopped at its bounds (%d runs)", len(result.runs))
+        runs = clip_runs(result.runs, [(b.gpa, b.size) for b in snap.blocks])
+        snap.kcore = build_kcore(snap.dump, runs)
+        return snap.kcore
 
     def read_mem(self, snap: Snapshot, gpa: int, buf: memoryview) -> None:
         """Fill zeroed ``buf`` with guest memory at ``gpa`` (one block)."""
