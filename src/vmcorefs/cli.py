@@ -213,6 +213,8 @@ def format_info(info: dict[str, Any]) -> str:
     lines.append("VMCOREINFO   none (guest did not publish it: add -device vmcoreinfo and load qemu_fw_cfg)"
                  if v is None else
                  f"VMCOREINFO   OSRELEASE={v['OSRELEASE']} KERNELOFFSET={v['KERNELOFFSET']} PAGESIZE={v['PAGESIZE']}")
+    if info.get("gdb"):
+        lines.append(f"gdb          {info['gdb']}")
     return "\n".join(lines)
 
 

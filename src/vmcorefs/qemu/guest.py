@@ -213,6 +213,9 @@ class Guest:
                 "KERNELOFFSET": vci.get("KERNELOFFSET"),
                 "PAGESIZE": vci.get("PAGESIZE"),
             },
+            "gdb": None if snap.kernel_offset is None else (
+                f"gdb -q -ex 'symbol-file -o {snap.kernel_offset:#x} VMLINUX'"
+                " -ex 'core-file MOUNTPOINT/kcore'   (or: gdb -q VMLINUX -x MOUNTPOINT/gdbinit)"),
         }
 
     def close(self) -> None:
