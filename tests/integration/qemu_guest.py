@@ -101,6 +101,14 @@ class QemuGuest:
             self._qmp.connect()
         return self._qmp.cmd(command, **arguments)
 
+    def release_qmp(self) -> None:
+        """Disconnect the test's QMP client (reconnects on next use)."""
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                self._qmp.close()
+            self._qmp = None
+            time.sleep(0.2)
+
     def hmp(self, line: str) -> str:
         return str(self.qmp("human-monitor-command", **{"command-line": line}))
 
@@ -123,10 +131,7 @@ class QemuGuest:
         return path
 
     def close(self) -> None:
-        if self._qmp is not None:
-            with contextlib.suppress(Exception):
-                self._qmp.close()
-            self._qmp = None
+        self.release_qmp()
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
