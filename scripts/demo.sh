@@ -69,6 +69,20 @@ jiffies = prog.symbol("jiffies_64").address
 print("jiffies_64 now:", int.from_bytes(prog.read(jiffies, 8), "little"))
 PY
 
+vmlinux=$guest/vmlinux
+say "crash with the guest kernel's debug vmlinux, on the live vmcore"
+printf 'sys\nlog\nquit\n' | crash -s "$vmlinux" "$mnt/vmcore" 2>/dev/null | sed -n '1,14p;/VMCOREFS-TICK/{p;q}'
+
+say "drgn with debug info: tasks and the stack of what runs on vCPU 0"
+"$venv/bin/drgn" -q -c "$mnt/vmcore" -s "$vmlinux" -e '
+from drgn.helpers.linux.pid import for_each_task
+from drgn.helpers.linux.sched import cpu_curr
+print(len(list(for_each_task(prog))), "tasks:", " ".join(sorted({t.comm.string_().decode() for t in for_each_task(prog)})))
+print(prog.stack_trace(cpu_curr(prog, 0)))'
+
+say "gdb on kcore (kernel-virtual view from the guest's page tables; KASLR applied by gdbinit)"
+gdb -q -batch "$vmlinux" -x "$mnt/gdbinit" -ex 'print linux_banner' -ex 'info threads' -ex 'bt 5' 2>&1 | grep -v '^warning'
+
 say "Live: the same read twice, one second apart (no copy, no cache)"
 "$venv/bin/python" - "$mnt" <<'PY'
 import os, struct, sys, time
