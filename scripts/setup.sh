@@ -34,5 +34,6 @@ if ! "$venv/bin/python" -c 'import vmcorefs, pyfuse3, qemu.qmp, drgn, elftools, 
   touch "$venv/.installed"
 fi
 
-# --dbg: the guest kernel's full debug vmlinux (crash, gdb and drgn tests).
-"$here/scripts/build-guest.sh" --dbg
+# --dbg: the guest kernel's full debug vmlinux (crash, gdb and drgn tests);
+# --old: Debian 11's kernel too, which crash 8.0.2 fully understands.
+"$here/scripts/build-guest.sh" --dbg --old

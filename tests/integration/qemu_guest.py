@@ -40,17 +40,22 @@ def require(ok: bool, why: str) -> None:
     pytest.skip(why)
 
 
-def guest_assets() -> tuple[Path, Path, str]:
-    kernel, initrd, release = GUEST_DIR / "vmlinuz", GUEST_DIR / "initramfs.cpio.gz", GUEST_DIR / "release"
-    require(kernel.exists() and initrd.exists(), f"guest not built ({GUEST_DIR}); run scripts/setup.sh")
+OLD_GUEST_DIR = CACHE / "guest-bullseye"
+
+
+def guest_assets(guest_dir: Path = GUEST_DIR) -> tuple[Path, Path, str]:
+    kernel, initrd, release = guest_dir / "vmlinuz", guest_dir / "initramfs.cpio.gz", guest_dir / "release"
+    require(kernel.exists() and initrd.exists(), f"guest not built ({guest_dir}); run scripts/setup.sh")
     require(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64 not installed")
     return kernel, initrd, release.read_text().strip()
 
 
 class QemuGuest:
     def __init__(self, name: str, mem_mb: int = 256, smp: int = 2, memory: str = "memfd",
-                 extra: list[str] | None = None, vmcoreinfo: bool = True, reboot: bool = False) -> None:
-        kernel, initrd, self.release = guest_assets()
+                 extra: list[str] | None = None, vmcoreinfo: bool = True, reboot: bool = False,
+                 guest_dir: Path = GUEST_DIR) -> None:
+        kernel, initrd, self.release = guest_assets(guest_dir)
+        self.guest_dir = guest_dir
         self.dir = Path(tempfile.mkdtemp(prefix=f"vmcorefs-{name}-"))
         self.qmp_path = str(self.dir / "qmp.sock")
         self.test_qmp_path = str(self.dir / "test-qmp.sock")

@@ -9,11 +9,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from qemu_guest import GUEST_DIR, Mount, QemuGuest, kernel_image_phys, require, vmcoreinfo_dict
+from qemu_guest import GUEST_DIR, OLD_GUEST_DIR, Mount, QemuGuest, kernel_image_phys, require, vmcoreinfo_dict
 
 pytestmark = pytest.mark.integration
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -204,3 +205,33 @@ def test_kcore_requires_vmcoreinfo(tmp_path: Path) -> None:
             assert r.returncode == 0 and "VMCOREINFO" not in r.stdout
     finally:
         g.close()
+
+
+@pytest.fixture(scope="module")
+def old_guest() -> Iterator[QemuGuest]:
+    """Debian 11's cloud kernel (5.10), which crash 8.0.2 fully supports."""
+    vmlinux = OLD_GUEST_DIR / "vmlinux"
+    require(vmlinux.exists(), f"Debian 11 guest missing ({OLD_GUEST_DIR}); run scripts/build-guest.sh --old")
+    g = QemuGuest("bullseye", mem_mb=256, guest_dir=OLD_GUEST_DIR)
+    try:
+        yield g.wait_ready()
+    finally:
+        g.close()
+
+
+def test_crash_ps_and_bt_on_a_kernel_crash_supports(old_guest: QemuGuest, tmp_path: Path) -> None:
+    """Where crash understands the kernel, ps lists every task and bt unwinds
+    them -- on the live vmcore.  `bt -a` of the idle tasks on the vCPUs fails
+    in crash 8.0.2 for QEMU dumps (exception stacks), identically on QEMU's
+    own dump of the same instant."""
+    vmlinux = OLD_GUEST_DIR / "vmlinux"
+    with old_guest.paused(), Mount(old_guest) as m:
+        ours = _crash(vmlinux, m.vmcore, "sys\nps\nbt 1\nbt -a")
+        theirs = _crash(vmlinux, old_guest.dump(tmp_path / "qemu.dump"), "sys\nps\nbt 1\nbt -a")
+    assert f"RELEASE: {old_guest.release}" in ours
+    tasks = re.findall(r"^[ >]\s+\d+\s+\d+\s+\d+\s+[0-9a-f]+\s+\w\w\s", ours, re.M)
+    assert len(tasks) > 30, ours
+    assert re.search(r"^\s+1\s+0\s+\d\s+[0-9a-f]+\s+\w\w\s.*\bsh$", ours, re.M), ours
+    assert re.search(r"PID: 1 .*\n #0 \[[0-9a-f]+\] __schedule at", ours), ours
+    assert [line for line in ours.splitlines() if "DUMPFILE" not in line] == \
+           [line for line in theirs.splitlines() if "DUMPFILE" not in line]
