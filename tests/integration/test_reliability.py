@@ -300,3 +300,51 @@ def test_no_writes_and_read_only_descriptors(guest: QemuGuest) -> None:
                 assert flags & os.O_ACCMODE == os.O_RDONLY, (target, oct(flags))
                 seen += 1
         assert seen >= 1
+
+
+def test_memory_modes(guest: QemuGuest) -> None:
+    """--memory shared needs a shared backend; procmem works everywhere."""
+    memfd = "memfd" in " ".join(guest.args)
+    r = run_vmcorefs("info", "--json", "--memory", "procmem", guest.qmp_path)
+    assert r.returncode == 0, r.stderr
+    assert '"access": "shared"' not in r.stdout
+    r = run_vmcorefs("info", "--memory", "shared", guest.qmp_path)
+    if memfd:
+        assert r.returncode == 0, r.stderr
+    else:
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert "not in a shared file mapping" in r.stderr and "--memory procmem" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_no_permission_names_the_fix(memfd_guest: QemuGuest, other_user: str) -> None:
+    """A user who may talk to QMP but not look into QEMU gets one line and the fix."""
+    import shutil
+    import tempfile
+
+    import qemu.qmp
+
+    require(os.path.exists("/usr/bin/python3"), "system python3 missing")
+    # The venv's interpreter lives under /root: the other user runs the system
+    # Python 3.11 on a world-readable copy of vmcorefs and qemu.qmp.
+    code = Path(tempfile.mkdtemp(dir="/tmp"))
+    shutil.copytree(REPO / "src" / "vmcorefs", code / "vmcorefs")
+    shutil.copytree(Path(qemu.qmp.__file__).parents[1], code / "qemu")
+    sock = Path(memfd_guest.qmp_path)
+    saved = [(p, os.stat(p).st_mode & 0o777) for p in (sock, sock.parent)]
+    for path in [code, *code.rglob("*")]:
+        os.chmod(path, 0o755)
+    os.chmod(sock.parent, 0o755)
+    os.chmod(sock, 0o777)
+    try:
+        env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(code), "HOME": "/tmp"}
+        r = subprocess.run(["runuser", "-u", other_user, "--", "/usr/bin/python3", "-m", "vmcorefs", "info",
+                            str(sock)], capture_output=True, text=True, timeout=60, env=env)
+    finally:
+        for path, mode in saved:
+            os.chmod(path, mode)
+        shutil.rmtree(code)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "no permission" in lines[0] and "root" in lines[0], lines[0]
