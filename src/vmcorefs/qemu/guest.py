@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from vmcorefs.core.elf import DumpInfo, LoadRange, build_pmem, build_vmcore, parse_qemu_dump
@@ -62,12 +63,15 @@ class Snapshot:
     kcore: SparseFile | None = field(default=None, repr=False, compare=False)
     kcore_error: str | None = field(default=None, repr=False, compare=False)
 
-    @property
+    @cached_property
+    def vmcoreinfo_fields(self) -> dict[str, str] | None:
+        """VMCOREINFO as ``KEY -> VALUE`` (None when the guest published none)."""
+        return None if self.vmcoreinfo is None else parse_vmcoreinfo(self.vmcoreinfo)
+
+    @cached_property
     def kernel_offset(self) -> int | None:
         """KASLR offset of the kernel text (VMCOREINFO ``KERNELOFFSET``)."""
-        if self.vmcoreinfo is None:
-            return None
-        value = parse_vmcoreinfo(self.vmcoreinfo).get("KERNELOFFSET")
+        value = (self.vmcoreinfo_fields or {}).get("KERNELOFFSET")
         try:
             return int(value, 16) if value else None
         except ValueError:
@@ -151,11 +155,11 @@ class Guest:
         VMCOREINFO's ``init_top_pgt``, as coalesced PT_LOADs clipped to RAM."""
         if snap.kcore is not None or snap.kcore_error is not None:
             return snap.kcore
-        if snap.vmcoreinfo is None:
+        if snap.vmcoreinfo_fields is None:
             snap.kcore_error = "the guest published no VMCOREINFO (no page-table root)"
             return None
         try:
-            root, levels = kernel_root_from_vmcoreinfo(parse_vmcoreinfo(snap.vmcoreinfo))
+            root, levels = kernel_root_from_vmcoreinfo(snap.vmcoreinfo_fields)
         except FormatError as e:
             snap.kcore_error = str(e)
             return None
@@ -185,13 +189,13 @@ class Guest:
         """What ``vmcorefs info`` prints (and ``--json`` emits)."""
         snap = await self.snapshot()
         notes = parse_notes(snap.dump.notes)
+        vci = snap.vmcoreinfo_fields
         arch = "unknown"
         try:
             target = await self.monitor.execute("query-target")
             arch = str(target.get("arch", arch))
         except QMPError:
             pass
-        vci = parse_vmcoreinfo(snap.vmcoreinfo) if snap.vmcoreinfo else None
         return {
             "qmp_socket": self.monitor.path,
             "qemu_pid": self.monitor.pid,
