@@ -90,7 +90,10 @@ for cpu in for_each_online_cpu(prog):
     assert r.returncode == 0, r.stderr
     assert f"release {guest.release}" in r.stdout
     tasks, threads = map(int, re.search(r"tasks (\d+) threads (\d+)", r.stdout).groups())  # type: ignore[union-attr]
-    assert tasks == threads and tasks > 10
+    assert tasks > 10
+    # The guest spawns a short-lived process ten times a second: while it
+    # runs, the task list may change between the two walks.
+    assert tasks == threads if freeze else abs(tasks - threads) <= 2
     frames = re.findall(r"cpu (\d+) (\S+) frames (\d+) (\S+) (\S+)", r.stdout)
     assert len(frames) == 2, r.stdout
     for _, comm, n, innermost, outermost in frames:

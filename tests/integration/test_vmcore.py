@@ -94,8 +94,8 @@ def test_pmem_matches_vmcore(memfd_guest: QemuGuest) -> None:
 
 def test_files_and_modes(memfd_guest: QemuGuest) -> None:
     with Mount(memfd_guest) as m:
-        assert sorted(os.listdir(m.path)) == ["pmem", "vmcore", "vmcoreinfo"]
-        for name in ("vmcore", "pmem", "vmcoreinfo"):
+        assert sorted(os.listdir(m.path)) == ["gdbinit", "kcore", "pmem", "vmcore", "vmcoreinfo"]
+        for name in ("vmcore", "pmem", "vmcoreinfo", "kcore", "gdbinit"):
             st = os.stat(m.path / name)
             assert stat.S_IMODE(st.st_mode) == 0o400
             assert st.st_uid == os.getuid()
