@@ -167,30 +167,37 @@ def frozen_oracle(memfd_guest: QemuGuest) -> Iterator[tuple[Mount, Path]]:
 
 
 def _random_verify(m: Mount, oracle: Path, seconds: float, readers: int = 8) -> tuple[int, int]:
-    """``readers`` threads read random ranges of vmcore and pmem and compare
-    with QEMU's dump; returns (bytes read, mismatches)."""
+    """``readers`` threads read random ranges of vmcore, pmem and kcore and
+    compare with QEMU's dump; returns (bytes read, mismatches)."""
     ours_loads, their_loads = _loads(m.vmcore), _loads(oracle)
     assert [(p, n) for p, n, _ in ours_loads] == [(p, n) for p, n, _ in their_loads]
+    kcore_loads = _loads(m.path / "kcore")
+    assert kcore_loads
+
+    def oracle_offset(paddr: int, length: int) -> int:
+        for p, n, off in their_loads:
+            if p <= paddr and paddr + length <= p + n:
+                return off + paddr - p
+        raise AssertionError(f"{paddr:#x}+{length} not in one PT_LOAD of QEMU's dump")
+
     deadline = time.monotonic() + seconds
     lock = threading.Lock()
     totals = [0, 0]
 
     def reader(seed: int) -> None:
         rng = random.Random(seed)
-        fds = {name: os.open(m.path / name, os.O_RDONLY) for name in ("vmcore", "pmem")}
+        fds = {name: os.open(m.path / name, os.O_RDONLY) for name in ("vmcore", "pmem", "kcore")}
         ofd = os.open(oracle, os.O_RDONLY)
         nbytes = bad = 0
         try:
             while time.monotonic() < deadline:
-                i = rng.randrange(len(ours_loads))
-                paddr, size, off_o = ours_loads[i]
-                off_t = their_loads[i][2]
+                name = rng.choice(["vmcore", "pmem", "kcore"])
+                paddr, size, off = rng.choice(kcore_loads if name == "kcore" else ours_loads)
                 length = rng.choice([1, 7, 512, 4096, 65536, 131072, 1 << 20])
                 delta = rng.randrange(max(1, size - length))
                 length = min(length, size - delta)
-                want = os.pread(ofd, length, off_t + delta)
-                name = rng.choice(["vmcore", "pmem"])
-                got = os.pread(fds[name], length, (off_o if name == "vmcore" else paddr) + delta)
+                want = os.pread(ofd, length, oracle_offset(paddr + delta, length))
+                got = os.pread(fds[name], length, (paddr if name == "pmem" else off) + delta)
                 nbytes += len(got)
                 bad += got != want
         finally:
