@@ -198,14 +198,22 @@ def test_kcore_layout_and_bytes(memfd_guest: QemuGuest) -> None:
             assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
-def test_kcore_requires_vmcoreinfo(tmp_path: Path) -> None:
-    """Without -device vmcoreinfo there is no kcore (and no gdbinit); vmcore stays."""
+def test_without_vmcoreinfo(tmp_path: Path) -> None:
+    """Without -device vmcoreinfo: vmcore has no VMCOREINFO note, no gdbinit
+    (no KASLR offset), and kcore walks from a kernel-mode vCPU's CR3."""
     g = QemuGuest("novmci", mem_mb=128, vmcoreinfo=False).wait_ready()
     try:
-        with Mount(g) as m:
-            assert sorted(os.listdir(m.path)) == ["pmem", "vmcore"]
+        with g.paused(), Mount(g) as m:
+            assert sorted(os.listdir(m.path)) == ["kcore", "pmem", "vmcore"]
             r = subprocess.run(["readelf", "-n", str(m.vmcore)], capture_output=True, text=True)
             assert r.returncode == 0 and "VMCOREINFO" not in r.stdout
+            with open(m.path / "kcore", "rb") as k, open(m.pmem, "rb") as p:
+                loads = [s for s in ELFFile(k).iter_segments() if s["p_type"] == "PT_LOAD"]
+                assert any(s["p_vaddr"] >= 0xFFFFFFFF80000000 for s in loads)  # the kernel image
+                s = max(loads, key=lambda s: s["p_memsz"])
+                k.seek(s["p_offset"])
+                p.seek(s["p_paddr"])
+                assert k.read(1 << 16) == p.read(1 << 16)
     finally:
         g.close()
 

@@ -192,3 +192,22 @@ def test_real_vmcoreinfo() -> None:
 )
 def test_count_cpus(notes: list[Note], expected: int) -> None:
     assert count_cpus(notes) == expected
+
+
+def test_qemu_x86_cpu_states_from_real_dump() -> None:
+    from vmcorefs.core.notes import qemu_x86_cpu_states
+
+    info = parse_qemu_dump((DATA / "qemu72-onebyte-dump.elf").read_bytes())
+    cpus = qemu_x86_cpu_states(parse_notes(info.notes))
+    assert len(cpus) == 2
+    for cpu in cpus:
+        assert cpu.in_kernel and cpu.cs_selector == 0x10  # __KERNEL_CS
+        assert cpu.cr3 and cpu.cr3 < 1 << 32 and cpu.cr3 & 0xFFF == 0
+        assert not cpu.cr4 & (1 << 12)  # 4-level paging
+
+
+@pytest.mark.parametrize("desc", [b"", b"\0" * 100, b"\0" * 431])
+def test_qemu_x86_cpu_states_short_notes_are_skipped(desc: bytes) -> None:
+    from vmcorefs.core.notes import Note, qemu_x86_cpu_states
+
+    assert qemu_x86_cpu_states([Note("QEMU", 0, desc), Note("CORE", 1, b"\0" * 500)]) == []

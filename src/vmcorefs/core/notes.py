@@ -82,3 +82,38 @@ def parse_vmcoreinfo(text: str) -> dict[str, str]:
 def count_cpus(notes: list[Note]) -> int:
     """Number of vCPUs: one ``CORE``/``NT_PRSTATUS`` note each."""
     return sum(1 for n in notes if n.name == "CORE" and n.type == NT_PRSTATUS)
+
+
+#: x86 ``QEMUCPUState`` (QEMU target/i386/arch_dump.c), the desc of each
+#: ``QEMU`` note: u32 version, u32 size, 16 GPRs, rip, rflags, then ten
+#: QEMUCPUSegment {u32 selector, limit, flags, pad; u64 base} (cs first),
+#: then u64 cr[5].
+QEMU_CPUSTATE_CS_SELECTOR = 8 + 18 * 8
+QEMU_CPUSTATE_CR = QEMU_CPUSTATE_CS_SELECTOR + 10 * 24
+_CR = struct.Struct("<5Q")
+
+
+@dataclass(frozen=True)
+class X86CPUState:
+    """What vmcorefs reads of a vCPU's ``QEMU`` note: privilege and CR3/CR4."""
+
+    cs_selector: int
+    cr3: int
+    cr4: int
+
+    @property
+    def in_kernel(self) -> bool:
+        return self.cs_selector & 3 == 0
+
+
+def qemu_x86_cpu_states(notes: list[Note]) -> list[X86CPUState]:
+    """The x86 ``QEMU`` notes' CR3/CR4 and CS, in vCPU order (short or
+    foreign notes are skipped)."""
+    out = []
+    for note in notes:
+        if note.name != "QEMU" or len(note.desc) < QEMU_CPUSTATE_CR + _CR.size:
+            continue
+        (selector,) = struct.unpack_from("<I", note.desc, QEMU_CPUSTATE_CS_SELECTOR)
+        cr = _CR.unpack_from(note.desc, QEMU_CPUSTATE_CR)
+        out.append(X86CPUState(selector, cr[3], cr[4]))
+    return out

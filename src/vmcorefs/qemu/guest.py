@@ -29,8 +29,14 @@ from vmcorefs.core.memmap import (
     parse_gpa2hva,
     parse_mtree_flat,
 )
-from vmcorefs.core.notes import count_cpus, parse_notes, parse_vmcoreinfo, vmcoreinfo_text
-from vmcorefs.core.paging import clip_runs, kernel_root_from_vmcoreinfo, walk
+from vmcorefs.core.notes import (
+    count_cpus,
+    parse_notes,
+    parse_vmcoreinfo,
+    qemu_x86_cpu_states,
+    vmcoreinfo_text,
+)
+from vmcorefs.core.paging import clip_runs, cr3_to_root, kernel_root_from_vmcoreinfo, walk
 from vmcorefs.errors import FormatError, GuestMemoryError, QMPError
 from vmcorefs.qemu.memory import ProcessMemory, Source, read_into
 from vmcorefs.qemu.monitor import Monitor
@@ -40,6 +46,7 @@ log = logging.getLogger(__name__)
 NOTES_FDNAME = "vmcorefs-notes"
 #: Bound on kcore PT_LOADs (a real kernel needs a few thousand).
 KCORE_MAX_RUNS = 1 << 16
+CR4_LA57 = 1 << 12
 #: Bound on what we read back of the 1-byte dump (headers + notes + 1 byte).
 MAX_SAMPLE_DUMP = 80 << 20
 
@@ -151,18 +158,16 @@ class Guest:
 
     def kcore(self, snap: Snapshot) -> SparseFile | None:
         """The kernel-virtual core of ``snap`` (None when no page-table root
-        is known): the guest's kernel page tables, walked from
-        VMCOREINFO's ``init_top_pgt``, as coalesced PT_LOADs clipped to RAM."""
+        is known): the guest's kernel page tables as coalesced PT_LOADs
+        clipped to RAM."""
         if snap.kcore is not None or snap.kcore_error is not None:
             return snap.kcore
-        if snap.vmcoreinfo_fields is None:
-            snap.kcore_error = "the guest published no VMCOREINFO (no page-table root)"
+        found = self._page_table_root(snap)
+        if isinstance(found, str):
+            snap.kcore_error = found
+            log.info("no kcore: %s", found)
             return None
-        try:
-            root, levels = kernel_root_from_vmcoreinfo(snap.vmcoreinfo_fields)
-        except FormatError as e:
-            snap.kcore_error = str(e)
-            return None
+        root, levels = found
 
         def read_phys(gpa: int, length: int) -> bytes:
             buf = bytearray(length)
@@ -175,6 +180,21 @@ class Guest:
         runs = clip_runs(result.runs, [(b.gpa, b.size) for b in snap.blocks])
         snap.kcore = build_kcore(snap.dump, runs)
         return snap.kcore
+
+    @staticmethod
+    def _page_table_root(snap: Snapshot) -> tuple[int, int] | str:
+        """(root, levels) of the kernel page tables, or why there is none:
+        VMCOREINFO's ``init_top_pgt``, else the CR3 of a vCPU that was in
+        kernel mode (the kernel half is the same in every address space)."""
+        if snap.vmcoreinfo_fields is not None:
+            try:
+                return kernel_root_from_vmcoreinfo(snap.vmcoreinfo_fields)
+            except FormatError as e:
+                return str(e)
+        for cpu in qemu_x86_cpu_states(parse_notes(snap.dump.notes)):
+            if cpu.in_kernel and cpu.cr3:
+                return cr3_to_root(cpu.cr3), 5 if cpu.cr4 & CR4_LA57 else 4
+        return "no VMCOREINFO and no vCPU in kernel mode to take CR3 from"
 
     def read_mem(self, snap: Snapshot, gpa: int, buf: memoryview) -> None:
         """Fill zeroed ``buf`` with guest memory at ``gpa`` (one block)."""
