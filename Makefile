@@ -28,7 +28,7 @@ bench: setup
 	$(PY) bench/run.py
 
 soak: setup
-	$(PYTEST) -v -m soak -o addopts= tests
+	$(PYTEST) -v -s -m soak -o addopts= tests/integration/test_reliability.py
 
 lint: setup
 	$(VENV)/bin/mypy
