@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 from typing import Any, Callable, Coroutine, Sequence
@@ -105,12 +107,10 @@ def _check_mountpoint(path: str) -> str:
     except FileNotFoundError:
         raise UsageError(f"{path}: mountpoint does not exist") from None
     except OSError as e:
-        if e.errno == 107:  # ENOTCONN: a FUSE daemon died here
+        if e.errno == errno.ENOTCONN:  # a FUSE daemon died here
             raise UsageError(f"{path}: stale FUSE mount (run 'fusermount3 -u {path}')") from None
         raise UsageError(f"{path}: {e.strerror}") from None
-    import stat as _stat
-
-    if not _stat.S_ISDIR(st.st_mode):
+    if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{path}: mountpoint is not a directory")
     if os.path.ismount(path):
         raise UsageError(f"{path}: already a mount point")
@@ -142,9 +142,8 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
             raise VmcorefsError(f"{mountpoint}: cannot mount ({e}; is /dev/fuse usable and fuse3 installed?)") from None
         loop = asyncio.get_running_loop()
         pidfd = _watch_process(loop, monitor.pid, fs)
-        stop = lambda: pyfuse3.terminate()  # noqa: E731
-        loop.add_signal_handler(signal.SIGINT, stop)
-        loop.add_signal_handler(signal.SIGTERM, stop)
+        loop.add_signal_handler(signal.SIGINT, pyfuse3.terminate)
+        loop.add_signal_handler(signal.SIGTERM, pyfuse3.terminate)
         ready()
         try:
             await pyfuse3.main(min_tasks=2, max_tasks=16)
