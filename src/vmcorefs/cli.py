@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     m.add_argument("--freeze", action="store_true",
                    help="pause the guest while vmcore or pmem is open (resumed at the last close)")
+    m.add_argument("--cache", action="store_true",
+                   help="serve reads through the kernel page cache, emptied at each open (a tool sees"
+                        " memory as of its first read of each page; exact with --freeze)")
     m.add_argument("--allow-other", action="store_true", help="let other users through the mount (files stay 0400)")
     m.add_argument("--mode", type=_file_mode, default=0o400, metavar="OCTAL",
                    help="permission bits of the files, read bits only (default 0400; with"
@@ -131,7 +134,8 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     guest = Guest(monitor, args.memory)
     try:
         snap = await guest.snapshot()
-        fs = VmcoreFS(guest, freeze=args.freeze, file_mode=args.mode, mountpoint=mountpoint)
+        fs = VmcoreFS(guest, freeze=args.freeze, file_mode=args.mode, mountpoint=mountpoint,
+                      cache=args.cache)
         fs.set_initial(snap)
         options = {"fsname=vmcorefs", "subtype=vmcorefs", "ro", "default_permissions", "noatime"}
         if args.allow_other:
