@@ -24,8 +24,10 @@ integration: setup
 demo: setup
 	./scripts/demo.sh
 
+# make bench BENCH_ARGS="--sizes 1,4 --repeat 1" (or --quick); see docs/benchmarks.md.
 bench: setup
-	$(PY) bench/run.py
+	@$(PY) -c 'import matplotlib' 2>/dev/null && [ -x $(VENV)/bin/py-spy ] || $(VENV)/bin/pip install -q -e '.[bench]'
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 soak: setup
 	$(PYTEST) -v -s -m soak -o addopts= tests/integration/test_reliability.py

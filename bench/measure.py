@@ -1,0 +1,301 @@
+"""The measurements of the benchmark suite, one function each.
+
+Each returns plain numbers (seconds, bytes, GB/s, microseconds); ``run.py``
+repeats them, keeps the samples and turns them into tables.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from harness import GiB, MiB, Guest, Mount, ScratchFile, dd, host_free, meminfo, proc_io, proc_status, shm_free
+
+#: The integration tests' drgn snippet (tests/integration/test_tools.py):
+#: kallsyms from VMCOREINFO, no debuginfo, then read linux_banner.
+DRGN_CORE = r"""
+import sys, drgn
+from drgn.helpers.linux.kallsyms import load_vmlinux_kallsyms
+prog = drgn.Program()
+prog.set_core_dump(sys.argv[1])
+prog.register_symbol_finder("vmlinux_kallsyms", load_vmlinux_kallsyms(prog), enable_index=0)
+sym = prog.symbol("linux_banner")
+print(prog.read(sym.address, 200).split(b"\0")[0].decode())
+"""
+
+#: The same through drgn's own live QEMU mode (drgn >= 0.0.31:
+#: Program.set_qemu_qmp, or `drgn --qemu SOCKET` on the command line).  It
+#: finds QEMU's PID with SO_PEERCRED and reads guest RAM straight from
+#: /proc/PID/mem at the host addresses QMP tells it.
+DRGN_QEMU = DRGN_CORE.replace("prog.set_core_dump(sys.argv[1])", "prog.set_qemu_qmp(sys.argv[1])")
+
+#: Host memory kept free whatever a measurement would like to use.
+MARGIN = 3 * GiB
+
+
+class Skip(Exception):
+    """A measurement that cannot run here; the message says why."""
+
+
+def drgn_banner(code: str, target: str, release: str) -> float:
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code, target], capture_output=True, text=True, timeout=1800)
+    elapsed = time.perf_counter() - t
+    if r.returncode != 0 or not r.stdout.startswith(f"Linux version {release} "):
+        raise RuntimeError(f"drgn did not read linux_banner: rc={r.returncode} {r.stdout[:200]!r} "
+                           f"{r.stderr.strip()[-500:]!r}")
+    return elapsed
+
+
+# -- (1) time to first answer -----------------------------------------------
+
+def ttfa_vmcorefs(g: Guest, *options: str, key: str = "ttfa_vmcorefs") -> dict[str, float]:
+    """(1a) + (5): `vmcorefs mount [options]`, then drgn on MNT/vmcore."""
+    t = time.perf_counter()
+    with Mount(g, *options) as m:
+        t_mounted = time.perf_counter()
+        drgn_banner(DRGN_CORE, m.vmcore, g.release)
+        total = time.perf_counter() - t
+    assert m.mount_s is not None
+    return {f"{key}_s": total, "mount_s": m.mount_s, f"{key}_drgn_s": total - (t_mounted - t)}
+
+
+def ttfa_vmcorefs_cache(g: Guest) -> dict[str, float]:
+    """(1a'): the same with `--freeze --cache` (page cache per open, exact while frozen)."""
+    out = ttfa_vmcorefs(g, "--freeze", "--cache", key="ttfa_vmcorefs_cache")
+    del out["mount_s"]
+    return out
+
+
+def ttfa_qemu(g: Guest) -> dict[str, float]:
+    """(1c): drgn --qemu (Program.set_qemu_qmp) on the guest's QMP socket."""
+    return {"ttfa_qemu_s": drgn_banner(DRGN_QEMU, g.qmp_path, g.release)}
+
+
+def dump_need(g: Guest) -> tuple[int, int]:
+    """Host memory a paging=false dump of ``g`` takes: the file, plus (memfd
+    guests) every page of the memfd QEMU has not touched yet -- QEMU reads
+    guest RAM through its own mapping, and a read fault on a shared memfd
+    hole allocates the page (measured: Shmem grows by the whole guest RAM)."""
+    file_bytes = g.size_gib * GiB
+    inflate = 0
+    if g.kind == "memfd":
+        inflate = max(0, g.size_gib * GiB - proc_status(g.pid).get("RssShmem", 0))
+    return file_bytes, inflate
+
+
+def qemu_resident(g: Guest) -> int:
+    """Guest pages resident in QEMU: the memfd's (memfd) or anonymous (private)."""
+    st = proc_status(g.pid)
+    return st.get("RssShmem", 0) if g.kind == "memfd" else st["RssAnon"]
+
+
+def before_qemu_dumps(g: Guest) -> int:
+    """QEMU's resident guest pages before its first dump on ``g`` (kept on
+    ``g``): the pages its dumps fault in stay, so every later dump's cost
+    is counted from here."""
+    if not hasattr(g, "resident_before_dumps"):
+        g.resident_before_dumps = qemu_resident(g)  # type: ignore[attr-defined]
+    return int(g.resident_before_dumps)  # type: ignore[attr-defined]
+
+
+def ttfa_dump(g: Guest) -> dict[str, float]:
+    """(1b): QEMU dump-guest-memory paging=false into /dev/shm, then drgn on the file."""
+    file_bytes, inflate = dump_need(g)
+    free = min(host_free(), shm_free() + inflate) - MARGIN
+    if file_bytes + inflate > free:
+        extra = f" (+ {inflate / GiB:.0f} GiB QEMU faults into the memfd)" if inflate > GiB // 2 else ""
+        raise Skip(f"cannot run: needs {file_bytes / GiB:.0f} GiB of /dev/shm{extra}, "
+                   f"{(free + MARGIN) / GiB:.1f} GiB free")
+    resident0 = before_qemu_dumps(g)
+    with ScratchFile("/dev/shm", "dump.elf") as f:
+        t = time.perf_counter()
+        g.qmp("dump-guest-memory", paging=False, protocol=f"file:{f.path}")
+        t_dumped = time.perf_counter()
+        drgn_banner(DRGN_CORE, f.path, g.release)
+        total = time.perf_counter() - t
+        size = os.stat(f.path).st_blocks * 512
+    # Host memory held while the dump exists: the tmpfs file, plus the memfd
+    # pages QEMU faulted in to write it (they stay: the guest now owns them).
+    return {"ttfa_dump_s": total, "dump_s": t_dumped - t, "dump_file_bytes": size,
+            "dump_host_bytes": size + qemu_resident(g) - resident0}
+
+
+# -- (2) host memory, (3) sequential, (4) random ------------------------------
+
+@dataclass
+class Load:
+    offset: int   # in vmcore
+    paddr: int
+    size: int
+    backing: str  # memfd /proc/PID/fd/N, or /proc/PID/mem
+    boff: int     # offset of paddr in backing
+
+
+def ram_loads(g: Guest, vmcore: str) -> list[Load]:
+    """The vmcore PT_LOADs in guest RAM (>= 1 MiB), with where the same bytes
+    are in the backing memfd or /proc/PID/mem."""
+    with open(vmcore, "rb") as f:
+        eh = f.read(64)
+        phoff, = struct.unpack_from("<Q", eh, 32)
+        phentsize, phnum = struct.unpack_from("<HH", eh, 54)
+        f.seek(phoff)
+        ph = f.read(phentsize * phnum)
+    out = []
+    for i in range(phnum):
+        p_type, _, p_offset, _, p_paddr, p_filesz, _, _ = struct.unpack_from("<IIQQQQQQ", ph, i * phentsize)
+        if p_type == 1 and p_filesz >= MiB:
+            path, boff = g.backing_for(p_paddr)
+            out.append(Load(p_offset, p_paddr, p_filesz, path, boff))
+    return out
+
+
+def random_reads(vmcore: str, loads: list[Load], n: int, seed: int) -> dict[str, float]:
+    """(4): p50/p99 of 4 KiB preads at random pages of guest RAM, through
+    vmcore and straight from the backing (same pages, same order)."""
+    rng = random.Random(seed)
+    weights = [ld.size for ld in loads]
+    picks = []
+    for ld in rng.choices(loads, weights, k=n):
+        page = rng.randrange(ld.size // 4096) * 4096
+        picks.append((ld.offset + page, ld.backing, ld.boff + page))
+    out = {}
+    fds = {p: os.open(p, os.O_RDONLY) for p in {ld.backing for ld in loads} | {vmcore}}
+    try:
+        for name, items in (("vmcore", [(fds[vmcore], o) for o, _, _ in picks]),
+                            ("backing", [(fds[b], bo) for _, b, bo in picks])):
+            lat = []
+            for fd, off in items:
+                t = time.perf_counter_ns()
+                os.pread(fd, 4096, off)
+                lat.append(time.perf_counter_ns() - t)
+            lat.sort()
+            out[f"rand_{name}_p50_us"] = lat[len(lat) // 2] / 1000
+            out[f"rand_{name}_p99_us"] = lat[int(len(lat) * 0.99)] / 1000
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return out
+
+
+def sequential(vmcore: str, loads: list[Load], prefix: int) -> dict[str, float]:
+    """(3): dd of the first ``prefix`` bytes of vmcore vs dd of the same
+    amount of the backing (memfd, or /proc/PID/mem at the RAM's host address)."""
+    first = min(loads, key=lambda ld: ld.paddr)
+    # Host address of guest-physical 0: pc.ram is one host mapping.
+    backing, bstart = first.backing, first.boff - first.paddr
+    out = {}
+    for bs, tag in ((128 << 10, "128k"), (1 << 20, "1m")):
+        out[f"seq_vmcore_{tag}_gbps"] = prefix / dd(vmcore, bs, prefix) / 1e9
+        out[f"seq_backing_{tag}_gbps"] = prefix / dd(backing, bs, prefix, bstart) / 1e9
+    return out
+
+
+def warm_backing(loads: list[Load], prefix: int) -> None:
+    """Read the backing prefix once (private guests: /proc/PID/mem populates
+    QEMU's page tables with the zero page on first touch)."""
+    first = min(loads, key=lambda ld: ld.paddr)
+    dd(first.backing, 1 << 20, prefix, first.boff - first.paddr)
+
+
+def full_read(g: Guest, m: Mount, timebox: float) -> dict[str, float]:
+    """(2): read vmcore once end to end in 1 MiB preads (stopping after
+    ``timebox`` seconds), and what that cost the host:
+    growth of Shmem (memfd guests) or QEMU's RSS (private), QEMU page tables.
+    (The daemon's peak RSS is taken by ``run.py`` before it unmounts.)"""
+    assert m.daemon_pid is not None
+    shmem0, q0 = meminfo()["Shmem"], proc_status(g.pid)
+    buf = bytearray(1 << 20)
+    fd = os.open(m.vmcore, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        done = 0
+        t = time.perf_counter()
+        deadline = t + timebox
+        while done < size:
+            n = os.preadv(fd, [buf], done)
+            if n <= 0:
+                break
+            done += n
+            if (done & ((256 << 20) - 1)) == 0 and time.perf_counter() > deadline:
+                break
+        elapsed = time.perf_counter() - t
+    finally:
+        os.close(fd)
+    q1 = proc_status(g.pid)
+    qemu_growth = (q1["RssAnon"] + q1.get("RssShmem", 0)) - (q0["RssAnon"] + q0.get("RssShmem", 0))
+    growth = meminfo()["Shmem"] - shmem0 if g.kind == "memfd" else qemu_growth
+    return {
+        "fullread_bytes": done, "fullread_fraction": done / size, "fullread_s": elapsed,
+        "fullread_gbps": done / elapsed / 1e9,
+        "fullread_growth_bytes": growth, "fullread_qemu_rss_growth_bytes": qemu_growth,
+        "fullread_qemu_pte_growth_bytes": q1.get("VmPTE", 0) - q0.get("VmPTE", 0),
+    }
+
+
+# -- (5) freeze ---------------------------------------------------------------
+
+def freeze_pause(g: Guest, m: Mount) -> dict[str, float]:
+    """(5): with --freeze, the guest pause one open()+close() of vmcore adds:
+    from QEMU's STOP event to its RESUME event (QEMU's own timestamps)."""
+    g.clear_events()
+    t = time.perf_counter()
+    fd = os.open(m.vmcore, os.O_RDONLY)
+    os.close(fd)
+    openclose = time.perf_counter() - t
+    stop = resume = None
+    deadline = time.monotonic() + 10
+    while resume is None and time.monotonic() < deadline:
+        for ev in g.events(wait=0.5):
+            ts = ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
+            if ev["event"] == "STOP" and stop is None:
+                stop = ts
+            elif ev["event"] == "RESUME" and stop is not None:
+                resume = ts
+    if stop is None or resume is None:
+        raise RuntimeError(f"no STOP/RESUME pair seen (status {g.status()})")
+    return {"freeze_pause_ms": (resume - stop) * 1000, "freeze_openclose_ms": openclose * 1000}
+
+
+# -- (6) filtered dump ----------------------------------------------------------
+
+def makedumpfile(m: Mount, outdir: str, timeout: float) -> dict[str, float]:
+    """(6): makedumpfile -c -d 31 of the live vmcore; bytes the daemon read
+    (its rchar: the preads of guest memory, plus FUSE request headers)."""
+    assert m.daemon_pid is not None
+    with ScratchFile(outdir, "mdf.kdump") as out:
+        io0 = proc_io(m.daemon_pid)
+        t = time.perf_counter()
+        try:
+            r = subprocess.run(["makedumpfile", "-c", "-d", "31", m.vmcore, out.path],
+                               capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise Skip(f"makedumpfile did not finish in {timeout:.0f} s") from None
+        elapsed = time.perf_counter() - t
+        if r.returncode != 0:
+            raise RuntimeError(f"makedumpfile failed ({r.returncode}): {(r.stdout + r.stderr)[-500:]}")
+        io1 = proc_io(m.daemon_pid)
+        return {"mdf_s": elapsed, "mdf_read_bytes": io1["rchar"] - io0["rchar"],
+                "mdf_out_bytes": os.path.getsize(out.path)}
+
+
+def qemu_kdump(g: Guest, outdir: str) -> dict[str, float]:
+    """(6) anchor: QEMU's dump-guest-memory format=kdump-zlib (no page-type
+    filter; QEMU reads every guest page and stores zero pages once)."""
+    _, inflate = dump_need(g)
+    if inflate > host_free() - MARGIN:
+        raise Skip(f"cannot run: QEMU would fault {inflate / GiB:.0f} GiB into the memfd, "
+                   f"{host_free() / GiB:.1f} GiB free")
+    resident0 = before_qemu_dumps(g)
+    with ScratchFile(outdir, "qemu.kdump") as out:
+        t = time.perf_counter()
+        g.qmp("dump-guest-memory", paging=False, protocol=f"file:{out.path}", format="kdump-zlib")
+        elapsed = time.perf_counter() - t
+        size = os.path.getsize(out.path)
+    return {"qkdump_s": elapsed, "qkdump_out_bytes": size, "qkdump_read_bytes": g.size_gib * GiB,
+            "qkdump_growth_bytes": qemu_resident(g) - resident0}

@@ -1,0 +1,334 @@
+"""Tables (markdown), targets (PASS/FAIL) and the plot of a benchmark run.
+
+A run is ``{"meta": {...}, "guests": [{"size_gib", "kind", "samples":
+{metric: [values]}, "notes": {metric: why}}]}`` (``bench/out/results.json``).
+Every cell is the median of the samples with (min–max) when there are several.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Callable
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+def _s(v: float) -> str:
+    return f"{v:.3f} s" if v < 1 else f"{v:.2f} s" if v < 100 else f"{v:.0f} s"
+
+
+def _ms(v: float) -> str:
+    return f"{v:.1f} ms" if v < 100 else f"{v:.0f} ms"
+
+
+def _us(v: float) -> str:
+    return f"{v:.1f} µs" if v < 100 else f"{v:.0f} µs"
+
+
+def _bytes(v: float) -> str:
+    if abs(v) < 10 * MiB:
+        return f"{v / MiB:.2f} MiB"
+    if abs(v) < 10 * GiB:
+        return f"{v / MiB:.0f} MiB"
+    return f"{v / GiB:.1f} GiB"
+
+
+def _gbps(v: float) -> str:
+    return f"{v:.2f} GB/s"
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}×" if v < 10 else f"{v:.0f}×"
+
+
+def _pct(v: float) -> str:
+    return f"{v * 100:.2f} %" if v < 0.1 else f"{v * 100:.0f} %"
+
+
+#: metric -> (label, formatter), in table order.
+METRICS: list[tuple[str, str, Callable[[float], str]]] = [
+    ("boot_s", "guest boot (QEMU start to init ready)", _s),
+    ("ttfa_vmcorefs_s", "(1a) mount + drgn on MNT/vmcore: linux_banner", _s),
+    ("ttfa_vmcorefs_drgn_s", "(1a) of which drgn (kallsyms + read)", _s),
+    ("ttfa_vmcorefs_cache_s", "(1a') the same, mounted --freeze --cache", _s),
+    ("ttfa_dump_s", "(1b) dump-guest-memory to /dev/shm + drgn on the file", _s),
+    ("dump_s", "(1b) of which QEMU's dump", _s),
+    ("ttfa_qemu_s", "(1c) drgn --qemu (set_qemu_qmp): linux_banner", _s),
+    ("daemon_hwm_bytes", "(2) daemon peak RSS (VmHWM) after all workloads", _bytes),
+    ("fullread_fraction", "(2) part of vmcore read (1 MiB reads, time-boxed)", _pct),
+    ("fullread_gbps", "(2) full read throughput (1 MiB, Python preadv)", _gbps),
+    ("fullread_growth_bytes", "(2) host growth after full read (Shmem memfd / QEMU RSS private)", _bytes),
+    ("fullread_qemu_pte_growth_bytes", "(2) QEMU page-table growth after full read", _bytes),
+    ("dump_host_bytes", "(2) host memory taken by (1b) (/dev/shm file + memfd faults)", _bytes),
+    ("seq_vmcore_128k_gbps", "(3) dd vmcore, 128 KiB blocks", _gbps),
+    ("seq_backing_128k_gbps", "(3) dd backing, 128 KiB blocks", _gbps),
+    ("seq_vmcore_1m_gbps", "(3) dd vmcore, 1 MiB blocks", _gbps),
+    ("seq_backing_1m_gbps", "(3) dd backing, 1 MiB blocks", _gbps),
+    ("rand_vmcore_p50_us", "(4) random 4 KiB pread of vmcore, p50", _us),
+    ("rand_vmcore_p99_us", "(4) random 4 KiB pread of vmcore, p99", _us),
+    ("rand_backing_p50_us", "(4) random 4 KiB pread of backing, p50", _us),
+    ("rand_backing_p99_us", "(4) random 4 KiB pread of backing, p99", _us),
+    ("mount_s", "(5) vmcorefs mount (command returns)", _s),
+    ("freeze_pause_ms", "(5) --freeze: guest paused by one open+close (STOP→RESUME)", _ms),
+    ("freeze_openclose_ms", "(5) --freeze: open+close as the reader sees it", _ms),
+    ("mdf_s", "(6) makedumpfile -c -d 31 of vmcore: wall time", _s),
+    ("mdf_read_bytes", "(6) makedumpfile: bytes the daemon read (rchar)", _bytes),
+    ("mdf_out_bytes", "(6) makedumpfile: output size", _bytes),
+    ("qkdump_s", "(6) QEMU dump-guest-memory kdump-zlib: wall time", _s),
+    ("qkdump_read_bytes", "(6) QEMU kdump-zlib: bytes read (all of guest RAM)", _bytes),
+    ("qkdump_out_bytes", "(6) QEMU kdump-zlib: output size", _bytes),
+    ("qkdump_growth_bytes", "(6) guest pages QEMU's dumps faulted into host memory", _bytes),
+]
+FORMAT = {k: f for k, _, f in METRICS}
+
+#: Ratios against anchors of the same run: (label, numerator, denominator).
+RATIOS: list[tuple[str, str, str]] = [
+    ("(1) speed-up of (1a) over (1b) (1b ÷ 1a)", "ttfa_dump_s", "ttfa_vmcorefs_s"),
+    ("(1) (1a) ÷ (1c)", "ttfa_vmcorefs_s", "ttfa_qemu_s"),
+    ("(3) vmcore ÷ backing, 128 KiB", "seq_vmcore_128k_gbps", "seq_backing_128k_gbps"),
+    ("(3) vmcore ÷ backing, 1 MiB", "seq_vmcore_1m_gbps", "seq_backing_1m_gbps"),
+    ("(4) p50 vmcore ÷ backing", "rand_vmcore_p50_us", "rand_backing_p50_us"),
+    ("(6) makedumpfile ÷ QEMU kdump-zlib, time", "mdf_s", "qkdump_s"),
+    ("(6) makedumpfile ÷ QEMU kdump-zlib, bytes read", "mdf_read_bytes", "qkdump_read_bytes"),
+    ("(6) makedumpfile ÷ QEMU kdump-zlib, output", "mdf_out_bytes", "qkdump_out_bytes"),
+]
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def cell(values: list[float] | None, fmt: Callable[[float], str]) -> str:
+    if not values:
+        return ""
+    if len(values) == 1 or min(values) == max(values):
+        return fmt(values[0])
+    return f"{fmt(med(values))} ({fmt(min(values))}–{fmt(max(values))})"
+
+
+def _guest(run: dict[str, Any], size: int, kind: str) -> dict[str, Any] | None:
+    for g in run["guests"]:
+        if g["size_gib"] == size and g["kind"] == kind:
+            return dict(g)
+    return None
+
+
+def _median(run: dict[str, Any], size: int, kind: str, metric: str) -> float | None:
+    g = _guest(run, size, kind)
+    if g is None or not g["samples"].get(metric):
+        return None
+    return med(g["samples"][metric])
+
+
+def sizes_kinds(run: dict[str, Any]) -> tuple[list[int], list[str]]:
+    sizes = sorted({g["size_gib"] for g in run["guests"]})
+    kinds = [k for k in ("memfd", "private") if any(g["kind"] == k for g in run["guests"])]
+    return sizes, kinds
+
+
+def measurements_table(run: dict[str, Any], kind: str) -> str:
+    sizes, _ = sizes_kinds(run)
+    notes: list[str] = []
+    head = "| measurement | " + " | ".join(f"{s} GiB" for s in sizes) + " |"
+    lines = [head, "|---|" + "---|" * len(sizes)]
+    for metric, label, fmt in METRICS:
+        row, any_value = [], False
+        for s in sizes:
+            g = _guest(run, s, kind)
+            if g is None:
+                row.append("")
+                continue
+            vals = g["samples"].get(metric)
+            if vals:
+                row.append(cell(vals, fmt))
+                any_value = True
+            elif metric in g["notes"]:
+                text = f"{s} GiB: {g['notes'][metric]}"
+                if text not in notes:
+                    notes.append(text)
+                row.append(f"n/a[^{kind}{notes.index(text) + 1}]")
+                any_value = True
+            else:
+                row.append("")
+        if any_value:
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+    loads = [(_guest(run, s, kind) or {}).get("loadavg") for s in sizes]
+    if any(loads):
+        lines.append("| host load average, start → end of this guest's run | "
+                     + " | ".join(f"{la[0]:.1f} → {la[1]:.1f}" if la else "" for la in loads) + " |")
+    for label, num, den in RATIOS:
+        row, any_value = [], False
+        for s in sizes:
+            a, b = _median(run, s, kind, num), _median(run, s, kind, den)
+            if a is not None and b:
+                row.append(_x(a / b))
+                any_value = True
+            else:
+                row.append("")
+        if any_value:
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+    out = "\n".join(lines)
+    if notes:
+        out += "\n\n" + "\n".join(f"[^{kind}{i + 1}]: {n}" for i, n in enumerate(notes))
+    return out
+
+
+# -- targets ------------------------------------------------------------------
+
+def targets(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (target, backend): cells per size, and the verdict."""
+    sizes, kinds = sizes_kinds(run)
+    rows: list[dict[str, Any]] = []
+
+    def per_size(tid: str, text: str, kind: str, metric: str, ok: Callable[[float, int], bool],
+                 fmt: Callable[[float], str]) -> None:
+        cells = {}
+        for s in sizes:
+            v = _median(run, s, kind, metric)
+            if v is not None:
+                cells[s] = (fmt(v), ok(v, s))
+        rows.append({"id": tid, "target": text, "kind": kind, "cells": cells})
+
+    for k in kinds:
+        for metric, tag in (("ttfa_vmcorefs_s", "1a"), ("ttfa_vmcorefs_cache_s", "1a'")):
+            if not any(_median(run, s, k, metric) is not None for s in sizes):
+                continue
+            per_size(tag, f"({tag}) time to first answer ≤ 1 s", k, metric, lambda v, s: v <= 1.0, _s)
+            first, last = (min(sizes), max(sizes))
+            a, b = _median(run, first, k, metric), _median(run, last, k, metric)
+            cells = {}
+            if a and b is not None and last > first:
+                cells[last] = (f"{_x(b / a)} the {first} GiB time", b / a <= 1.3)
+            rows.append({"id": f"{tag}-flat", "target": f"({tag}) flat: {last} GiB ≤ 1.3× {first} GiB", "kind": k,
+                         "cells": cells})
+            if 4 in sizes:
+                a, b, c = (_median(run, 4, k, m) for m in (metric, "ttfa_dump_s", "ttfa_qemu_s"))
+                cells = {4: (f"(1b) ÷ ({tag}) = {_x(b / a)}", b / a >= 10)} if a and b else {}
+                rows.append({"id": f"{tag}-vs-1b", "target": f"({tag}) ≥ 10× faster than (1b) at 4 GiB", "kind": k,
+                             "cells": cells})
+                cells = {4: (f"({tag}) ÷ (1c) = {_x(a / c)}", a <= c)} if a and c else {}
+                rows.append({"id": f"{tag}-vs-1c", "target": f"({tag}) no slower than (1c) at 4 GiB", "kind": k,
+                             "cells": cells})
+        per_size("2-rss", "(2) daemon peak RSS ≤ 80 MiB", k, "daemon_hwm_bytes", lambda v, s: v <= 80 * MiB,
+                 _bytes)
+        cells = {}
+        for s in sizes:
+            v = _median(run, s, k, "fullread_growth_bytes")
+            if v is not None:
+                frac = _median(run, s, k, "fullread_fraction") or 0
+                cells[s] = (_bytes(v) + ("" if frac > 0.999 else f" ({_pct(frac)} read)"),
+                            v <= 0.01 * s * GiB)
+        rows.append({"id": "2-growth", "kind": k, "cells": cells,
+                     "target": "(2) full read grows Shmem (memfd) / QEMU RSS (private) ≤ 1 % of RAM"})
+        for tag, bs, limit in (("1m", "1 MiB", 0.6), ("128k", "128 KiB", 0.35)):
+            cells = {}
+            for s in sizes:
+                a, b = (_median(run, s, k, f"seq_{w}_{tag}_gbps") for w in ("vmcore", "backing"))
+                if a is not None and b:
+                    cells[s] = (_x(a / b), a / b >= limit)
+            rows.append({"id": f"3-{tag}", "kind": k, "cells": cells,
+                         "target": f"(3) {bs} blocks ≥ {limit}× dd of backing"})
+        per_size("4", "(4) random 4 KiB p50 ≤ 60 µs", k, "rand_vmcore_p50_us", lambda v, s: v <= 60, _us)
+        per_size("5", "(5) mount ≤ 1.5 s", k, "mount_s", lambda v, s: v <= 1.5, _s)
+    for r in rows:
+        oks = [ok for _, ok in r["cells"].values()]
+        r["verdict"] = "n/a" if not oks else "PASS" if all(oks) else "FAIL"
+    return rows
+
+
+def targets_table(run: dict[str, Any]) -> str:
+    sizes, _ = sizes_kinds(run)
+    lines = ["| target | RAM | " + " | ".join(f"{s} GiB" for s in sizes) + " | PASS/FAIL |",
+             "|---|---|" + "---|" * len(sizes) + "---|"]
+    for r in targets(run):
+        cells = []
+        for s in sizes:
+            if s in r["cells"]:
+                text, ok = r["cells"][s]
+                cells.append(f"{text} {'✓' if ok else '✗'}")
+            else:
+                cells.append("")
+        lines.append(f"| {r['target']} | {r['kind']} | " + " | ".join(cells) + f" | **{r['verdict']}** |")
+    return "\n".join(lines)
+
+
+def markdown(run: dict[str, Any]) -> str:
+    meta = run["meta"]
+    _, kinds = sizes_kinds(run)
+    parts = [
+        f"Run of {meta['date']} on {meta['machine']}; {meta['repeat']} repetition(s) per measurement "
+        f"unless noted; `{meta['command']}`, {meta['duration_s'] / 60:.0f} min.",
+        "",
+        "### Targets",
+        "",
+        targets_table(run),
+    ]
+    for k in kinds:
+        parts += ["", f"### All measurements, {k} guests",
+                  "", "Median (min–max) of the repetitions; ratios are of medians.", "",
+                  measurements_table(run, k)]
+    configs = [f"{g['size_gib']} GiB {g['kind']}: {g['config']}" for g in run["guests"] if g.get("config")]
+    if meta.get("notes") or configs:
+        parts += ["", "Notes:", ""] + [f"* {n}" for n in meta["notes"] + configs]
+    return "\n".join(parts) + "\n"
+
+
+# -- plot -----------------------------------------------------------------------
+
+def plot(run: dict[str, Any], paths: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes, kinds = sizes_kinds(run)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 6.2))
+    style = {"memfd": "-", "private": "--"}
+
+    def series(ax: Any, kind: str, metric: str, label: str, color: str, scale: float = 1.0) -> None:
+        xs, ys, lo, hi = [], [], [], []
+        for s in sizes:
+            g = _guest(run, s, kind)
+            vals = g["samples"].get(metric) if g else None
+            if vals:
+                vals = [max(v / scale, floor) for v in vals]
+                xs.append(s)
+                ys.append(med(vals))
+                lo.append(med(vals) - min(vals))
+                hi.append(max(vals) - med(vals))
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o" + style[kind], color=color, capsize=3,
+                        label=f"{label} ({kind})")
+
+    floor = 0.0
+    for k in kinds:
+        series(ax1, k, "ttfa_vmcorefs_s", "(1a) vmcorefs mount + drgn", "C0")
+        series(ax1, k, "ttfa_vmcorefs_cache_s", "(1a') mount --freeze --cache + drgn", "C3")
+        series(ax1, k, "ttfa_dump_s", "(1b) dump to /dev/shm + drgn", "C1")
+        series(ax1, k, "ttfa_qemu_s", "(1c) drgn --qemu", "C2")
+    ax1.axhline(1.0, color="grey", lw=0.8, ls=":", label="target for (1a): ≤ 1 s")
+    ax1.set(xscale="log", yscale="log", xlabel="guest RAM (GiB)", ylabel="seconds (median, min–max)",
+            title="Time to first answer (drgn reads linux_banner)")
+    floor = 0.01  # MiB: "nothing" on a log scale
+    ax2.plot(sizes, [s * 1024 for s in sizes], color="grey", lw=0.8, ls="-.", label="guest RAM")
+    for k in kinds:
+        series(ax2, k, "daemon_hwm_bytes", "vmcorefs daemon peak RSS", "C0", MiB)
+        series(ax2, k, "fullread_growth_bytes", "Shmem/QEMU RSS growth, full read of vmcore", "C3", MiB)
+        if k == "private":
+            series(ax2, k, "fullread_qemu_pte_growth_bytes", "QEMU page tables growth, full read", "C5", MiB)
+        series(ax2, k, "dump_host_bytes", "(1b) /dev/shm file + memfd faults", "C1", MiB)
+        series(ax2, k, "qkdump_growth_bytes", "pages QEMU's dumps fault in", "C4", MiB)
+    ax2.axhline(80, color="grey", lw=0.8, ls=":", label="target daemon ≤ 80 MiB")
+    ax2.set(xscale="log", yscale="log", xlabel="guest RAM (GiB)", ylabel="MiB (0.01 = nothing)",
+            title="Host memory")
+    for ax in (ax1, ax2):
+        ax.minorticks_off()
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
+    fig.suptitle(f"vmcorefs benchmarks — {run['meta']['date']}", fontsize=10)
+    fig.tight_layout()
+    for p in paths:
+        fig.savefig(p, dpi=110)
+    plt.close(fig)
