@@ -374,6 +374,3 @@ class VmcoreFS(pyfuse3.Operations):
         s.f_bsize = s.f_frsize = BLKSIZE
         s.f_namemax = 255
         return s
-
-    def open_handles(self) -> int:
-        return len(self._handles)
