@@ -255,7 +255,9 @@ def _daemon_pid(mountpoint: str) -> int | None:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if b"vmcorefs" in argv and needle in argv and any(a.startswith(b"--ready-fd") for a in argv):
+        # The daemon is the forked child of `vmcorefs mount` (same command
+        # line; the parent has exited once the mount was ready).
+        if b"vmcorefs" in argv and b"mount" in argv and needle in argv:
             return int(d)
     return None
 

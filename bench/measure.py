@@ -6,6 +6,7 @@ repeats them, keeps the samples and turns them into tables.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import struct
@@ -14,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from harness import GiB, MiB, Guest, Mount, ScratchFile, dd, host_free, meminfo, proc_io, proc_status, shm_free
+from harness import GiB, MiB, Guest, Mount, ScratchFile, dd, host_free, meminfo, proc_status, shm_free
 
 #: The integration tests' drgn snippet (tests/integration/test_tools.py):
 #: kallsyms from VMCOREINFO, no debuginfo, then read linux_banner.
@@ -65,9 +66,9 @@ def ttfa_vmcorefs(g: Guest, *options: str, key: str = "ttfa_vmcorefs") -> dict[s
     return {f"{key}_s": total, "mount_s": m.mount_s, f"{key}_drgn_s": total - (t_mounted - t)}
 
 
-def ttfa_vmcorefs_cache(g: Guest) -> dict[str, float]:
-    """(1a'): the same with `--freeze --cache` (page cache per open, exact while frozen)."""
-    out = ttfa_vmcorefs(g, "--freeze", "--cache", key="ttfa_vmcorefs_cache")
+def ttfa_vmcorefs_freeze(g: Guest) -> dict[str, float]:
+    """(1a'): the same with `--freeze` (guest paused while vmcore is open: exact)."""
+    out = ttfa_vmcorefs(g, "--freeze", key="ttfa_vmcorefs_freeze")
     del out["mount_s"]
     return out
 
@@ -155,9 +156,10 @@ def ram_loads(g: Guest, vmcore: str) -> list[Load]:
     return out
 
 
-def random_reads(vmcore: str, loads: list[Load], n: int, seed: int) -> dict[str, float]:
+def random_reads(vmcore: str, loads: list[Load], n: int, seed: int, mode: str = "") -> dict[str, float]:
     """(4): p50/p99 of 4 KiB preads at random pages of guest RAM, through
-    vmcore and straight from the backing (same pages, same order)."""
+    vmcore and straight from the backing (same pages, same order).
+    ``mode`` ("" for the default cached mount, "direct") tags vmcore's keys."""
     rng = random.Random(seed)
     weights = [ld.size for ld in loads]
     picks = []
@@ -167,7 +169,7 @@ def random_reads(vmcore: str, loads: list[Load], n: int, seed: int) -> dict[str,
     out = {}
     fds = {p: os.open(p, os.O_RDONLY) for p in {ld.backing for ld in loads} | {vmcore}}
     try:
-        for name, items in (("vmcore", [(fds[vmcore], o) for o, _, _ in picks]),
+        for name, items in ((f"vmcore{mode}", [(fds[vmcore], o) for o, _, _ in picks]),
                             ("backing", [(fds[b], bo) for _, b, bo in picks])):
             lat = []
             for fd, off in items:
@@ -183,15 +185,17 @@ def random_reads(vmcore: str, loads: list[Load], n: int, seed: int) -> dict[str,
     return out
 
 
-def sequential(vmcore: str, loads: list[Load], prefix: int) -> dict[str, float]:
+def sequential(vmcore: str, loads: list[Load], prefix: int, mode: str = "vmcore") -> dict[str, float]:
     """(3): dd of the first ``prefix`` bytes of vmcore vs dd of the same
-    amount of the backing (memfd, or /proc/PID/mem at the RAM's host address)."""
+    amount of the backing (memfd, or /proc/PID/mem at the RAM's host
+    address), block by block size.  ``mode`` tags vmcore's keys: "vmcore"
+    for the default (cached) mount, "direct" for a ``--direct`` one."""
     first = min(loads, key=lambda ld: ld.paddr)
     # Host address of guest-physical 0: pc.ram is one host mapping.
     backing, bstart = first.backing, first.boff - first.paddr
     out = {}
     for bs, tag in ((128 << 10, "128k"), (1 << 20, "1m")):
-        out[f"seq_vmcore_{tag}_gbps"] = prefix / dd(vmcore, bs, prefix) / 1e9
+        out[f"seq_{mode}_{tag}_gbps"] = prefix / dd(vmcore, bs, prefix) / 1e9
         out[f"seq_backing_{tag}_gbps"] = prefix / dd(backing, bs, prefix, bstart) / 1e9
     return out
 
@@ -264,12 +268,19 @@ def freeze_pause(g: Guest, m: Mount) -> dict[str, float]:
 
 # -- (6) filtered dump ----------------------------------------------------------
 
+def served_bytes(m: Mount) -> int:
+    """Bytes of file data vmcorefs has served on ``m`` (its read path's
+    counter, in the root's ``user.vmcorefs.stats``)."""
+    return int(json.loads(os.getxattr(m.path, "user.vmcorefs.stats"))["bytes"])
+
+
 def makedumpfile(m: Mount, outdir: str, timeout: float) -> dict[str, float]:
-    """(6): makedumpfile -c -d 31 of the live vmcore; bytes the daemon read
-    (its rchar: the preads of guest memory, plus FUSE request headers)."""
+    """(6): makedumpfile -c -d 31 of the live vmcore; bytes vmcorefs served
+    it (the read path's counter: what was read from the guest, readahead
+    included)."""
     assert m.daemon_pid is not None
     with ScratchFile(outdir, "mdf.kdump") as out:
-        io0 = proc_io(m.daemon_pid)
+        served0 = served_bytes(m)
         t = time.perf_counter()
         try:
             r = subprocess.run(["makedumpfile", "-c", "-d", "31", m.vmcore, out.path],
@@ -279,8 +290,7 @@ def makedumpfile(m: Mount, outdir: str, timeout: float) -> dict[str, float]:
         elapsed = time.perf_counter() - t
         if r.returncode != 0:
             raise RuntimeError(f"makedumpfile failed ({r.returncode}): {(r.stdout + r.stderr)[-500:]}")
-        io1 = proc_io(m.daemon_pid)
-        return {"mdf_s": elapsed, "mdf_read_bytes": io1["rchar"] - io0["rchar"],
+        return {"mdf_s": elapsed, "mdf_read_bytes": served_bytes(m) - served0,
                 "mdf_out_bytes": os.path.getsize(out.path)}
 
 

@@ -1,4 +1,9 @@
-"""Where the daemon's read time goes: py-spy on the vmcorefs daemon.
+"""Where the Python read path's time goes: py-spy on the vmcorefs daemon.
+
+This is the profile that motivated the native read path (vmcorefs._readpath):
+it mounts with ``--reads python --direct`` so that every read is a FUSE
+request answered by Python.  (The native path's own profile is a kernel one:
+``perf record -a`` around a dd, see docs/benchmarks.md.)
 
 Boots one memfd guest (default 4 GiB), mounts it, and for each workload --
 random 4 KiB preads over guest RAM, sequential 1 MiB preads -- records the
@@ -125,7 +130,7 @@ def main() -> int:
     install_signal_handlers()
     try:
         g = Guest(a.size, a.kind).wait_ready()
-        with Mount(g) as m:
+        with Mount(g, "--reads", "python", "--direct") as m:
             assert m.daemon_pid is not None
             # (1a)'s drgn: how many requests, of what size, at what cost each.
             io0 = proc_io(m.daemon_pid)

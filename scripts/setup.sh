@@ -27,8 +27,11 @@ fi
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c 'import vmcorefs, pyfuse3, qemu.qmp, drgn, elftools, hypothesis, pytest' 2>/dev/null \
-   || [ "$here/pyproject.toml" -nt "$venv/.installed" ]; then
+# (Re)install when something is missing or the package's build inputs
+# changed: pyproject.toml, setup.py, or the native read path's C source.
+if ! "$venv/bin/python" -c 'import vmcorefs._readpath, pyfuse3, qemu.qmp, drgn, elftools, hypothesis, pytest' 2>/dev/null \
+   || [ "$here/pyproject.toml" -nt "$venv/.installed" ] || [ "$here/setup.py" -nt "$venv/.installed" ] \
+   || [ "$here/src/vmcorefs/_readpath.c" -nt "$venv/.installed" ]; then
   "$venv/bin/pip" install -q --upgrade pip >/dev/null
   "$venv/bin/pip" install -q -e "$here[test]"
   touch "$venv/.installed"

@@ -3,10 +3,10 @@
 Exit codes: 0 success, 2 bad input or usage, 1 any other failure.  Errors are
 one line on stderr (``vmcorefs: ...``); ``--debug`` adds the detail.
 
-``vmcorefs mount`` without ``-f`` behaves like sshfs: it starts a daemon (this
-program re-executed with ``--foreground`` and a readiness pipe) and exits 0
-only once the daemon reports the mount ready, or relays the daemon's error
-and exit code.
+``vmcorefs mount`` without ``-f`` behaves like sshfs: it forks a daemon
+(before any thread or event loop exists, so the fork is safe and costs no
+second interpreter start-up) and exits 0 only once the daemon reports the
+mount ready on a pipe, or relays the daemon's error and exit code.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import logging
 import os
 import signal
 import stat
-import subprocess
 import sys
+import time
+import types
 from typing import Any, Callable, Coroutine, Sequence
 
 from vmcorefs import __version__
@@ -47,9 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     m.add_argument("--freeze", action="store_true",
                    help="pause the guest while vmcore or pmem is open (resumed at the last close)")
-    m.add_argument("--cache", action="store_true",
-                   help="serve reads through the kernel page cache, emptied at each open (a tool sees"
-                        " memory as of its first read of each page; exact with --freeze)")
+    m.add_argument("--direct", action="store_true",
+                   help="no page cache: every read goes to guest memory (one FUSE request per read;"
+                        " slow for tools that read a few bytes at a time)")
+    m.add_argument("--max-age", type=_positive, default=1.0, metavar="SECONDS",
+                   help="cached reads: drop cached guest memory older than this (default 1)")
+    m.add_argument("--reads", choices=("auto", "native", "python"), default="auto",
+                   help="who answers reads: the native read path (splices shared RAM, no Python per"
+                        " request), Python, or auto (native when built, the default)")
     m.add_argument("--allow-other", action="store_true", help="let other users through the mount (files stay 0400)")
     m.add_argument("--mode", type=_file_mode, default=0o400, metavar="OCTAL",
                    help="permission bits of the files, read bits only (default 0400; with"
@@ -60,7 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a QMP command may take before the request fails (default 10)")
     m.add_argument("--debug", action="store_true", help="log every request (stderr with -f, else --log-file)")
     m.add_argument("--log-file", metavar="FILE", help="daemon log file (default: none)")
-    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     i = sub.add_parser("info", help="show what a mount of this guest would expose")
     i.add_argument("qmp_socket", metavar="QMP_SOCKET")
@@ -120,22 +125,41 @@ def _check_mountpoint(path: str) -> str:
     return os.path.abspath(path)
 
 
-async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+def _import_pyfuse3() -> Any:
+    """pyfuse3, switched to asyncio mode, without loading trio.
+
+    pyfuse3 imports trio when it loads (~0.2 s, most of a mount's start-up)
+    and only uses it through its module global ``trio``, which
+    ``pyfuse3.asyncio.enable()`` replaces; a placeholder module stands in
+    for the import.  Only the daemon does this.
+    """
+    if "trio" not in sys.modules:
+        placeholder = types.ModuleType("trio", "placeholder: vmcorefs runs pyfuse3 in asyncio mode")
+        sys.modules["trio"] = placeholder
     import pyfuse3
     import pyfuse3.asyncio
 
+    pyfuse3.asyncio.enable()
+    return pyfuse3
+
+
+async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    pyfuse3 = _import_pyfuse3()
+
+    from vmcorefs import readpath
     from vmcorefs.fs import VmcoreFS
     from vmcorefs.qemu.guest import Guest
     from vmcorefs.qemu.monitor import connect
 
-    pyfuse3.asyncio.enable()
+    if args.reads == "native" and not readpath.available():
+        raise UsageError(f"--reads native: the native read path is not built ({readpath.IMPORT_ERROR})")
     mountpoint = _check_mountpoint(args.mountpoint)
     monitor = await connect(args.qmp_socket, timeout=args.timeout)
     guest = Guest(monitor, args.memory)
     try:
         snap = await guest.snapshot()
         fs = VmcoreFS(guest, freeze=args.freeze, file_mode=args.mode, mountpoint=mountpoint,
-                      cache=args.cache)
+                      cache=not args.direct, max_age=args.max_age)
         fs.set_initial(snap)
         options = {"fsname=vmcorefs", "subtype=vmcorefs", "ro", "default_permissions", "noatime"}
         if args.allow_other:
@@ -145,6 +169,29 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
         except RuntimeError as e:
             raise VmcorefsError(f"{mountpoint}: cannot mount ({e}; is /dev/fuse usable and fuse3 installed?)") from None
         loop = asyncio.get_running_loop()
+        kernel_ended = False
+        native = None
+        if args.reads != "python" and readpath.available():
+
+            def on_event(code: str) -> None:
+                nonlocal kernel_ended
+                if code == "U":  # unmounted: what libfuse would see as ENODEV
+                    kernel_ended = True
+                    pyfuse3.terminate()
+                elif code == "G":
+                    fs.guest_gone("QEMU has exited")
+
+            try:
+                native = readpath.NativeReads.attach(monitor.pid, on_event)
+            except BaseException:
+                pyfuse3.close(unmount=True)
+                raise
+            fs.native = native
+            loop.add_reader(native.events, native.poll_events)
+            log.info("reads: native read path")
+        else:
+            log.info("reads: Python (%s)", "--reads python" if args.reads == "python"
+                     else f"native read path not built: {readpath.IMPORT_ERROR}")
         pidfd = _watch_process(loop, monitor.pid, fs)
         loop.add_signal_handler(signal.SIGINT, pyfuse3.terminate)
         loop.add_signal_handler(signal.SIGTERM, pyfuse3.terminate)
@@ -159,7 +206,10 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
                 await fs.thaw()
             except VmcorefsError as e:
                 log.warning("could not resume the guest: %s", e)
-            pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=not kernel_ended)
+            if native is not None:
+                loop.remove_reader(native.events)
+                native.stop()
         if fs.gone_reason is not None:
             raise QEMUGoneError(f"QEMU exited while mounted; {mountpoint} unmounted")
         return 0
@@ -221,33 +271,54 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _daemonize(argv: Sequence[str], args: argparse.Namespace) -> int:
-    """Start the serving daemon and wait until it reports ready or fails."""
+def _daemonize(args: argparse.Namespace) -> int:
+    """Fork the serving daemon and wait until it reports ready or fails."""
     r, w = os.pipe()
-    cmd = [sys.executable, "-m", "vmcorefs", *argv[:1], "--foreground", f"--ready-fd={w}", *argv[1:]]
-    out = open(args.log_file, "ab") if args.log_file else subprocess.DEVNULL
-    try:
-        proc = subprocess.Popen(cmd, pass_fds=(w,), start_new_session=True, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=out)
-    finally:
-        os.close(w)
-        if out is not subprocess.DEVNULL:
-            out.close()  # type: ignore[union-attr]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(r)
+        code = 1
+        try:
+            os.setsid()
+            out = os.open(args.log_file or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.close(out)
+            os.close(devnull)
+            code = _guarded(lambda: _run_foreground(args, w), args.debug)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    os.close(w)
     with os.fdopen(r, "rb") as pipe:
         message = pipe.read(4096).decode(errors="replace").strip()
     if message == "OK":
         return 0
     if message.startswith("ERR "):
-        code, _, text = message[4:].partition(" ")
+        status_text, _, text = message[4:].partition(" ")
         print(f"vmcorefs: {text}", file=sys.stderr)
-        try:
-            proc.wait(timeout=READY_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        return int(code) if code.isdigit() else 1
-    rc = proc.wait()
-    print(f"vmcorefs: the daemon exited (status {rc}) before the mount was ready", file=sys.stderr)
+        _reap(pid, READY_TIMEOUT)
+        return int(status_text) if status_text.isdigit() else 1
+    status = _reap(pid, None)
+    print(f"vmcorefs: the daemon exited (status {status}) before the mount was ready", file=sys.stderr)
     return 1
+
+
+def _reap(pid: int, timeout: float | None) -> int | None:
+    """Wait for the daemon (up to ``timeout`` seconds); its exit status."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, 0 if deadline is None else os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if deadline is not None and time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            deadline = None
+        time.sleep(0.01)
 
 
 def _event_loop_run(coro: Coroutine[Any, Any, int]) -> int:
@@ -259,11 +330,8 @@ def _event_loop_run(coro: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(coro)
 
 
-def _run_mount(argv: Sequence[str], args: argparse.Namespace) -> int:
-    if not args.foreground:
-        return _daemonize(argv, args)
-    _setup_logging(args.debug, args.log_file if args.ready_fd is None else None)
-    ready_fd = args.ready_fd
+def _run_foreground(args: argparse.Namespace, ready_fd: int | None) -> int:
+    _setup_logging(args.debug, args.log_file if ready_fd is None else None)
 
     def ready() -> None:
         nonlocal ready_fd
@@ -282,15 +350,10 @@ def _run_mount(argv: Sequence[str], args: argparse.Namespace) -> int:
         raise
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+def _guarded(run: Callable[[], int], debug: bool) -> int:
+    """Run a command; errors become one line on stderr and an exit code."""
     try:
-        args = build_parser().parse_args(argv)
-        if args.command == "mount":
-            return _run_mount(argv, args)
-        _setup_logging(args.debug)
-        return asyncio.run(_info(args))
+        return run()
     except VmcorefsError as e:
         print(f"vmcorefs: {e}", file=sys.stderr)
         if debug:
@@ -307,6 +370,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             traceback.print_exc()
         return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+
+    def run() -> int:
+        args = build_parser().parse_args(argv)
+        if args.command == "mount":
+            return _run_foreground(args, None) if args.foreground else _daemonize(args)
+        _setup_logging(args.debug)
+        return asyncio.run(_info(args))
+
+    return _guarded(run, debug)
 
 
 if __name__ == "__main__":

@@ -8,20 +8,36 @@ Files (all read-only, mode 0400 unless ``--mode``, owned by the mounting user)::
     kcore        kernel-virtual ELF core, like /proc/kcore (needs VMCOREINFO)
     gdbinit      gdb commands that load vmlinux with the KASLR offset and kcore
 
-Semantics follow Linux ``/proc/kcore``: sizes come from the latest layout
-(refreshed when older than ``ATTR_TTL``), every ``open()`` takes a fresh
-:class:`~vmcorefs.qemu.guest.Snapshot` that its handle keeps until release,
-reads bypass the page cache (``direct_io``), and with ``--freeze`` the guest
-is paused while any handle on ``vmcore``, ``pmem`` or ``kcore`` is open.
+Semantics follow Linux ``/proc/kcore`` where a live core can: sizes come
+from the latest layout (refreshed when older than ``ATTR_TTL``), every
+``open()`` takes a fresh :class:`~vmcorefs.qemu.guest.Snapshot` that its
+handle keeps until release, and with ``--freeze`` the guest is paused while
+any handle on ``vmcore``, ``pmem`` or ``kcore`` is open.
 
-With ``cache`` (``--cache``) reads go through the
-kernel's page cache instead: each ``open()`` starts with an empty cache
-(``keep_cache`` off), so a tool sees memory as of its first read of each page
-since it opened the file -- exact under ``--freeze``, where the guest cannot
-change while the file is open -- and tools that read a few bytes at a time
-(drgn's kallsyms loader: ~350,000 reads) are served from the cache instead of
-one FUSE round trip each.  When the last handle on a file closes its cached
-pages are dropped, so guest memory does not linger in the host's page cache.  Errors become
+Reads (two modes):
+
+* cached (the default): through the kernel's page cache, so tools that read
+  a few bytes at a time (drgn's kallsyms loader: ~350,000 reads) cost one
+  FUSE request per readahead window instead of one per read.  The cache
+  starts empty at each ``open()`` (``keep_cache`` off) and is never older
+  than ``max_age`` seconds: attributes expire after ``max_age`` and carry a
+  new ``st_mtime`` each time, and the kernel (``FUSE_AUTO_INVAL_DATA``,
+  which libfuse enables) drops the file's cached pages when a read finds
+  the mtime changed.  Under ``--freeze`` the mtime stays put (the guest
+  cannot change while the file is open).  At the last close the cached
+  pages are dropped, so guest memory does not linger in the host's cache.
+  The cache is the inode's, shared by its handles, so only handles with the
+  same layout share it: an ``open()`` while cached handles of another layout
+  are open (a running guest's registers change from one open to the next;
+  a DIMM may have been plugged) reads directly instead.
+* direct (``--direct``): ``direct_io``, every read goes to guest memory
+  (reading twice shows the guest changing), at one FUSE request per read.
+
+FUSE_READ itself is answered by the native engine of
+:mod:`vmcorefs.readpath` when it is attached (each open registers its
+layout there); :meth:`VmcoreFS.read` serves reads otherwise.  The root's
+extended attribute ``user.vmcorefs.stats`` holds the read path's counters
+(JSON: requests served, spliced or copied, bytes).  Errors become
 errno values in one place, :func:`_errno_of`.
 """
 
@@ -29,12 +45,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import os
 import stat
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Callable, Concatenate, Coroutine, ParamSpec, TypeVar, cast
 
 import pyfuse3
 
@@ -50,6 +67,9 @@ from vmcorefs.errors import (
 from vmcorefs.qemu.guest import Guest, Snapshot
 from vmcorefs.qemu.memory import zero_fill
 
+if TYPE_CHECKING:
+    from vmcorefs.readpath import NativeReads
+
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
@@ -60,7 +80,11 @@ MEMORY_FILES = (VMCORE, PMEM, KCORE)
 BY_NAME = {v: k for k, v in NAMES.items()}
 #: Seconds a layout serves getattr/lookup before it is recomputed.
 ATTR_TTL = 1.0
+#: Default bound (seconds) on how old cached guest memory may be.
+MAX_AGE = 1.0
 BLKSIZE = 1 << 20
+#: Extended attribute of the root directory with the read path's counters.
+STATS_XATTR = b"user.vmcorefs.stats"
 #: Seconds requests fail with EIO after QEMU exits, before the unmount.
 GONE_GRACE = 0.3
 
@@ -125,6 +149,7 @@ class Handle:
     file: SparseFile
     snap: Snapshot
     frozen: bool
+    direct: bool
 
 
 class VmcoreFS(pyfuse3.Operations):
@@ -133,12 +158,15 @@ class VmcoreFS(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, guest: Guest, freeze: bool = False, file_mode: int = 0o400,
-                 mountpoint: str = ".", cache: bool = False) -> None:
+                 mountpoint: str = ".", cache: bool = True, max_age: float = MAX_AGE) -> None:
         super().__init__()
         self.guest = guest
         self.mountpoint = mountpoint
         self.freeze = freeze
         self.cache = cache
+        self.max_age = max_age
+        #: The native read path, when attached (see vmcorefs.readpath).
+        self.native: NativeReads | None = None
         #: Permission bits of the files; the directory gets r-x where they have r.
         self.file_mode = file_mode & 0o444
         self.dir_mode = 0o500 | self.file_mode | (self.file_mode >> 2)
@@ -160,8 +188,14 @@ class VmcoreFS(pyfuse3.Operations):
         if self.gone_reason is None:
             self.gone_reason = reason
             log.info("QEMU is gone (%s): unmounting", reason)
+            if self.native is not None:
+                self.native.set_gone()
+            loop = asyncio.get_running_loop()
+            if self.cache:  # cached pages would still answer: drop them so reads fail
+                for inode in MEMORY_FILES:
+                    loop.run_in_executor(None, _drop_cache, inode)
             # Readers in flight get EIO (not ECONNABORTED) for a moment, then unmount.
-            asyncio.get_running_loop().call_later(GONE_GRACE, pyfuse3.terminate)
+            loop.call_later(GONE_GRACE, pyfuse3.terminate)
 
     def _check_alive(self) -> None:
         if self.gone_reason is not None:
@@ -225,9 +259,9 @@ class VmcoreFS(pyfuse3.Operations):
         a.st_ino = inode
         a.generation = 0
         a.entry_timeout = 0
-        # Cached reads: with attributes that never expire, the kernel would
-        # re-ask (and with a new mtime, drop its cache) before every read.
-        a.attr_timeout = ATTR_TTL if self.cache else 0
+        # Cached reads: the kernel re-asks after max_age, and a new mtime then
+        # makes it drop its cached pages (FUSE_AUTO_INVAL_DATA).
+        a.attr_timeout = self.max_age if self.cache else 0
         a.st_uid, a.st_gid = self.uid, self.gid
         ns = int(self.mounted_at * 1e9)
         a.st_atime_ns = a.st_ctime_ns = a.st_mtime_ns = ns
@@ -242,6 +276,8 @@ class VmcoreFS(pyfuse3.Operations):
             a.st_size = self._file(inode, snap).size
             if not self.cache:
                 a.st_mtime_ns = int((time.time() - (time.monotonic() - snap.taken)) * 1e9)
+            elif not self.freeze:
+                a.st_mtime_ns = time.time_ns()
         a.st_blocks = (a.st_size + 511) // 512
         return a
 
@@ -326,10 +362,24 @@ class VmcoreFS(pyfuse3.Operations):
             if frozen:
                 await self._freeze_release()
             raise
+        # The page cache belongs to the inode, not the handle: a cached handle
+        # must not see bytes of another layout (another moment's notes, or a
+        # hotplug).  While cached handles with a different layout are open,
+        # this one reads directly.
+        direct = not self.cache or any(
+            o.inode == inode and not o.direct and o.file != file for o in self._handles.values())
+        if direct and self.cache:
+            log.info("open %s: another layout is open and cached; this handle reads directly",
+                     NAMES[inode].decode())
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(inode, file, snap, frozen)
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), direct_io=not self.cache, keep_cache=False)
+        self._handles[fh] = Handle(inode, file, snap, frozen, direct)
+        if self.native is not None:
+            try:
+                self.native.register(fh, file, snap)
+            except (ValueError, MemoryError) as e:  # served by read() below instead
+                log.warning("native read path refused %s: %s", NAMES[inode].decode(), e)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), direct_io=direct, keep_cache=False)
 
     @_fuse_op
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
@@ -361,7 +411,9 @@ class VmcoreFS(pyfuse3.Operations):
         h = self._handles.pop(fh, None)
         if h is None:
             return
-        if self.cache and not any(o.inode == h.inode for o in self._handles.values()):
+        if self.native is not None:
+            self.native.unregister(fh)
+        if self.cache and not any(o.inode == h.inode and not o.direct for o in self._handles.values()):
             # In a thread: invalidation waits for pages under read, whose
             # replies this event loop must stay free to send.
             await asyncio.get_running_loop().run_in_executor(None, _drop_cache, h.inode)
@@ -374,3 +426,19 @@ class VmcoreFS(pyfuse3.Operations):
         s.f_bsize = s.f_frsize = BLKSIZE
         s.f_namemax = 255
         return s
+
+    @_fuse_op
+    async def getxattr(self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        """``user.vmcorefs.stats`` on the mount's root: the read path's counters (JSON)."""
+        if inode == ROOT and name == STATS_XATTR:
+            stats: dict[str, object] = {"reads": "native" if self.native is not None else "python",
+                                        "cache": "direct" if not self.cache else f"max-age {self.max_age:g} s",
+                                        "open_handles": len(self._handles)}
+            if self.native is not None:
+                stats.update(self.native.stats())
+            return json.dumps(stats, sort_keys=True).encode()
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    @_fuse_op
+    async def listxattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [STATS_XATTR] if inode == ROOT else []

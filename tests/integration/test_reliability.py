@@ -41,7 +41,9 @@ def _wait(cond, timeout: float = 10.0, what: str = "condition") -> None:  # type
 
 
 def _daemon_pid(mnt: Path) -> int:
-    out = subprocess.run(["pgrep", "-f", f"vmcorefs mount --foreground .* {mnt}$"],
+    # The daemon is the forked child of `vmcorefs mount` (same command line;
+    # the parent has exited once the mount was ready).
+    out = subprocess.run(["pgrep", "-f", f"vmcorefs mount .*{mnt}$"],
                          capture_output=True, text=True).stdout.split()
     assert len(out) == 1, out
     return int(out[0])
