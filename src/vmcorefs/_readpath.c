@@ -432,6 +432,23 @@ static void serve_read(Engine *e, uint64_t unique, const layout *l, uint64_t off
     }
 }
 
+/* The zeros memfd: sized, sealed, and kept only as a read-only descriptor. */
+static int open_zeros(void)
+{
+    int fd = memfd_create("vmcorefs-zeros", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0)
+        return -1;
+    int ro = -1;
+    if (ftruncate(fd, MAX_REPLY) == 0
+        && fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL) == 0) {
+        char path[64];
+        snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+        ro = open(path, O_RDONLY | O_CLOEXEC);
+    }
+    close(fd);
+    return ro;
+}
+
 static int wait_readable(int fd, int stop_fd)
 {
     struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = stop_fd, .events = POLLIN}};
@@ -565,11 +582,7 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     pipe_open(self);
-    self->zero_fd = memfd_create("vmcorefs-zeros", MFD_CLOEXEC);
-    if (self->zero_fd >= 0 && ftruncate(self->zero_fd, MAX_REPLY) < 0) {
-        close(self->zero_fd);
-        self->zero_fd = -1;
-    }
+    self->zero_fd = open_zeros();
     int fl = fcntl(self->dev_fd, F_GETFL);
     if (fl < 0 || fcntl(self->dev_fd, F_SETFL, fl | O_NONBLOCK) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
