@@ -168,6 +168,9 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
             pyfuse3.init(fs, mountpoint, options)
         except RuntimeError as e:
             raise VmcorefsError(f"{mountpoint}: cannot mount ({e}; is /dev/fuse usable and fuse3 installed?)") from None
+        if not args.direct:
+            # After FUSE_INIT, which sets the readahead to the kernel's default.
+            fs.on_first_request = lambda: _tune_readahead(mountpoint)
         loop = asyncio.get_running_loop()
         kernel_ended = False
         native = None
@@ -216,6 +219,30 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     finally:
         guest.close()
         await monitor.close()
+
+
+#: Readahead of a cached mount: FUSE's largest request (the default is 128 KiB).
+READAHEAD_KB = 1024
+
+
+def _tune_readahead(mountpoint: str) -> None:
+    """Raise the mount's readahead so that sequential cached reads arrive as
+    1 MiB requests (~1.5-2x the throughput of 128 KiB ones).  Needs root;
+    the mount works the same without it.  Called from the first request
+    after FUSE_INIT (whose reply resets the readahead); the device number
+    comes from /proc/self/mountinfo, not a stat() of our own mount."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            devs = [line.split()[2] for line in f if line.split()[4] == mountpoint]
+        if not devs:
+            return
+        path = f"/sys/class/bdi/{devs[-1]}/read_ahead_kb"
+        with open(path, "r+") as f:
+            if int(f.read() or 0) < READAHEAD_KB:
+                f.seek(0)
+                f.write(str(READAHEAD_KB))
+    except (OSError, ValueError) as e:
+        log.info("readahead left at the default: %s", e)
 
 
 def _watch_process(loop: asyncio.AbstractEventLoop, pid: int | None, fs: Any) -> int | None:

@@ -123,6 +123,9 @@ def _fuse_op(
     name = fn.__name__
 
     async def wrapper(self: "VmcoreFS", /, *args: P.args, **kwargs: P.kwargs) -> T:
+        if self.on_first_request is not None:
+            hook, self.on_first_request = self.on_first_request, None
+            hook()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s%r", name, tuple(a for a in args if not isinstance(a, pyfuse3.RequestContext)))
         try:
@@ -167,6 +170,8 @@ class VmcoreFS(pyfuse3.Operations):
         self.max_age = max_age
         #: The native read path, when attached (see vmcorefs.readpath).
         self.native: NativeReads | None = None
+        #: Called once, at the first request after FUSE_INIT.
+        self.on_first_request: Callable[[], None] | None = None
         #: Permission bits of the files; the directory gets r-x where they have r.
         self.file_mode = file_mode & 0o444
         self.dir_mode = 0o500 | self.file_mode | (self.file_mode >> 2)
