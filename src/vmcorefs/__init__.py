@@ -7,6 +7,8 @@ Layers (dependencies point downwards only)::
 
     cli        argument parsing, daemonisation, one-line errors and exit codes
     fs         pyfuse3 adapter: requests -> core/qemu calls, errors -> errno
+    readpath   (adapter) the native FUSE_READ path, _readpath.c: layouts in,
+               replies spliced or copied from guest memory, EIO when QEMU is gone
     qemu       QMP (qemu.qmp), guest discovery, memory backends (pread)
     core       pure: ELF layout, notes, memory map model (no I/O)
 

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--direct", action="store_true",
                    help="no page cache: every read goes to guest memory (one FUSE request per read;"
                         " slow for tools that read a few bytes at a time)")
-    m.add_argument("--max-age", type=_positive, default=1.0, metavar="SECONDS",
+    m.add_argument("--max-age", type=_positive, metavar="SECONDS",
                    help="cached reads: drop cached guest memory older than this (default 1)")
     m.add_argument("--reads", choices=("auto", "native", "python"), default="auto",
                    help="who answers reads: the native read path (splices shared RAM, no Python per"
@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how to read guest RAM: shared backing file, /proc/PID/mem, or auto (default)")
     m.add_argument("--timeout", type=_positive, default=10.0, metavar="SECONDS",
                    help="how long a QMP command may take before the request fails (default 10)")
-    m.add_argument("--debug", action="store_true", help="log every request (stderr with -f, else --log-file)")
+    m.add_argument("--debug", action="store_true",
+                   help="log every request pyfuse3 serves (stderr with -f, else --log-file); reads answered by"
+                        " the native path are counted in the root's user.vmcorefs.stats attribute instead")
     m.add_argument("--log-file", metavar="FILE", help="daemon log file (default: none)")
 
     i = sub.add_parser("info", help="show what a mount of this guest would expose")
@@ -147,10 +149,12 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     pyfuse3 = _import_pyfuse3()
 
     from vmcorefs import readpath
-    from vmcorefs.fs import VmcoreFS
+    from vmcorefs.fs import MAX_AGE, VmcoreFS
     from vmcorefs.qemu.guest import Guest
     from vmcorefs.qemu.monitor import connect
 
+    if args.direct and args.max_age is not None:
+        raise UsageError("--max-age applies to cached reads, not --direct")
     if args.reads == "native" and not readpath.available():
         raise UsageError(f"--reads native: the native read path is not built ({readpath.IMPORT_ERROR})")
     mountpoint = _check_mountpoint(args.mountpoint)
@@ -159,7 +163,7 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     try:
         snap = await guest.snapshot()
         fs = VmcoreFS(guest, freeze=args.freeze, file_mode=args.mode, mountpoint=mountpoint,
-                      cache=not args.direct, max_age=args.max_age)
+                      cache=not args.direct, max_age=args.max_age or MAX_AGE)
         fs.set_initial(snap)
         options = {"fsname=vmcorefs", "subtype=vmcorefs", "ro", "default_permissions", "noatime"}
         if args.allow_other:

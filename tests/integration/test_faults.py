@@ -88,6 +88,9 @@ def test_usage_errors() -> None:
     _one_line_error(run_vmcorefs("mount"), 2)
     _one_line_error(run_vmcorefs("frobnicate"), 2)
     _one_line_error(run_vmcorefs("mount", "--memory", "bogus", "a", "b"), 2)
+    _one_line_error(run_vmcorefs("mount", "--reads", "bogus", "a", "b"), 2)
+    _one_line_error(run_vmcorefs("mount", "--max-age", "0", "a", "b"), 2)
+    _one_line_error(run_vmcorefs("mount", "--direct", "--max-age", "2", "a", "b"), 2, "--max-age")
 
 
 def test_mountpoint_errors(memfd_guest: QemuGuest, tmp_path: Path) -> None:
