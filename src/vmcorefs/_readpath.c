@@ -101,8 +101,8 @@ typedef struct {
     size_t pipe_slots;
     int zero_fd; /* a memfd hole of MAX_REPLY bytes */
     unsigned char *rbuf, *cbuf;
-    /* Counters (read with stats()). */
     atomic_ullong init_unique; /* FUSE_INIT's unique, to adjust libfuse's reply */
+    /* Counters (read with stats()). */
     atomic_ullong n_reads, n_spliced, n_copied, n_forwarded, n_replies, bytes;
 } Engine;
 
