@@ -99,7 +99,9 @@ typedef struct {
     /* Device-thread state. */
     int pipe_r, pipe_w;
     size_t pipe_slots;
-    int zero_fd; /* a memfd hole of MAX_REPLY bytes */
+    int zero_fd;    /* a memfd hole of MAX_REPLY bytes */
+    int pagemap_fd; /* /proc/PID/pagemap: which private pages QEMU ever touched */
+    uint64_t zero_pfn, huge_zero_pfn; /* the kernel's zero pages (0: unknown) */
     unsigned char *rbuf, *cbuf;
     atomic_ullong init_unique; /* FUSE_INIT's unique, to adjust libfuse's reply */
     /* Counters (read with stats()). */
@@ -228,8 +230,120 @@ static ssize_t read_once(Engine *e, const mem_ext *x, uint64_t src, unsigned cha
     return pread(x->fd, buf, len, (off_t)src);
 }
 
-/* read_into(): fill buf from fd at src; 0, or -1 when QEMU has exited. */
+/* Pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst). */
+#define PM_PRESENT (1ull << 63)
+#define PM_SWAPPED (1ull << 62)
+#define PM_MAX_PAGES (MAX_REPLY / PAGE + 1)
+#define PM_PFN(e) ((e) & ((1ull << 55) - 1))
+#define HUGE (2u << 20)
+
+/*
+ * A page that reads as zeros without holding data: never touched (neither
+ * present nor swapped), or mapped to the kernel's zero page (or huge zero
+ * page) by an earlier read fault.  PFNs are visible with CAP_SYS_ADMIN only;
+ * without it only the first case is recognised.
+ */
+static int zero_entry(const Engine *e, uint64_t ent)
+{
+    if (!(ent & (PM_PRESENT | PM_SWAPPED)))
+        return 1;
+    if (!(ent & PM_PRESENT) || PM_PFN(ent) == 0)
+        return 0;
+    uint64_t pfn = PM_PFN(ent);
+    return (e->zero_pfn && pfn == e->zero_pfn)
+        || (e->huge_zero_pfn && pfn >= e->huge_zero_pfn && pfn < e->huge_zero_pfn + HUGE / PAGE);
+}
+
+/* The PFN our own read fault maps at an untouched anonymous address (0: unknown). */
+static uint64_t own_zero_pfn(size_t size, int huge)
+{
+    size_t len = size * 2;
+    unsigned char *m = mmap(NULL, len, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED)
+        return 0;
+    unsigned char *p = (unsigned char *)(((uintptr_t)m + size - 1) / size * size);
+    uint64_t pfn = 0;
+    if (!huge || madvise(p, size, MADV_HUGEPAGE) == 0) {
+        volatile unsigned char c = *p; /* read fault: maps the (huge) zero page */
+        (void)c;
+        int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+        uint64_t ent = 0;
+        if (fd >= 0 && pread(fd, &ent, sizeof ent, (off_t)((uintptr_t)p / PAGE * sizeof ent)) == sizeof ent
+            && (ent & PM_PRESENT))
+            pfn = PM_PFN(ent);
+        if (fd >= 0)
+            close(fd);
+    }
+    munmap(m, len);
+    return pfn;
+}
+
+/*
+ * The pagemap entries of the pages of QEMU's [src, src+len), len <= MAX_REPLY;
+ * the number of pages, or 0 when unknown (no pagemap, QEMU gone).
+ */
+static uint64_t pagemap_of(Engine *e, uint64_t src, uint64_t len, uint64_t *ents)
+{
+    if (e->pagemap_fd < 0 || len == 0 || len > MAX_REPLY)
+        return 0;
+    uint64_t first = src / PAGE, n = (src + len - 1) / PAGE - first + 1;
+    ssize_t r = pread(e->pagemap_fd, ents, n * sizeof *ents, (off_t)(first * sizeof *ents));
+    return r == (ssize_t)(n * sizeof *ents) ? n : 0;
+}
+
+/*
+ * Private RAM that holds no data -- never touched, or only read and mapped
+ * to the zero page -- is zeros: answering that from the pagemap, rather
+ * than reading it, costs no copy and does not make the kernel map the zero
+ * page into QEMU (which grows QEMU's page tables by 2 MiB per GiB read).
+ */
+static int untouched(Engine *e, uint64_t src, uint64_t len)
+{
+    uint64_t ents[PM_MAX_PAGES];
+    uint64_t n = pagemap_of(e, src, len, ents);
+    if (n == 0)
+        return 0;
+    for (uint64_t i = 0; i < n; i++)
+        if (!zero_entry(e, ents[i]))
+            return 0;
+    return 1;
+}
+
+static int read_mem_plain(Engine *e, const mem_ext *x, uint64_t src, unsigned char *buf, uint64_t len);
+
+/* read_into() for /proc/PID/mem: untouched pages as zeros, the rest read. */
+static int read_procmem(Engine *e, const mem_ext *x, uint64_t src, unsigned char *buf, uint64_t len)
+{
+    uint64_t ents[PM_MAX_PAGES];
+    uint64_t n = pagemap_of(e, src, len, ents);
+    if (n == 0)
+        return read_mem_plain(e, x, src, buf, len);
+    uint64_t first = src / PAGE, pos = 0, i = 0;
+    while (pos < len) {
+        int touched = !zero_entry(e, ents[i]);
+        while (i < n && !zero_entry(e, ents[i]) == touched)
+            i++;
+        uint64_t end = (first + i) * PAGE - src;
+        if (end > len)
+            end = len;
+        if (!touched)
+            memset(buf + pos, 0, end - pos);
+        else if (read_mem_plain(e, x, src + pos, buf + pos, end - pos) < 0)
+            return -1;
+        pos = end;
+    }
+    return 0;
+}
+
 static int read_mem(Engine *e, const mem_ext *x, uint64_t src, unsigned char *buf, uint64_t len)
+{
+    if (x->kind == KIND_PROCMEM)
+        return read_procmem(e, x, src, buf, len);
+    return read_mem_plain(e, x, src, buf, len);
+}
+
+/* read_into(): fill buf from fd at src; 0, or -1 when QEMU has exited. */
+static int read_mem_plain(Engine *e, const mem_ext *x, uint64_t src, unsigned char *buf, uint64_t len)
 {
     uint64_t pos = 0;
     while (pos < len) {
@@ -367,9 +481,11 @@ static int splice_reply(Engine *e, struct fuse_out_header *oh, const layout *l, 
     uint64_t slots = 1, pos = off, end = off + len;
     while (pos < end) {
         piece p = piece_at(l, pos, end);
-        if (p.kind == 'm') {
-            if (p.x->kind != KIND_SHARED)
-                return 0;
+        if (p.kind == 'm' && p.x->kind == KIND_PROCMEM) {
+            if (!untouched(e, p.src, p.len))
+                return 0; /* private RAM with data: copied */
+            slots += pages_spanned(0, p.len);
+        } else if (p.kind == 'm') {
             slots += pages_spanned(p.src, p.len);
         } else if (p.kind == 'd') {
             slots += pages_spanned((uintptr_t)(l->prefix + p.src), p.len);
@@ -387,7 +503,7 @@ static int splice_reply(Engine *e, struct fuse_out_header *oh, const layout *l, 
         if (p.kind == 'd') {
             if (vmsplice_all(e, l->prefix + p.src, p.len) < 0)
                 goto fallback;
-        } else if (p.kind == 'z') {
+        } else if (p.kind == 'z' || p.x->kind == KIND_PROCMEM) { /* untouched, checked above */
             if (splice_zeros(e, p.len) < 0)
                 goto fallback;
         } else {
@@ -582,7 +698,7 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"dev_fd", "app_fd", "event_fd", "pid", NULL};
     int pid = 0;
     self->dev_fd = self->app_fd = self->event_fd = -1;
-    self->stop_rd = self->stop_wr = self->pipe_r = self->pipe_w = self->zero_fd = -1;
+    self->stop_rd = self->stop_wr = self->pipe_r = self->pipe_w = self->zero_fd = self->pagemap_fd = -1;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "iii|i", kwlist, &self->dev_fd, &self->app_fd,
                                      &self->event_fd, &pid))
         return -1;
@@ -603,6 +719,15 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kwds)
     }
     pipe_open(self);
     self->zero_fd = open_zeros();
+    if (pid > 0) {
+        char path[64];
+        snprintf(path, sizeof path, "/proc/%d/pagemap", pid);
+        self->pagemap_fd = open(path, O_RDONLY | O_CLOEXEC); /* -1: read every page */
+        self->zero_pfn = own_zero_pfn(PAGE, 0);
+        uint64_t huge = own_zero_pfn(HUGE, 1);
+        if (huge != self->zero_pfn)
+            self->huge_zero_pfn = huge;
+    }
     int fl = fcntl(self->dev_fd, F_GETFL);
     if (fl < 0 || fcntl(self->dev_fd, F_SETFL, fl | O_NONBLOCK) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
@@ -759,7 +884,7 @@ static PyObject *Engine_set_gone(Engine *self, PyObject *unused)
 
 static PyObject *Engine_stats(Engine *self, PyObject *unused)
 {
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:n}",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:n,s:i,s:i}",
                          "reads", (unsigned long long)atomic_load(&self->n_reads),
                          "spliced", (unsigned long long)atomic_load(&self->n_spliced),
                          "copied", (unsigned long long)atomic_load(&self->n_copied),
@@ -767,7 +892,9 @@ static PyObject *Engine_stats(Engine *self, PyObject *unused)
                          "forwarded", (unsigned long long)atomic_load(&self->n_forwarded),
                          "replies", (unsigned long long)atomic_load(&self->n_replies),
                          "pipe_bytes", (Py_ssize_t)(self->pipe_slots * PAGE),
-                         "handles", (Py_ssize_t)self->ntab);
+                         "handles", (Py_ssize_t)self->ntab,
+                         "pagemap", self->pagemap_fd >= 0,
+                         "zero_pfn_known", self->zero_pfn != 0);
 }
 
 static void Engine_dealloc(Engine *self)
@@ -778,7 +905,7 @@ static void Engine_dealloc(Engine *self)
     free(self->tab);
     free(self->rbuf);
     free(self->cbuf);
-    int fds[] = {self->stop_rd, self->stop_wr, self->pipe_r, self->pipe_w, self->zero_fd};
+    int fds[] = {self->stop_rd, self->stop_wr, self->pipe_r, self->pipe_w, self->zero_fd, self->pagemap_fd};
     for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
         if (fds[i] >= 0)
             close(fds[i]);

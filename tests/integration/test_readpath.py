@@ -10,6 +10,7 @@ prefix/segment and segment/zero boundaries, 1 MiB and larger, and past EOF.
 from __future__ import annotations
 
 import ast
+import json
 import mmap
 import os
 import random
@@ -118,3 +119,34 @@ def test_native_serves_tools(memfd_guest: QemuGuest, tmp_path: Path) -> None:
     assert stats["reads"] > 0 and stats["handles"] == 0, stats
     # pyfuse3 saw no READ: every request it logged is something else.
     assert not re.search(r" DEBUG read\(", text)
+
+
+def _vmpte_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmPTE:"))
+
+
+def test_private_ram_read_without_touching_qemu(tmp_path: Path) -> None:
+    """Private RAM QEMU never touched is answered from /proc/PID/pagemap as
+    zeros: reading all of vmcore natively does not grow QEMU's page tables,
+    while the Python path (pread of /proc/PID/mem) maps the zero page into
+    QEMU for every such page it reads."""
+    require(readpath.available(), f"native read path not built: {readpath.IMPORT_ERROR}")
+    g = QemuGuest("pagemap", mem_mb=1024, memory="private").wait_ready()
+    try:
+        with g.paused():
+            grown = {}
+            for reads in ("native", "python"):
+                with Mount(g, "--direct", "--reads", reads) as m:
+                    before = _vmpte_kb(g.pid)
+                    with open(m.vmcore, "rb", buffering=0) as f:
+                        while f.read(1 << 20):
+                            pass
+                    grown[reads] = _vmpte_kb(g.pid) - before
+                    if reads == "native":
+                        stats = json.loads(os.getxattr(m.path, "user.vmcorefs.stats"))
+                        assert stats["pagemap"] and stats["spliced"] > stats["copied"], stats
+        assert grown["python"] >= 512, grown  # ~2 MiB per GiB of untouched RAM
+        assert grown["native"] <= 64, grown
+    finally:
+        g.close()
