@@ -25,6 +25,11 @@
  * unregisters it at release.  Anything not covered by the prefix or an
  * extent reads as zeros, exactly like vmcorefs.core.layout.SparseFile.
  *
+ * Private RAM (QEMU's anonymous memory, KIND_PROCMEM) is read with
+ * process_vm_readv (one copy; /proc/PID/mem as the fallback), except pages
+ * that hold no data according to /proc/PID/pagemap, which are spliced as
+ * zeros without touching QEMU.
+ *
  * Reading guest memory follows vmcorefs.qemu.memory.read_into: pages that
  * cannot be read become zeros; bytes past the end of a backing file become
  * zeros; an error that means QEMU has exited (ESRCH, or end of file on
