@@ -56,16 +56,17 @@ from typing import TYPE_CHECKING, Any, Callable, Concatenate, Coroutine, ParamSp
 import pyfuse3
 
 from vmcorefs.core.kcore import gdb_script
-from vmcorefs.core.layout import SparseFile
+from vmcorefs.core.layout import ExtentKind, SparseFile
 from vmcorefs.errors import (
     AccessError,
+    FormatError,
     QEMUGoneError,
     QMPError,
     QMPTimeoutError,
     VmcorefsError,
 )
 from vmcorefs.qemu.guest import Guest, Snapshot
-from vmcorefs.qemu.memory import zero_fill
+from vmcorefs.qemu.memory import read_extent, zero_fill
 
 if TYPE_CHECKING:
     from vmcorefs.readpath import NativeReads
@@ -153,6 +154,7 @@ class Handle:
     snap: Snapshot
     frozen: bool
     direct: bool
+    resolved: SparseFile
 
 
 class VmcoreFS(pyfuse3.Operations):
@@ -242,9 +244,10 @@ class VmcoreFS(pyfuse3.Operations):
         if inode == VMCOREINFO and snap.vmcoreinfo is not None:
             return _text_file(snap.vmcoreinfo)
         if inode == KCORE:
-            kcore = self.guest.kcore(snap)
-            if kcore is not None:
-                return kcore
+            try:
+                return snap.kcore()
+            except FormatError:
+                pass
         if inode == GDBINIT and snap.kernel_offset is not None:
             return _text_file(gdb_script(os.path.join(self.mountpoint, "kcore"), snap.kernel_offset))
         raise pyfuse3.FUSEError(errno.ENOENT)
@@ -253,8 +256,11 @@ class VmcoreFS(pyfuse3.Operations):
         inodes = [VMCORE, PMEM]
         if snap.vmcoreinfo is not None:
             inodes.append(VMCOREINFO)
-        if self.guest.kcore(snap) is not None:
+        try:
+            snap.kcore()
             inodes.append(KCORE)
+        except FormatError:
+            pass
         if snap.kernel_offset is not None:
             inodes.append(GDBINIT)
         return inodes
@@ -378,10 +384,10 @@ class VmcoreFS(pyfuse3.Operations):
                      NAMES[inode].decode())
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(inode, file, snap, frozen, direct)
+        self._handles[fh] = Handle(inode, file, snap, frozen, direct, snap.resolve(file))
         if self.native is not None:
             try:
-                self.native.register(fh, file, snap)
+                self.native.register(fh, snap.resolve(file))
             except (ValueError, MemoryError) as e:  # served by read() below instead
                 log.warning("native read path refused %s: %s", NAMES[inode].decode(), e)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), direct_io=direct, keep_cache=False)
@@ -398,13 +404,12 @@ class VmcoreFS(pyfuse3.Operations):
         if length > len(self._buf):
             self._buf = memoryview(bytearray(length))
         out = self._buf[:length]
-        read_mem = self.guest.read_mem
-        for ext in file.extents(off, length):
+        for ext in h.resolved.extents(off, length):
             start = ext.offset - off
             piece = out[start:start + ext.length]
-            if ext.kind == "mem":
-                read_mem(h.snap, ext.src, piece)
-            elif ext.kind == "data":
+            if ext.kind >= ExtentKind.SHARED:
+                read_extent(ext, piece, h.snap.alive)
+            elif ext.kind == ExtentKind.PREFIX:
                 piece[:] = file.prefix[ext.src:ext.src + ext.length]
             else:
                 zero_fill(piece)

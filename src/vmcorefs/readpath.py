@@ -10,9 +10,10 @@ pyfuse3's descriptor number is re-pointed (``dup2``) at one end of a
 ``SOCK_SEQPACKET`` pair, which keeps the device's one-message-per-request
 framing; the engine keeps the real ``/dev/fuse`` descriptor.  Each
 ``open()`` registers its handle's layout -- a
-:class:`~vmcorefs.core.layout.SparseFile` resolved to ``(offset, length,
-fd, fd_offset, kind)`` extents through the snapshot's memory sources -- and
-``release()`` forgets it.  Shared-file RAM is spliced (one copy, by the
+:class:`~vmcorefs.core.layout.SparseFile` whose segments are resolved
+:class:`~vmcorefs.core.layout.Extent`\ s (``SHARED`` or ``PROCMEM``,
+see :meth:`vmcorefs.qemu.guest.Snapshot.resolve`) -- and ``release()``
+forgets it.  Shared-file RAM is spliced (one copy, by the
 kernel, into the reader's pages); ``/proc/PID/mem`` is ``pread`` and written
 (two copies), with unreadable pages as zeros, as in
 :func:`vmcorefs.qemu.memory.read_into`.
@@ -29,9 +30,8 @@ import socket
 from types import ModuleType
 from typing import Any, Callable
 
-from vmcorefs.core.layout import SparseFile
+from vmcorefs.core.layout import ExtentKind, SparseFile
 from vmcorefs.errors import VmcorefsError
-from vmcorefs.qemu.guest import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -49,32 +49,6 @@ SOCKET_BUFFER = 4 << 20
 
 def available() -> bool:
     return _readpath is not None
-
-
-def extents_of(file: SparseFile, snap: Snapshot) -> list[tuple[int, int, int, int, int]]:
-    """``file``'s memory segments as ``(offset, length, fd, fd_offset, kind)``.
-
-    A segment is split where it crosses from one RAM block to the next;
-    guest-physical ranges outside every block are left out (they read as
-    zeros).  ``kind`` is 0 for a shared backing file, 1 for ``/proc/PID/mem``.
-    """
-    assert _readpath is not None
-    out: list[tuple[int, int, int, int, int]] = []
-    for seg in file.segments:
-        pos, gpa, left = seg.offset, seg.gpa, seg.size
-        while left > 0:
-            try:
-                src = snap.source_for(gpa)
-            except VmcorefsError:
-                # Not RAM: skip to the next block (or the segment's end).
-                nxt = min((b.gpa for b in snap.blocks if b.gpa > gpa), default=gpa + left)
-                step = min(left, nxt - gpa)
-            else:
-                step = min(left, src.block.end - gpa)
-                kind = _readpath.KIND_SHARED if src.method == "shared" else _readpath.KIND_PROCMEM
-                out.append((pos, step, src.fd, src.base + (gpa - src.block.gpa), kind))
-            pos, gpa, left = pos + step, gpa + step, left - step
-    return out
 
 
 def _fuse_device_fds() -> list[int]:
@@ -140,8 +114,14 @@ class NativeReads:
         for code in data.decode(errors="replace"):
             self.on_event(code)
 
-    def register(self, fh: int, file: SparseFile, snap: Snapshot) -> None:
-        self.engine.register(fh, file.size, file.prefix, extents_of(file, snap))
+    def register(self, fh: int, file: SparseFile) -> None:
+        """Serve FUSE_READ of handle ``fh`` from ``file`` (resolved: its
+        segments are ``SHARED``/``PROCMEM`` extents).  Raises ``ValueError``
+        for a layout the engine refuses, ``MemoryError``."""
+        assert _readpath is not None
+        kinds = {ExtentKind.SHARED: _readpath.KIND_SHARED, ExtentKind.PROCMEM: _readpath.KIND_PROCMEM}
+        self.engine.register(fh, file.size, file.prefix,
+                             [(x.offset, x.length, x.fd, x.src, kinds[x.kind]) for x in file.segments])
 
     def unregister(self, fh: int) -> None:
         self.engine.unregister(fh)

@@ -21,7 +21,7 @@ from vmcorefs.core.memmap import (
     MAX_MTREE_CHARS,
     MAX_RANGES,
     FlatRange,
-    RamBlock,
+    GuestPhysBlock,
     guest_phys_blocks,
     parse_gpa2hva,
     parse_mtree_flat,
@@ -39,7 +39,7 @@ def load_sample(name: str) -> tuple[str, dict[str, Any]]:
     return text, json.loads((DATA / f"mtree-{name}.json").read_text())
 
 
-def blocks_as_vmcorefs_finds_them(text: str, answers: dict[str, str]) -> list[RamBlock]:
+def blocks_as_vmcorefs_finds_them(text: str, answers: dict[str, str]) -> list[GuestPhysBlock]:
     """What Guest.ram_blocks does, with the recorded monitor answers."""
     pairs = []
     for fr in parse_mtree_flat(text):
@@ -301,23 +301,23 @@ H = 0x7F0000000000
     "pairs, expected",
     [
         pytest.param([], [], id="empty"),
-        pytest.param([(fr(0, 0x1000), H)], [RamBlock(0, 0x1000, H, "pc.ram", "ram")], id="one"),
+        pytest.param([(fr(0, 0x1000), H)], [GuestPhysBlock(0, 0x1000, H, "pc.ram", "ram")], id="one"),
         pytest.param([(fr(0, 0x1000), H), (fr(0x1000, 0x1000, type_="rom"), H + 0x1000)],
-                     [RamBlock(0, 0x2000, H, "pc.ram", "ram")], id="joined-keeps-first-kind"),
+                     [GuestPhysBlock(0, 0x2000, H, "pc.ram", "ram")], id="joined-keeps-first-kind"),
         pytest.param([(fr(0, 0x1000), H), (fr(0x1000, 0x1000), H + 0x2000)],
-                     [RamBlock(0, 0x1000, H, "pc.ram", "ram"), RamBlock(0x1000, 0x1000, H + 0x2000, "pc.ram", "ram")],
+                     [GuestPhysBlock(0, 0x1000, H, "pc.ram", "ram"), GuestPhysBlock(0x1000, 0x1000, H + 0x2000, "pc.ram", "ram")],
                      id="host-gap"),
         pytest.param([(fr(0, 0x1000), H), (fr(0x1000, 0x1000, "other"), H + 0x1000)],
-                     [RamBlock(0, 0x1000, H, "pc.ram", "ram"), RamBlock(0x1000, 0x1000, H + 0x1000, "other", "ram")],
+                     [GuestPhysBlock(0, 0x1000, H, "pc.ram", "ram"), GuestPhysBlock(0x1000, 0x1000, H + 0x1000, "other", "ram")],
                      id="other-region"),
         pytest.param([(fr(0, 0x1000), H), (fr(0x2000, 0x1000), H + 0x1000)],
-                     [RamBlock(0, 0x1000, H, "pc.ram", "ram"), RamBlock(0x2000, 0x1000, H + 0x1000, "pc.ram", "ram")],
+                     [GuestPhysBlock(0, 0x1000, H, "pc.ram", "ram"), GuestPhysBlock(0x2000, 0x1000, H + 0x1000, "pc.ram", "ram")],
                      id="guest-gap"),
         pytest.param([(fr(0, 0x1000), H), (fr(0x1000, 0x1000), H + 0x1000), (fr(0x2000, 0x1000), H + 0x2000)],
-                     [RamBlock(0, 0x3000, H, "pc.ram", "ram")], id="three-joined"),
+                     [GuestPhysBlock(0, 0x3000, H, "pc.ram", "ram")], id="three-joined"),
     ],
 )
-def test_guest_phys_blocks_table(pairs: list[tuple[FlatRange, int]], expected: list[RamBlock]) -> None:
+def test_guest_phys_blocks_table(pairs: list[tuple[FlatRange, int]], expected: list[GuestPhysBlock]) -> None:
     assert guest_phys_blocks(pairs) == expected
 
 

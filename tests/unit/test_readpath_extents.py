@@ -10,7 +10,7 @@ import pytest
 
 from vmcorefs import readpath
 from vmcorefs.core.layout import Segment, SparseFile
-from vmcorefs.core.memmap import RamBlock
+from vmcorefs.core.memmap import GuestPhysBlock
 from vmcorefs.qemu.guest import Snapshot
 from vmcorefs.qemu.memory import Source
 
@@ -18,9 +18,9 @@ from vmcorefs.qemu.memory import Source
 pytestmark = pytest.mark.skipif(not readpath.available() and os.environ.get("CI") != "true",
                                 reason="native read path not built")
 
-BLOCKS = [RamBlock(0x0, 0xA0000, 0x7F0000000000, "pc.ram", "ram"),
-          RamBlock(0x100000, 0x3FF00000, 0x7F0000100000, "pc.ram", "ram"),
-          RamBlock(0x100000000, 0x40000000, 0x7F1000000000, "hi", "ram")]
+BLOCKS = [GuestPhysBlock(0x0, 0xA0000, 0x7F0000000000, "pc.ram", "ram"),
+          GuestPhysBlock(0x100000, 0x3FF00000, 0x7F0000100000, "pc.ram", "ram"),
+          GuestPhysBlock(0x100000000, 0x40000000, 0x7F1000000000, "hi", "ram")]
 
 
 def _snap(methods: list[str]) -> Snapshot:

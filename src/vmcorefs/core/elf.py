@@ -23,9 +23,11 @@ QEMU dump of the same instant.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import ClassVar, Self, Sequence
 
-from vmcorefs.core.layout import Segment, SparseFile
+from vmcorefs.core.layout import PAGE_SIZE, SparseFile, align_up, memory
+from vmcorefs.core.paging import Run
 from vmcorefs.errors import FormatError
 
 # <elf.h>
@@ -40,21 +42,107 @@ PT_LOAD, PT_NOTE = 1, 4
 PN_XNUM = 0xFFFF
 SHT_NULL = 0
 
-PAGE_SIZE = 4096
+@dataclass(frozen=True)
+class _Record:
+    """A C struct of ``<elf.h>`` as a named record (little-endian)."""
 
-#: Elf64_Ehdr: e_ident, e_type, e_machine, e_version, e_entry, e_phoff,
-#: e_shoff, e_flags, e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum,
-#: e_shstrndx.
-ELF64_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
-#: Elf64_Phdr: p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz,
-#: p_memsz, p_align.
-ELF64_PHDR = struct.Struct("<IIQQQQQQ")
-#: Elf64_Shdr: sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size,
-#: sh_link, sh_info, sh_addralign, sh_entsize.
-ELF64_SHDR = struct.Struct("<IIQQQQIIQQ")
-#: Elf32_Ehdr / Elf32_Phdr (only parsed: QEMU dumps 32-bit guests as ELF32).
-ELF32_EHDR = struct.Struct("<16sHHIIIIIHHHHHH")
-ELF32_PHDR = struct.Struct("<IIIIIIII")
+    STRUCT: ClassVar[struct.Struct]
+
+    def pack(self) -> bytes:
+        return self.STRUCT.pack(*(getattr(self, f.name) for f in fields(self)))
+
+    @classmethod
+    def unpack_from(cls, buffer: bytes | bytearray | memoryview, offset: int = 0) -> Self:
+        """Raises ``struct.error`` when ``buffer`` is too short."""
+        return cls(*cls.STRUCT.unpack_from(buffer, offset))
+
+    @classmethod
+    def size(cls) -> int:
+        return cls.STRUCT.size
+
+
+@dataclass(frozen=True)
+class Elf64_Ehdr(_Record):  # noqa: N801 (the spec's name)
+    STRUCT = struct.Struct("<16sHHIQQQIHHHHHH")
+    e_ident: bytes
+    e_type: int
+    e_machine: int
+    e_version: int
+    e_entry: int
+    e_phoff: int
+    e_shoff: int
+    e_flags: int
+    e_ehsize: int
+    e_phentsize: int
+    e_phnum: int
+    e_shentsize: int
+    e_shnum: int
+    e_shstrndx: int
+
+
+@dataclass(frozen=True)
+class Elf32_Ehdr(_Record):  # noqa: N801
+    """Only parsed: QEMU dumps guests that are not in long mode as ELF32."""
+
+    STRUCT = struct.Struct("<16sHHIIIIIHHHHHH")
+    e_ident: bytes
+    e_type: int
+    e_machine: int
+    e_version: int
+    e_entry: int
+    e_phoff: int
+    e_shoff: int
+    e_flags: int
+    e_ehsize: int
+    e_phentsize: int
+    e_phnum: int
+    e_shentsize: int
+    e_shnum: int
+    e_shstrndx: int
+
+
+@dataclass(frozen=True)
+class Elf64_Phdr(_Record):  # noqa: N801
+    STRUCT = struct.Struct("<IIQQQQQQ")
+    p_type: int
+    p_flags: int
+    p_offset: int
+    p_vaddr: int
+    p_paddr: int
+    p_filesz: int
+    p_memsz: int
+    p_align: int
+
+
+@dataclass(frozen=True)
+class Elf32_Phdr(_Record):  # noqa: N801
+    """Only parsed (note the field order differs from Elf64_Phdr's)."""
+
+    STRUCT = struct.Struct("<IIIIIIII")
+    p_type: int
+    p_offset: int
+    p_vaddr: int
+    p_paddr: int
+    p_filesz: int
+    p_memsz: int
+    p_flags: int
+    p_align: int
+
+
+@dataclass(frozen=True)
+class Elf64_Shdr(_Record):  # noqa: N801
+    STRUCT = struct.Struct("<IIQQQQIIQQ")
+    sh_name: int
+    sh_type: int
+    sh_flags: int
+    sh_addr: int
+    sh_offset: int
+    sh_size: int
+    sh_link: int
+    sh_info: int
+    sh_addralign: int
+    sh_entsize: int
+
 
 #: Bound on the PT_NOTE we accept from QEMU: vCPU notes are ~1 KiB each and
 #: QEMU caps the guest's VMCOREINFO at 1 MiB.
@@ -74,106 +162,102 @@ class DumpInfo:
     vaddr_is_paddr: bool
 
 
-def align_up(value: int, align: int = PAGE_SIZE) -> int:
-    return (value + align - 1) // align * align
-
-
 def parse_qemu_dump(data: bytes) -> DumpInfo:
     """Extract ELF identity and the PT_NOTE bytes from a QEMU dump's start.
 
     ``data`` must contain the ELF header, program headers and note data
     (a dump of a 1-byte range is enough).  ELF32 dumps (guests not in long
-    mode) are accepted; their notes are kept verbatim.
+    mode) are accepted; their notes are kept verbatim.  Raises
+    :class:`FormatError` naming what is malformed.
     """
     if len(data) < EI_NIDENT or data[:4] != ELFMAG:
         raise FormatError("QEMU dump does not start with an ELF header")
     if data[EI_DATA] != ELFDATA2LSB:
         raise FormatError("QEMU dump is big-endian; only little-endian guests are supported")
     cls = data[EI_CLASS]
+    ehdr_t: type[Elf64_Ehdr | Elf32_Ehdr]
+    phdr_t: type[Elf64_Phdr | Elf32_Phdr]
     if cls == ELFCLASS64:
-        ehdr, phdr = ELF64_EHDR, ELF64_PHDR
+        ehdr_t, phdr_t = Elf64_Ehdr, Elf64_Phdr
     elif cls == ELFCLASS32:
-        ehdr, phdr = ELF32_EHDR, ELF32_PHDR
+        ehdr_t, phdr_t = Elf32_Ehdr, Elf32_Phdr
     else:
         raise FormatError(f"QEMU dump has unknown ELF class {cls}")
-    if len(data) < ehdr.size:
+    if len(data) < ehdr_t.size():
         raise FormatError("QEMU dump truncated in its ELF header")
-    (ident, e_type, e_machine, _v, _entry, e_phoff, e_shoff, e_flags,
-     _ehsize, e_phentsize, e_phnum, _shentsize, _shnum, _shstrndx) = ehdr.unpack_from(data)
-    if e_type != ET_CORE:
-        raise FormatError(f"QEMU dump has e_type {e_type}, not ET_CORE")
+    ehdr = ehdr_t.unpack_from(data)
+    if ehdr.e_type != ET_CORE:
+        raise FormatError(f"QEMU dump has e_type {ehdr.e_type}, not ET_CORE")
+    e_phnum = ehdr.e_phnum
     if e_phnum == PN_XNUM:
         # Real count in section header 0's sh_info.
-        if cls != ELFCLASS64 or e_shoff + ELF64_SHDR.size > len(data):
+        if cls != ELFCLASS64 or ehdr.e_shoff + Elf64_Shdr.size() > len(data):
             raise FormatError("QEMU dump uses PN_XNUM without a readable section header")
-        e_phnum = ELF64_SHDR.unpack_from(data, e_shoff)[7]
-    if e_phentsize != phdr.size or e_phnum < 1 or e_phoff + e_phnum * phdr.size > len(data):
+        e_phnum = Elf64_Shdr.unpack_from(data, ehdr.e_shoff).sh_info
+    phsize = phdr_t.size()
+    if ehdr.e_phentsize != phsize or e_phnum < 1 or ehdr.e_phoff + e_phnum * phsize > len(data):
         raise FormatError("QEMU dump program headers are truncated or malformed")
     notes = b""
     vaddr_is_paddr = True
     found_note = found_load = False
     for i in range(e_phnum):
-        fields = phdr.unpack_from(data, e_phoff + i * phdr.size)
-        if cls == ELFCLASS64:
-            p_type, _fl, p_offset, p_vaddr, p_paddr, p_filesz = fields[:6]
-        else:
-            p_type, p_offset, p_vaddr, p_paddr, p_filesz = fields[:5]
-        if p_type == PT_NOTE and not found_note:
-            if p_filesz > MAX_NOTES_SIZE or p_offset + p_filesz > len(data):
-                raise FormatError(f"QEMU dump PT_NOTE ({p_filesz} bytes at {p_offset:#x}) is out of bounds")
-            notes = bytes(data[p_offset:p_offset + p_filesz])
+        ph = phdr_t.unpack_from(data, ehdr.e_phoff + i * phsize)
+        if ph.p_type == PT_NOTE and not found_note:
+            if ph.p_filesz > MAX_NOTES_SIZE or ph.p_offset + ph.p_filesz > len(data):
+                raise FormatError(f"QEMU dump PT_NOTE ({ph.p_filesz} bytes at {ph.p_offset:#x}) is out of bounds")
+            notes = bytes(data[ph.p_offset:ph.p_offset + ph.p_filesz])
             found_note = True
-        elif p_type == PT_LOAD and not found_load:
-            vaddr_is_paddr = p_vaddr == p_paddr
+        elif ph.p_type == PT_LOAD and not found_load:
+            vaddr_is_paddr = ph.p_vaddr == ph.p_paddr
             found_load = True
     if not found_note:
         raise FormatError("QEMU dump has no PT_NOTE")
-    return DumpInfo(bytes(ident), e_machine, e_flags, notes, vaddr_is_paddr)
+    return DumpInfo(bytes(ehdr.e_ident), ehdr.e_machine, ehdr.e_flags, notes, vaddr_is_paddr)
 
 
-@dataclass(frozen=True)
-class LoadRange:
-    """A PT_LOAD to write: ``p_memsz`` bytes of guest-physical ``p_paddr``."""
+def build_vmcore(info: DumpInfo, loads: Sequence[Run]) -> SparseFile:
+    """Lay out a live ELF64 core: headers, notes, then page-aligned PT_LOADs.
 
-    p_paddr: int
-    p_vaddr: int
-    p_memsz: int
-
-
-def build_vmcore(info: DumpInfo, loads: list[LoadRange]) -> SparseFile:
-    """Lay out a live ELF64 core: headers, notes, then page-aligned PT_LOADs."""
+    Each :class:`~vmcorefs.core.paging.Run` becomes one PT_LOAD with
+    ``p_vaddr = run.vaddr``, ``p_paddr = run.paddr`` and
+    ``p_filesz = p_memsz = run.size``, served from guest-physical
+    ``run.paddr``.  More than 65,534 PT_LOADs use ``PN_XNUM``.
+    """
     phnum = 1 + len(loads)
     use_xnum = phnum >= PN_XNUM
-    ph_end = ELF64_EHDR.size + phnum * ELF64_PHDR.size
+    ph_end = Elf64_Ehdr.size() + phnum * Elf64_Phdr.size()
     shoff = ph_end if use_xnum else 0
-    notes_off = ph_end + (ELF64_SHDR.size if use_xnum else 0)
+    notes_off = ph_end + (Elf64_Shdr.size() if use_xnum else 0)
     notes_end = notes_off + len(info.notes)
 
     ident = bytearray(info.e_ident[:EI_NIDENT].ljust(EI_NIDENT, b"\0"))
     ident[EI_CLASS] = ELFCLASS64
     ident[EI_DATA] = ELFDATA2LSB
-    ehdr = ELF64_EHDR.pack(
-        bytes(ident), ET_CORE, info.e_machine, EV_CURRENT, 0,
-        ELF64_EHDR.size, shoff, info.e_flags, ELF64_EHDR.size, ELF64_PHDR.size,
-        PN_XNUM if use_xnum else phnum,
-        ELF64_SHDR.size if use_xnum else 0, 1 if use_xnum else 0, 0,
+    ehdr = Elf64_Ehdr(
+        e_ident=bytes(ident), e_type=ET_CORE, e_machine=info.e_machine, e_version=EV_CURRENT, e_entry=0,
+        e_phoff=Elf64_Ehdr.size(), e_shoff=shoff, e_flags=info.e_flags, e_ehsize=Elf64_Ehdr.size(),
+        e_phentsize=Elf64_Phdr.size(), e_phnum=PN_XNUM if use_xnum else phnum,
+        e_shentsize=Elf64_Shdr.size() if use_xnum else 0, e_shnum=1 if use_xnum else 0, e_shstrndx=0,
     )
-    phdrs = [ELF64_PHDR.pack(PT_NOTE, 0, notes_off, 0, 0, len(info.notes), len(info.notes), 0)]
-    segments: list[Segment] = []
+    n = len(info.notes)
+    phdrs = [Elf64_Phdr(p_type=PT_NOTE, p_flags=0, p_offset=notes_off, p_vaddr=0, p_paddr=0,
+                        p_filesz=n, p_memsz=n, p_align=0).pack()]
+    segments = []
     offset = align_up(notes_end)
     for load in loads:
-        phdrs.append(ELF64_PHDR.pack(PT_LOAD, 0, offset, load.p_vaddr, load.p_paddr,
-                                     load.p_memsz, load.p_memsz, 0))
-        segments.append(Segment(offset, load.p_paddr, load.p_memsz))
-        offset = align_up(offset + load.p_memsz)
-    shdr = ELF64_SHDR.pack(0, SHT_NULL, 0, 0, 0, 0, 0, phnum, 0, 0) if use_xnum else b""
-    prefix = ehdr + b"".join(phdrs) + shdr + info.notes
-    size = segments[-1].offset + segments[-1].size if segments else len(prefix)
+        phdrs.append(Elf64_Phdr(p_type=PT_LOAD, p_flags=0, p_offset=offset, p_vaddr=load.vaddr,
+                                p_paddr=load.paddr, p_filesz=load.size, p_memsz=load.size, p_align=0).pack())
+        segments.append(memory(offset, load.paddr, load.size))
+        offset = align_up(offset + load.size)
+    shdr = Elf64_Shdr(sh_name=0, sh_type=SHT_NULL, sh_flags=0, sh_addr=0, sh_offset=0, sh_size=0,
+                      sh_link=0, sh_info=phnum, sh_addralign=0, sh_entsize=0).pack() if use_xnum else b""
+    prefix = ehdr.pack() + b"".join(phdrs) + shdr + info.notes
+    size = segments[-1].end if segments else len(prefix)
     return SparseFile(prefix, tuple(segments), size)
 
 
-def build_pmem(blocks: list[tuple[int, int]]) -> SparseFile:
+def build_pmem(blocks: Sequence[tuple[int, int]]) -> SparseFile:
     """Raw guest-physical memory: ``(gpa, size)`` blocks at offset == gpa."""
-    segments = tuple(Segment(gpa, gpa, size) for gpa, size in sorted(blocks))
+    segments = tuple(memory(gpa, gpa, size) for gpa, size in sorted(blocks))
     size = max((gpa + n for gpa, n in blocks), default=0)
     return SparseFile(b"", segments, size)

@@ -16,29 +16,72 @@ guest-physical address behind it.  The file layout is exactly that of
 
 Each :class:`~vmcorefs.core.paging.Run` maps one physically contiguous range,
 so every ``PT_LOAD`` has a single ``p_paddr`` and its file data is served
-from guest-physical memory like a ``vmcore`` segment
-(``Segment(p_offset, run.paddr, run.size)``).  Runs come from
-:func:`vmcorefs.core.paging.walk`, usually passed through
-:func:`~vmcorefs.core.paging.clip_runs` so that only RAM is exposed.
+from guest-physical memory like a ``vmcore`` segment.  :func:`kernel_view`
+does the whole job: the page-table root (:func:`page_table_root`), a
+bounded :func:`~vmcorefs.core.paging.walk`, runs clipped to RAM
+(:func:`~vmcorefs.core.paging.clip_runs`), then the layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
-from vmcorefs.core.elf import DumpInfo, LoadRange, build_vmcore
+from vmcorefs.core.elf import DumpInfo, build_vmcore
 from vmcorefs.core.layout import SparseFile
-from vmcorefs.core.paging import Run
+from vmcorefs.core.notes import X86CPUState
+from vmcorefs.core.paging import ReadPhys, Run, clip_runs, cr3_to_root, kernel_root_from_vmcoreinfo, walk
+from vmcorefs.errors import FormatError
 
-
-def kcore_loads(runs: Iterable[Run]) -> list[LoadRange]:
-    """One PT_LOAD per run: virtual ``p_vaddr``, physical ``p_paddr``."""
-    return [LoadRange(run.paddr, run.vaddr, run.size) for run in runs]
+#: Bound on kcore PT_LOADs (a real kernel needs a few thousand).
+KCORE_MAX_RUNS = 1 << 16
+#: CR4.LA57: 5-level paging.
+CR4_LA57 = 1 << 12
 
 
 def build_kcore(info: DumpInfo, runs: Iterable[Run]) -> SparseFile:
     """Lay out a kcore: QEMU's notes, then one page-aligned PT_LOAD per run."""
-    return build_vmcore(info, kcore_loads(runs))
+    return build_vmcore(info, list(runs))
+
+
+def page_table_root(vmcoreinfo: Mapping[str, str] | None, cpus: Sequence[X86CPUState]) -> tuple[int, int]:
+    """``(guest-physical address of the kernel's top-level table, levels)``.
+
+    From VMCOREINFO's ``init_top_pgt`` when the guest published VMCOREINFO,
+    else the CR3 of a vCPU that was in kernel mode (the kernel half is the
+    same in every address space).  Raises :class:`FormatError` saying why
+    there is none.
+    """
+    if vmcoreinfo is not None:
+        return kernel_root_from_vmcoreinfo(vmcoreinfo)
+    for cpu in cpus:
+        if cpu.in_kernel and cpu.cr3:
+            return cr3_to_root(cpu.cr3), 5 if cpu.cr4 & CR4_LA57 else 4
+    raise FormatError("no VMCOREINFO and no vCPU in kernel mode to take CR3 from")
+
+
+@dataclass(frozen=True)
+class KernelView:
+    """Result of :func:`kernel_view`: the ``kcore`` layout and how the walk went."""
+
+    file: SparseFile
+    #: True when the walk stopped at its bounds (the layout holds what was found).
+    truncated: bool
+
+
+def kernel_view(read_phys: ReadPhys, info: DumpInfo, root: int, levels: int,
+                ram: Sequence[tuple[int, int]]) -> KernelView:
+    """The kcore of a guest: its kernel page tables from ``root`` (``levels``
+    4 or 5) walked through ``read_phys(gpa, length) -> bytes``, coalesced,
+    clipped to the ``(gpa, size)`` blocks of ``ram``, with ``info``'s notes.
+
+    Cost: bounded by :func:`~vmcorefs.core.paging.walk`'s defaults and
+    ``KCORE_MAX_RUNS`` runs (~50 ms for a 256 MiB guest).
+    """
+    phys_limit = max((gpa + size for gpa, size in ram), default=0)
+    result = walk(read_phys, root, levels=levels, phys_limit=phys_limit, max_runs=KCORE_MAX_RUNS)
+    runs = clip_runs(result.runs, ram)
+    return KernelView(build_kcore(info, runs), result.truncated)
 
 
 def gdb_script(kcore_path: str, kernel_offset: int) -> str:

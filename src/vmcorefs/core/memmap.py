@@ -62,11 +62,15 @@ class FlatRange:
 
 
 @dataclass(frozen=True)
-class RamBlock:
-    """A guest-physical block as QEMU's dump sees it (one PT_LOAD).
+class GuestPhysBlock:
+    """A guest-physical block as QEMU's dump sees it (one PT_LOAD): QEMU's
+    ``GuestPhysBlock`` (include/sysemu/memory_mapping.h), whose
+    ``target_start``/``target_end``/``host_addr``/``mr`` are ``gpa``,
+    ``end``, ``hva`` and ``name`` here.
 
-    ``hva`` is the QEMU host-virtual address of ``gpa``; ``kind`` is ``ram``
-    or ``rom`` (the type of its first range); ``name`` its memory region.
+    ``gpa``, ``size``: bytes of guest-physical memory; ``hva`` the QEMU
+    host-virtual address of ``gpa``; ``kind`` is ``ram`` or ``rom`` (the
+    type of its first range); ``name`` its memory region.
     """
 
     gpa: int
@@ -135,7 +139,7 @@ def parse_mtree_flat(text: str, address_space: str = "memory") -> list[FlatRange
     return ranges
 
 
-def guest_phys_blocks(ranges: list[tuple[FlatRange, int]]) -> list[RamBlock]:
+def guest_phys_blocks(ranges: list[tuple[FlatRange, int]]) -> list[GuestPhysBlock]:
     """Join dumped ranges into blocks, as QEMU's dump does.
 
     ``ranges`` pairs each dumped :class:`FlatRange` (sorted by address) with
@@ -143,14 +147,14 @@ def guest_phys_blocks(ranges: list[tuple[FlatRange, int]]) -> list[RamBlock]:
     where the predecessor ends, continues it in host memory, and belongs to
     the same memory region.
     """
-    blocks: list[RamBlock] = []
+    blocks: list[GuestPhysBlock] = []
     for fr, hva in ranges:
         if blocks:
             prev = blocks[-1]
             if prev.end == fr.start and prev.hva + prev.size == hva and prev.name == fr.name:
-                blocks[-1] = RamBlock(prev.gpa, prev.size + fr.size, prev.hva, prev.name, prev.kind)
+                blocks[-1] = GuestPhysBlock(prev.gpa, prev.size + fr.size, prev.hva, prev.name, prev.kind)
                 continue
-        blocks.append(RamBlock(fr.start, fr.size, hva, fr.name, fr.type))
+        blocks.append(GuestPhysBlock(fr.start, fr.size, hva, fr.name, fr.type))
     return blocks
 
 

@@ -61,13 +61,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from vmcorefs.core.layout import PAGE_SIZE
 from vmcorefs.errors import FormatError, GuestMemoryError
 
 #: ``(guest-physical address, length) -> bytes``.  May return fewer bytes
 #: (the rest reads as zeros) or raise GuestMemoryError (the table is skipped).
 ReadPhys = Callable[[int, int], bytes]
 
-PAGE_SIZE = 4096
 TABLE_SIZE = 4096
 PTRS_PER_TABLE = 512
 #: Entry bits (Linux ``_PAGE_PRESENT``, ``_PAGE_PSE``, ``PTE_PFN_MASK``).

@@ -17,14 +17,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Callable, Iterator
 
-from vmcorefs.core.elf import DumpInfo, LoadRange, build_pmem, build_vmcore, parse_qemu_dump
-from vmcorefs.core.kcore import build_kcore
-from vmcorefs.core.layout import SparseFile
+from vmcorefs.core.elf import DumpInfo, build_pmem, build_vmcore, parse_qemu_dump
+from vmcorefs.core.kcore import kernel_view, page_table_root
+from vmcorefs.core.layout import Extent, ExtentKind, SparseFile
 from vmcorefs.core.memmap import (
     FlatRange,
-    RamBlock,
+    GuestPhysBlock,
     guest_phys_blocks,
     parse_gpa2hva,
     parse_mtree_flat,
@@ -36,39 +36,60 @@ from vmcorefs.core.notes import (
     qemu_x86_cpu_states,
     vmcoreinfo_text,
 )
-from vmcorefs.core.paging import clip_runs, cr3_to_root, kernel_root_from_vmcoreinfo, walk
+from vmcorefs.core.paging import Run
 from vmcorefs.errors import FormatError, GuestMemoryError, QMPError
-from vmcorefs.qemu.memory import ProcessMemory, Source, read_into
+from vmcorefs.qemu.memory import ProcessMemory, Source, read_extent
 from vmcorefs.qemu.monitor import Monitor
 
 log = logging.getLogger(__name__)
 
 NOTES_FDNAME = "vmcorefs-notes"
-#: Bound on kcore PT_LOADs (a real kernel needs a few thousand).
-KCORE_MAX_RUNS = 1 << 16
-CR4_LA57 = 1 << 12
 #: Bound on what we read back of the 1-byte dump (headers + notes + 1 byte).
 MAX_SAMPLE_DUMP = 80 << 20
 
 
 @dataclass
 class Snapshot:
-    """One consistent layout: what an open handle serves until it closes.
+    """One consistent layout of a guest: what an open handle serves until it closes.
 
-    ``kcore`` (the kernel-virtual view) costs a page-table walk, so it is
-    computed on first use by :meth:`Guest.kcore` and kept here.
+    Built by :meth:`build` from QEMU's answers (or, in tests, from synthetic
+    blocks, notes and memory); holds no connection to QEMU, only the
+    descriptors of ``sources`` (owned by the guest's
+    :class:`~vmcorefs.qemu.memory.ProcessMemory`) and ``alive``, which tells
+    whether QEMU still runs when a read fails.
     """
 
+    #: ``time.monotonic()`` seconds when the layout was computed.
     taken: float
-    blocks: tuple[RamBlock, ...]
+    #: What QEMU's dump writes, sorted by ``gpa``; ``sources[i]`` reads ``blocks[i]``.
+    blocks: tuple[GuestPhysBlock, ...]
     sources: tuple[Source, ...]
+    #: QEMU's ELF identity and PT_NOTE bytes for this instant.
     dump: DumpInfo
     vmcore: SparseFile
     pmem: SparseFile
+    #: The guest's VMCOREINFO text, None when it published none.
     vmcoreinfo: str | None
+    alive: Callable[[], bool] = field(repr=False, compare=False)
     _starts: tuple[int, ...] = field(repr=False, compare=False)
-    kcore: SparseFile | None = field(default=None, repr=False, compare=False)
-    kcore_error: str | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def build(cls, blocks: list[GuestPhysBlock], sources: list[Source], dump: DumpInfo,
+              alive: Callable[[], bool], taken: float | None = None) -> "Snapshot":
+        """The layouts of ``vmcore`` and ``pmem`` for ``blocks`` read through
+        ``sources``, with ``dump``'s notes (VMCOREINFO taken from them)."""
+        loads = [Run(b.gpa if dump.vaddr_is_paddr else 0, b.gpa, b.size) for b in blocks]
+        return cls(
+            taken=time.monotonic() if taken is None else taken,
+            blocks=tuple(blocks),
+            sources=tuple(sources),
+            dump=dump,
+            vmcore=build_vmcore(dump, loads),
+            pmem=build_pmem([(b.gpa, b.size) for b in blocks]),
+            vmcoreinfo=vmcoreinfo_text(parse_notes(dump.notes)),
+            alive=alive,
+            _starts=tuple(b.gpa for b in blocks),
+        )
 
     @cached_property
     def vmcoreinfo_fields(self) -> dict[str, str] | None:
@@ -84,17 +105,80 @@ class Snapshot:
         except ValueError:
             return None
 
-    def source_for(self, gpa: int) -> Source:
+    @cached_property
+    def _kcore(self) -> SparseFile | FormatError:
+        try:
+            root, levels = page_table_root(self.vmcoreinfo_fields, qemu_x86_cpu_states(parse_notes(self.dump.notes)))
+        except FormatError as e:
+            log.info("no kcore: %s", e)
+            return e
+        view = kernel_view(self.read_phys, self.dump, root, levels, [(b.gpa, b.size) for b in self.blocks])
+        if view.truncated:
+            log.warning("kcore: page-table walk stopped at its bounds (%d PT_LOADs)",
+                        len(view.file.segments))
+        return view.file
+
+    def kcore(self) -> SparseFile:
+        """The kernel-virtual core (one page-table walk, on first use, then kept).
+
+        Raises :class:`FormatError` when no page-table root is known (no
+        VMCOREINFO, no vCPU in kernel mode) or VMCOREINFO is malformed.
+        """
+        result = self._kcore
+        if isinstance(result, FormatError):
+            raise result
+        return result
+
+    def _source_index(self, gpa: int) -> int:
         i = bisect.bisect_right(self._starts, gpa) - 1
-        if i < 0 or gpa >= self.blocks[i].end:
+        return i if i >= 0 and gpa < self.blocks[i].end else -1
+
+    def source_for(self, gpa: int) -> Source:
+        """The source of the block holding ``gpa``; :class:`GuestMemoryError` if none."""
+        i = self._source_index(gpa)
+        if i < 0:
             raise GuestMemoryError("no RAM block", gpa)
         return self.sources[i]
+
+    def resolve_range(self, gpa: int, length: int) -> Iterator[Extent]:
+        """Extents reading ``length`` bytes of guest-physical ``gpa``, with
+        offsets relative to ``gpa``: split where a block ends, ranges outside
+        every block left out (they read as zeros)."""
+        pos = 0
+        while pos < length:
+            i = self._source_index(gpa + pos)
+            if i < 0:
+                nxt = bisect.bisect_right(self._starts, gpa + pos)
+                step = min(length - pos, self._starts[nxt] - (gpa + pos)) if nxt < len(self._starts) else length - pos
+            else:
+                src = self.sources[i]
+                step = min(length - pos, src.block.end - (gpa + pos))
+                yield src.extent(pos, gpa + pos, step)
+            pos += step
+
+    def resolve(self, file: SparseFile) -> SparseFile:
+        """``file`` with its guest-physical segments resolved to ``SHARED`` /
+        ``PROCMEM`` extents of this snapshot's sources (what reads use)."""
+        return file.resolve(self.resolve_range)
+
+    def read_phys(self, gpa: int, length: int) -> bytes:
+        """``length`` bytes of guest-physical memory at ``gpa`` (zeros outside RAM).
+
+        Raises :class:`~vmcorefs.errors.QEMUGoneError` when QEMU has exited.
+        """
+        buf = bytearray(length)
+        view = memoryview(buf)
+        for ext in self.resolve_range(gpa, length):
+            read_extent(ext, view[ext.offset:ext.offset + ext.length], self.alive)
+        return bytes(buf)
 
 
 class Guest:
     """The running QEMU behind a QMP monitor."""
 
     def __init__(self, monitor: Monitor, memory_mode: str = "auto") -> None:
+        """``memory_mode``: ``auto``, ``shared`` or ``procmem`` (``--memory``);
+        raises :class:`~vmcorefs.errors.UsageError` for another value."""
         self.monitor = monitor
         self.memory = ProcessMemory(monitor.pid, memory_mode)
         self._dump_lock = asyncio.Lock()
@@ -103,7 +187,7 @@ class Guest:
         text = await self.monitor.hmp("info mtree -f")
         return parse_mtree_flat(text)
 
-    async def ram_blocks(self) -> list[RamBlock]:
+    async def ram_blocks(self) -> list[GuestPhysBlock]:
         """The guest-physical blocks ``dump-guest-memory paging=false`` writes."""
         pairs: list[tuple[FlatRange, int]] = []
         for fr in await self.flat_ranges():
@@ -117,7 +201,7 @@ class Guest:
             pairs.append((fr, hva))
         return guest_phys_blocks(pairs)
 
-    async def dump_info(self, blocks: list[RamBlock]) -> DumpInfo:
+    async def dump_info(self, blocks: list[GuestPhysBlock]) -> DumpInfo:
         """QEMU's ELF identity and notes, from a dump of one byte of RAM."""
         if not blocks:
             raise QMPError("the guest has no RAM to dump", "dump-guest-memory")
@@ -139,71 +223,41 @@ class Guest:
         return parse_qemu_dump(data)
 
     async def snapshot(self) -> Snapshot:
-        """Compute the current layout of ``vmcore`` and ``pmem``."""
+        """The current layout of ``vmcore``, ``pmem`` and ``kcore``.
+
+        Costs one ``info mtree -f``, one HMP ``gpa2hva`` per dumped range, a
+        read of ``/proc/PID/maps``, and one ``dump-guest-memory`` of a single
+        byte (a few ms in all).  Raises :class:`QMPError` (and its
+        subclasses: :class:`~vmcorefs.errors.QMPTimeoutError`,
+        :class:`~vmcorefs.errors.QEMUGoneError`), :class:`FormatError` for
+        output it cannot parse, :class:`~vmcorefs.errors.AccessError` when
+        guest memory cannot be reached.
+        """
         blocks = await self.ram_blocks()
         dump = await self.dump_info(blocks)
-        sources = self.memory.sources(blocks)
-        loads = [LoadRange(b.gpa, b.gpa if dump.vaddr_is_paddr else 0, b.size) for b in blocks]
-        text = vmcoreinfo_text(parse_notes(dump.notes))
-        return Snapshot(
-            taken=time.monotonic(),
-            blocks=tuple(blocks),
-            sources=tuple(sources),
-            dump=dump,
-            vmcore=build_vmcore(dump, loads),
-            pmem=build_pmem([(b.gpa, b.size) for b in blocks]),
-            vmcoreinfo=text,
-            _starts=tuple(b.gpa for b in blocks),
-        )
-
-    def kcore(self, snap: Snapshot) -> SparseFile | None:
-        """The kernel-virtual core of ``snap`` (None when no page-table root
-        is known): the guest's kernel page tables as coalesced PT_LOADs
-        clipped to RAM."""
-        if snap.kcore is not None or snap.kcore_error is not None:
-            return snap.kcore
-        found = self._page_table_root(snap)
-        if isinstance(found, str):
-            snap.kcore_error = found
-            log.info("no kcore: %s", found)
-            return None
-        root, levels = found
-
-        def read_phys(gpa: int, length: int) -> bytes:
-            buf = bytearray(length)
-            self.read_mem(snap, gpa, memoryview(buf))
-            return bytes(buf)
-
-        result = walk(read_phys, root, levels=levels, phys_limit=snap.pmem.size, max_runs=KCORE_MAX_RUNS)
-        if result.truncated:
-            log.warning("kcore: page-table walk stopped at its bounds (%d runs)", len(result.runs))
-        runs = clip_runs(result.runs, [(b.gpa, b.size) for b in snap.blocks])
-        snap.kcore = build_kcore(snap.dump, runs)
-        return snap.kcore
-
-    @staticmethod
-    def _page_table_root(snap: Snapshot) -> tuple[int, int] | str:
-        """(root, levels) of the kernel page tables, or why there is none:
-        VMCOREINFO's ``init_top_pgt``, else the CR3 of a vCPU that was in
-        kernel mode (the kernel half is the same in every address space)."""
-        if snap.vmcoreinfo_fields is not None:
-            try:
-                return kernel_root_from_vmcoreinfo(snap.vmcoreinfo_fields)
-            except FormatError as e:
-                return str(e)
-        for cpu in qemu_x86_cpu_states(parse_notes(snap.dump.notes)):
-            if cpu.in_kernel and cpu.cr3:
-                return cr3_to_root(cpu.cr3), 5 if cpu.cr4 & CR4_LA57 else 4
-        return "no VMCOREINFO and no vCPU in kernel mode to take CR3 from"
-
-    def read_mem(self, snap: Snapshot, gpa: int, buf: memoryview) -> None:
-        """Fill zeroed ``buf`` with guest memory at ``gpa`` (one block)."""
-        src = snap.source_for(gpa)
-        read_into(src, gpa - src.block.gpa, buf, self.memory)
+        return Snapshot.build(blocks, self.memory.sources(blocks), dump, self.memory.alive)
 
     async def status(self) -> str:
+        """QMP ``query-status``'s ``status``: ``running``, ``paused``, ... Raises :class:`QMPError`."""
         st = await self.monitor.execute("query-status")
         return str(st.get("status", "unknown"))
+
+    async def pause(self) -> None:
+        """QMP ``stop``.  Raises :class:`QMPError`."""
+        await self.monitor.execute("stop")
+
+    async def resume(self) -> None:
+        """QMP ``cont``.  Raises :class:`QMPError`."""
+        await self.monitor.execute("cont")
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the QEMU process (None when not visible)."""
+        return self.monitor.pid
+
+    def alive(self) -> bool:
+        """False once the QEMU process has exited."""
+        return self.memory.alive()
 
     async def info(self) -> dict[str, Any]:
         """What ``vmcorefs info`` prints (and ``--json`` emits)."""

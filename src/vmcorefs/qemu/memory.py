@@ -15,9 +15,11 @@ Two methods, chosen per RAM block:
     ``/proc/PID/mem`` at the block's host address.  Needs ptrace access to
     QEMU (root or CAP_SYS_PTRACE).
 
-Both reduce to "pread(fd, base + (gpa - block.gpa))", so the read path is
-the same for both.  Pages that cannot be read (unmapped in QEMU) read as
-zeros; a QEMU that has exited raises :class:`QEMUGoneError`.
+Both reduce to "pread(fd, base + (gpa - block.gpa))": a :class:`Source`
+resolves guest-physical ranges to :class:`~vmcorefs.core.layout.Extent`\ s
+of kind ``SHARED`` or ``PROCMEM`` (:meth:`Source.extent`), and
+:func:`read_extent` reads either.  Pages that cannot be read (unmapped in
+QEMU) read as zeros; a QEMU that has exited raises :class:`QEMUGoneError`.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ import errno
 import os
 import re
 from dataclasses import dataclass
+from typing import Callable
 
-from vmcorefs.core.memmap import RamBlock
+from vmcorefs.core.layout import PAGE_SIZE, Extent, ExtentKind
+from vmcorefs.core.memmap import GuestPhysBlock
 from vmcorefs.errors import AccessError, QEMUGoneError, UsageError
 
-PAGE = 4096
 MODES = ("auto", "shared", "procmem")
 
 _MAPS_RE = re.compile(
@@ -71,13 +74,28 @@ def parse_maps(text: str) -> list[Mapping]:
 
 @dataclass(frozen=True)
 class Source:
-    """Where a block's bytes are read: ``pread(fd, size, base + delta)``."""
+    """Where a block's bytes are read: ``pread(fd, size, base + delta)``.
 
-    block: RamBlock
+    ``kind`` is :attr:`ExtentKind.SHARED` (``fd`` a backing file, ``base``
+    the block's offset in it) or :attr:`ExtentKind.PROCMEM` (``fd``
+    ``/proc/PID/mem``, ``base`` the block's host-virtual address); ``path``
+    names the file for ``vmcorefs info``.
+    """
+
+    block: GuestPhysBlock
     fd: int
     base: int
-    method: str  # "shared" or "procmem"
+    kind: ExtentKind
     path: str
+
+    @property
+    def method(self) -> str:
+        """``shared`` or ``procmem`` (the ``--memory`` names)."""
+        return self.kind.name.lower()
+
+    def extent(self, offset: int, gpa: int, length: int) -> Extent:
+        """``length`` bytes of guest-physical ``gpa`` (inside this block) at file ``offset``."""
+        return Extent(offset, length, self.kind, self.base + (gpa - self.block.gpa), self.fd)
 
 
 class ProcessMemory:
@@ -148,7 +166,7 @@ class ProcessMemory:
             return fd
         return None
 
-    def sources(self, blocks: list[RamBlock]) -> list[Source]:
+    def sources(self, blocks: list[GuestPhysBlock]) -> list[Source]:
         """Choose how to read each block, per ``mode``."""
         pid = self._require_pid()
         maps: list[Mapping] = []
@@ -168,11 +186,11 @@ class ProcessMemory:
                 if self.mode == "shared" and b.kind == "ram":
                     raise AccessError(f"guest RAM {b.name!r} at {b.gpa:#x} is not in a shared file mapping",
                                       "give QEMU memory-backend-memfd/-file with share=on, or use --memory procmem")
-                src = Source(b, self._proc_mem(), b.hva, "procmem", f"/proc/{pid}/mem")
+                src = Source(b, self._proc_mem(), b.hva, ExtentKind.PROCMEM, f"/proc/{pid}/mem")
             out.append(src)
         return out
 
-    def _shared_source(self, pid: int, b: RamBlock, maps: list[Mapping]) -> Source | None:
+    def _shared_source(self, pid: int, b: GuestPhysBlock, maps: list[Mapping]) -> Source | None:
         for m in maps:
             if m.start <= b.hva < m.end:
                 if not m.shared_file or b.hva + b.size > m.end:
@@ -180,7 +198,7 @@ class ProcessMemory:
                 fd = self._open_backing(pid, m)
                 if fd is None:
                     return None
-                return Source(b, fd, m.offset + (b.hva - m.start), "shared", m.path)
+                return Source(b, fd, m.offset + (b.hva - m.start), ExtentKind.SHARED, m.path)
         return None
 
     def alive(self) -> bool:
@@ -207,17 +225,18 @@ def zero_fill(buf: memoryview) -> None:
         pos += n
 
 
-def read_into(src: Source, delta: int, buf: memoryview, memory: ProcessMemory) -> None:
-    """Fill ``buf`` from ``src`` at ``delta`` bytes into its block.
+def read_extent(ext: Extent, buf: memoryview, alive: Callable[[], bool]) -> None:
+    """Fill ``buf`` (at most ``ext.length`` bytes) from a ``SHARED`` or
+    ``PROCMEM`` extent: ``pread(ext.fd, len(buf), ext.src)``.
 
     Pages that cannot be read, and bytes past the end of a backing file,
     become zeros.  Raises :class:`QEMUGoneError` when ``/proc/PID/mem``
-    stops answering because QEMU exited.
+    stops answering and ``alive()`` says QEMU exited.
     """
     total = len(buf)
-    off = src.base + delta
+    off = ext.src
     try:
-        n = os.preadv(src.fd, [buf], off)
+        n = os.preadv(ext.fd, [buf], off)
     except OSError:
         n = 0
     if n == total:  # the common case: one system call
@@ -225,17 +244,17 @@ def read_into(src: Source, delta: int, buf: memoryview, memory: ProcessMemory) -
     pos = n
     while pos < total:
         try:
-            n = os.preadv(src.fd, [buf[pos:]], off + pos)
+            n = os.preadv(ext.fd, [buf[pos:]], off + pos)
         except OSError as e:
-            if e.errno == errno.ESRCH or not memory.alive():
+            if e.errno == errno.ESRCH or not alive():
                 raise QEMUGoneError("QEMU has exited") from None
             # Unreadable (e.g. EIO/EFAULT for a page QEMU unmapped): zeros.
-            nxt = min(total, (off + pos + PAGE) // PAGE * PAGE - off)
+            nxt = min(total, (off + pos + PAGE_SIZE) // PAGE_SIZE * PAGE_SIZE - off)
             zero_fill(buf[pos:nxt])
             pos = nxt
             continue
         if n == 0:
-            if src.method == "procmem" and not memory.alive():
+            if ext.kind == ExtentKind.PROCMEM and not alive():
                 raise QEMUGoneError("QEMU has exited")
             zero_fill(buf[pos:])
             return
