@@ -25,7 +25,7 @@
  * unregisters it at release.  Anything not covered by the prefix or an
  * extent reads as zeros, exactly like vmcorefs.core.layout.SparseFile.
  *
- * Private RAM (QEMU's anonymous memory, KIND_PROCMEM) is read with
+ * Private RAM (QEMU's anonymous memory, EXT_PROCMEM) is read with
  * process_vm_readv (one copy; /proc/PID/mem as the fallback), except pages
  * that hold no data according to /proc/PID/pagemap, which are spliced as
  * zeros without touching QEMU.
@@ -69,15 +69,27 @@
 /* Zeros to splice or copy from: page-aligned, never written. */
 static unsigned char zeros[MAX_REPLY] __attribute__((aligned(4096)));
 
-enum { KIND_SHARED = 0, KIND_PROCMEM = 1 };
+/*
+ * Where the bytes of an extent come from: vmcorefs.core.layout.ExtentKind,
+ * same numbers.  MEMORY (a guest-physical address) exists only in layouts
+ * before they are resolved and never reaches this module.
+ */
+enum extent_kind { EXT_PREFIX = 0, EXT_ZERO = 1, EXT_MEMORY = 2, EXT_SHARED = 3, EXT_PROCMEM = 4 };
 
-typedef struct {
-    uint64_t off;  /* file offset */
-    uint64_t len;
-    uint64_t src;  /* offset in fd */
+/*
+ * vmcorefs.core.layout.Extent, same field order: length bytes at file offset
+ * offset come from src -- an offset into the prefix (EXT_PREFIX), into fd
+ * (EXT_SHARED), or QEMU's host-virtual address, fd being /proc/PID/mem
+ * (EXT_PROCMEM).  A registered layout's memory extents and the pieces of
+ * one reply are both extents.
+ */
+struct extent {
+    uint64_t offset;
+    uint64_t length;
+    enum extent_kind kind;
+    uint64_t src;
     int fd;
-    int kind;
-} mem_ext;
+};
 
 typedef struct {
     atomic_int refs;
@@ -85,7 +97,7 @@ typedef struct {
     uint64_t size;
     unsigned char *prefix;
     size_t prefix_len;
-    mem_ext *ext;
+    struct extent *ext;
     size_t n;
 } layout;
 
@@ -101,6 +113,7 @@ typedef struct {
     size_t ntab, captab;
     atomic_int gone;
     atomic_int no_vm_readv;
+    atomic_int warned_kind;
     /* Device-thread state. */
     int pipe_r, pipe_w;
     size_t pipe_slots;
@@ -128,6 +141,13 @@ static void emit(Engine *e, char code)
     do {
         r = write(e->event_fd, &code, 1);
     } while (r < 0 && errno == EINTR);
+}
+
+/* A piece of a kind this engine does not serve (cannot happen: register checks): zeros, said once. */
+static void warn_kind(Engine *e, enum extent_kind kind)
+{
+    if (kind != EXT_ZERO && !atomic_exchange(&e->warned_kind, 1))
+        fprintf(stderr, "vmcorefs._readpath: extent kind %d read as zeros\n", (int)kind);
 }
 
 static layout *lookup_ref(Engine *e, uint64_t fh)
@@ -170,62 +190,55 @@ static int qemu_alive(pid_t pid)
 }
 
 /*
- * One piece of a reply: where [pos, pos+len) of the file comes from.
- * kind: 'd' prefix data, 'z' zeros, 'm' memory extent x at x->src + (pos - x->off).
+ * The piece of a reply starting at file offset pos, at most end - pos long:
+ * prefix bytes (src: offset in the prefix), zeros, or part of one memory
+ * extent (src advanced to pos).
  */
-typedef struct {
-    char kind;
-    uint64_t len;
-    const mem_ext *x;
-    uint64_t src;
-} piece;
-
-/* The piece starting at file offset pos, at most end - pos long. */
-static piece piece_at(const layout *l, uint64_t pos, uint64_t end)
+static struct extent piece_at(const layout *l, uint64_t pos, uint64_t end)
 {
-    piece p = {'z', end - pos, NULL, 0};
+    struct extent p = {.offset = pos, .length = end - pos, .kind = EXT_ZERO, .src = 0, .fd = -1};
     if (pos < l->prefix_len) {
-        p.kind = 'd';
+        p.kind = EXT_PREFIX;
         p.src = pos;
-        if (p.len > l->prefix_len - pos)
-            p.len = l->prefix_len - pos;
+        if (p.length > l->prefix_len - pos)
+            p.length = l->prefix_len - pos;
         return p;
     }
-    /* Last extent with off <= pos. */
+    /* Last extent with offset <= pos. */
     size_t lo = 0, hi = l->n;
     while (lo < hi) {
         size_t mid = (lo + hi) / 2;
-        if (l->ext[mid].off <= pos)
+        if (l->ext[mid].offset <= pos)
             lo = mid + 1;
         else
             hi = mid;
     }
     if (lo > 0) {
-        const mem_ext *x = &l->ext[lo - 1];
-        if (pos < x->off + x->len) {
-            p.kind = 'm';
-            p.x = x;
-            p.src = x->src + (pos - x->off);
-            if (p.len > x->off + x->len - pos)
-                p.len = x->off + x->len - pos;
+        const struct extent *x = &l->ext[lo - 1];
+        if (pos - x->offset < x->length) {
+            p.kind = x->kind;
+            p.fd = x->fd;
+            p.src = x->src + (pos - x->offset);
+            if (p.length > x->length - (pos - x->offset))
+                p.length = x->length - (pos - x->offset);
             return p;
         }
     }
-    if (lo < l->n && l->ext[lo].off < end)
-        p.len = l->ext[lo].off - pos;
+    if (lo < l->n && l->ext[lo].offset < end)
+        p.length = l->ext[lo].offset - pos;
     return p;
 }
 
 /*
- * One read of QEMU's memory.  /proc/PID/mem (KIND_PROCMEM) is read with
+ * One read of QEMU's memory.  /proc/PID/mem (EXT_PROCMEM) is read with
  * process_vm_readv at the same host address when the kernel allows it:
  * one copy and no per-page bounce buffer, about twice as fast as pread of
  * /proc/PID/mem, with the same access check (ptrace) and the same effect
  * on QEMU (a read fault maps the zero page, allocates nothing).
  */
-static ssize_t read_once(Engine *e, const mem_ext *x, uint64_t src, unsigned char *buf, uint64_t len)
+static ssize_t read_once(Engine *e, const struct extent *x, uint64_t src, unsigned char *buf, uint64_t len)
 {
-    if (x->kind == KIND_PROCMEM && e->pid > 0 && !atomic_load(&e->no_vm_readv)) {
+    if (x->kind == EXT_PROCMEM && e->pid > 0 && !atomic_load(&e->no_vm_readv)) {
         struct iovec local = {buf, len}, remote = {(void *)(uintptr_t)src, len};
         ssize_t n = process_vm_readv(e->pid, &local, 1, &remote, 1, 0);
         if (n >= 0 || (errno != ENOSYS && errno != EPERM))
@@ -314,10 +327,10 @@ static int untouched(Engine *e, uint64_t src, uint64_t len)
     return 1;
 }
 
-static int read_mem_plain(Engine *e, const mem_ext *x, uint64_t src, unsigned char *buf, uint64_t len);
+static int read_mem_plain(Engine *e, const struct extent *x, uint64_t src, unsigned char *buf, uint64_t len);
 
 /* read_into() for /proc/PID/mem: untouched pages as zeros, the rest read. */
-static int read_procmem(Engine *e, const mem_ext *x, uint64_t src, unsigned char *buf, uint64_t len)
+static int read_procmem(Engine *e, const struct extent *x, uint64_t src, unsigned char *buf, uint64_t len)
 {
     uint64_t ents[PM_MAX_PAGES];
     uint64_t n = pagemap_of(e, src, len, ents);
@@ -340,15 +353,15 @@ static int read_procmem(Engine *e, const mem_ext *x, uint64_t src, unsigned char
     return 0;
 }
 
-static int read_mem(Engine *e, const mem_ext *x, uint64_t src, unsigned char *buf, uint64_t len)
+static int read_mem(Engine *e, const struct extent *x, uint64_t src, unsigned char *buf, uint64_t len)
 {
-    if (x->kind == KIND_PROCMEM)
+    if (x->kind == EXT_PROCMEM)
         return read_procmem(e, x, src, buf, len);
     return read_mem_plain(e, x, src, buf, len);
 }
 
 /* read_into(): fill buf from fd at src; 0, or -1 when QEMU has exited. */
-static int read_mem_plain(Engine *e, const mem_ext *x, uint64_t src, unsigned char *buf, uint64_t len)
+static int read_mem_plain(Engine *e, const struct extent *x, uint64_t src, unsigned char *buf, uint64_t len)
 {
     uint64_t pos = 0;
     while (pos < len) {
@@ -367,7 +380,7 @@ static int read_mem_plain(Engine *e, const mem_ext *x, uint64_t src, unsigned ch
             continue;
         }
         if (n == 0) {
-            if (x->kind == KIND_PROCMEM && !qemu_alive(e->pid))
+            if (x->kind == EXT_PROCMEM && !qemu_alive(e->pid))
                 return -1;
             memset(buf + pos, 0, len - pos);
             return 0;
@@ -381,15 +394,24 @@ static int copy_reply(Engine *e, struct fuse_out_header *oh, const layout *l, ui
 {
     uint64_t pos = off, end = off + len;
     while (pos < end) {
-        piece p = piece_at(l, pos, end);
+        struct extent p = piece_at(l, pos, end);
         unsigned char *dst = e->cbuf + (pos - off);
-        if (p.kind == 'd')
-            memcpy(dst, l->prefix + p.src, p.len);
-        else if (p.kind == 'z')
-            memset(dst, 0, p.len);
-        else if (read_mem(e, p.x, p.src, dst, p.len) < 0)
-            return -1;
-        pos += p.len;
+        switch (p.kind) {
+        case EXT_PREFIX:
+            memcpy(dst, l->prefix + p.src, p.length);
+            break;
+        case EXT_SHARED:
+        case EXT_PROCMEM:
+            if (read_mem(e, &p, p.src, dst, p.length) < 0)
+                return -1;
+            break;
+        case EXT_ZERO:
+        default:
+            warn_kind(e, p.kind);
+            memset(dst, 0, p.length);
+            break;
+        }
+        pos += p.length;
     }
     struct iovec iov[2] = {{oh, sizeof *oh}, {e->cbuf, len}};
     write_all_dev(e, iov, 2);
@@ -485,37 +507,42 @@ static int splice_reply(Engine *e, struct fuse_out_header *oh, const layout *l, 
     /* Every piece must be spliceable and the message must fit the pipe. */
     uint64_t slots = 1, pos = off, end = off + len;
     while (pos < end) {
-        piece p = piece_at(l, pos, end);
-        if (p.kind == 'm' && p.x->kind == KIND_PROCMEM) {
-            if (!untouched(e, p.src, p.len))
+        struct extent p = piece_at(l, pos, end);
+        switch (p.kind) {
+        case EXT_PREFIX:
+            slots += pages_spanned((uintptr_t)(l->prefix + p.src), p.length);
+            break;
+        case EXT_SHARED:
+            slots += pages_spanned(p.src, p.length);
+            break;
+        case EXT_PROCMEM:
+            if (!untouched(e, p.src, p.length))
                 return 0; /* private RAM with data: copied */
-            slots += pages_spanned(0, p.len);
-        } else if (p.kind == 'm') {
-            slots += pages_spanned(p.src, p.len);
-        } else if (p.kind == 'd') {
-            slots += pages_spanned((uintptr_t)(l->prefix + p.src), p.len);
-        } else {
-            slots += pages_spanned(0, p.len); /* from the page-aligned zeros */
+            slots += pages_spanned(0, p.length);
+            break;
+        case EXT_ZERO:
+        default:
+            slots += pages_spanned(0, p.length); /* from the page-aligned zeros */
+            break;
         }
-        pos += p.len;
+        pos += p.length;
     }
     if (slots > e->pipe_slots)
         return 0;
     if (vmsplice_all(e, oh, sizeof *oh) < 0)
         goto fallback;
     for (pos = off; pos < end;) {
-        piece p = piece_at(l, pos, end);
-        if (p.kind == 'd') {
-            if (vmsplice_all(e, l->prefix + p.src, p.len) < 0)
+        struct extent p = piece_at(l, pos, end);
+        switch (p.kind) {
+        case EXT_PREFIX:
+            if (vmsplice_all(e, l->prefix + p.src, p.length) < 0)
                 goto fallback;
-        } else if (p.kind == 'z' || p.x->kind == KIND_PROCMEM) { /* untouched, checked above */
-            if (splice_zeros(e, p.len) < 0)
-                goto fallback;
-        } else {
+            break;
+        case EXT_SHARED: {
             loff_t src = (loff_t)p.src;
-            uint64_t left = p.len;
+            uint64_t left = p.length;
             while (left) {
-                ssize_t n = splice(p.x->fd, &src, e->pipe_w, NULL, left, SPLICE_F_NONBLOCK);
+                ssize_t n = splice(p.fd, &src, e->pipe_w, NULL, left, SPLICE_F_NONBLOCK);
                 if (n < 0 && errno == EINTR)
                     continue;
                 if (n < 0)
@@ -527,8 +554,17 @@ static int splice_reply(Engine *e, struct fuse_out_header *oh, const layout *l, 
                 }
                 left -= (uint64_t)n;
             }
+            break;
         }
-        pos += p.len;
+        case EXT_PROCMEM: /* untouched, checked above */
+        case EXT_ZERO:
+        default:
+            warn_kind(e, p.kind);
+            if (splice_zeros(e, p.length) < 0)
+                goto fallback;
+            break;
+        }
+        pos += p.length;
     }
     for (;;) {
         ssize_t n = splice(e->pipe_r, NULL, e->dev_fd, NULL, oh->len, 0);
@@ -813,19 +849,23 @@ static PyObject *Engine_register(Engine *self, PyObject *args)
     PyBuffer_Release(&prefix);
     uint64_t last_end = l->prefix_len;
     for (Py_ssize_t i = 0; i < n; i++) {
-        mem_ext *x = &l->ext[i];
+        struct extent *x = &l->ext[i];
         unsigned long long off, len, src;
         int fd, kind;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKiKi", &off, &len, &fd, &src, &kind))
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKiKi", &off, &len, &kind, &src, &fd))
             goto bad;
-        if (off < last_end || len == 0 || off + len > size || off + len < off
-            || (kind != KIND_SHARED && kind != KIND_PROCMEM)) {
+        if (kind != EXT_SHARED && kind != EXT_PROCMEM) {
+            PyErr_Format(PyExc_ValueError, "extent %zd (offset %#llx): kind %d is not EXT_SHARED (%d) or"
+                         " EXT_PROCMEM (%d)", i, off, kind, EXT_SHARED, EXT_PROCMEM);
+            goto bad;
+        }
+        if (off < last_end || len == 0 || off + len > size || off + len < off) {
             PyErr_Format(PyExc_ValueError, "extent %zd (offset %#llx, length %#llx) is empty, unsorted,"
                          " overlapping or beyond the file", i, off, len);
             goto bad;
         }
-        x->off = off;
-        x->len = len;
+        x->offset = off;
+        x->length = len;
         x->fd = fd;
         x->src = src;
         x->kind = kind;
@@ -923,7 +963,8 @@ static PyMethodDef Engine_methods[] = {
     {"stop", (PyCFunction)Engine_stop, METH_NOARGS, "Stop both threads and wait for them."},
     {"register", (PyCFunction)Engine_register, METH_VARARGS,
      "register(fh, size, prefix, extents): serve READs of fh natively.\n"
-     "extents: sorted (offset, length, fd, fd_offset, kind) with kind 0 = shared file (splice), 1 = /proc/PID/mem."},
+     "extents: sorted (offset, length, kind, src, fd) like vmcorefs.core.layout.Extent; kind EXT_SHARED\n"
+     "(src: offset in fd, spliced) or EXT_PROCMEM (src: QEMU's address, fd: /proc/PID/mem)."},
     {"unregister", (PyCFunction)Engine_unregister, METH_O, "Forget fh; True if it was registered."},
     {"set_gone", (PyCFunction)Engine_set_gone, METH_NOARGS, "QEMU has exited: fail every read with EIO."},
     {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "Counters of the native read path."},
@@ -960,8 +1001,11 @@ PyMODINIT_FUNC PyInit__readpath(void)
         Py_DECREF(m);
         return NULL;
     }
-    PyModule_AddIntConstant(m, "KIND_SHARED", KIND_SHARED);
-    PyModule_AddIntConstant(m, "KIND_PROCMEM", KIND_PROCMEM);
+    PyModule_AddIntConstant(m, "EXT_PREFIX", EXT_PREFIX);
+    PyModule_AddIntConstant(m, "EXT_ZERO", EXT_ZERO);
+    PyModule_AddIntConstant(m, "EXT_MEMORY", EXT_MEMORY);
+    PyModule_AddIntConstant(m, "EXT_SHARED", EXT_SHARED);
+    PyModule_AddIntConstant(m, "EXT_PROCMEM", EXT_PROCMEM);
     PyModule_AddIntConstant(m, "MAX_REPLY", MAX_REPLY);
     return m;
 }

@@ -2,8 +2,11 @@
 
 from typing import Sequence
 
-KIND_SHARED: int
-KIND_PROCMEM: int
+EXT_PREFIX: int
+EXT_ZERO: int
+EXT_MEMORY: int
+EXT_SHARED: int
+EXT_PROCMEM: int
 MAX_REPLY: int
 
 class Engine:

@@ -1,4 +1,4 @@
-"""The native read path: FUSE_READ answered in C, everything else by pyfuse3.
+r"""The native read path: FUSE_READ answered in C, everything else by pyfuse3.
 
 Part of the FUSE adapter.  After ``pyfuse3.init()`` has mounted, :meth:`NativeReads.attach`
 puts :mod:`vmcorefs._readpath` between the kernel and pyfuse3::
@@ -30,8 +30,8 @@ import socket
 from types import ModuleType
 from typing import Any, Callable
 
-from vmcorefs.core.layout import ExtentKind, SparseFile
-from vmcorefs.errors import VmcorefsError
+from vmcorefs.core.layout import SparseFile
+from vmcorefs.errors import MountError
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,11 @@ class NativeReads:
     def attach(cls, pid: int | None, on_event: Callable[[str], None]) -> "NativeReads":
         """Take over the FUSE device of the mounted pyfuse3 session."""
         if _readpath is None:
-            raise VmcorefsError(f"the native read path is not built ({IMPORT_ERROR}); reinstall vmcorefs"
+            raise MountError(f"the native read path is not built ({IMPORT_ERROR}); reinstall vmcorefs"
                                 " with a C compiler, or mount with --reads python")
         fds = _fuse_device_fds()
         if len(fds) != 1:
-            raise VmcorefsError(f"expected one /dev/fuse descriptor after mounting, found {len(fds)}")
+            raise MountError(f"expected one /dev/fuse descriptor after mounting, found {len(fds)}")
         session_fd = fds[0]
         dev = os.dup(session_fd)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -118,10 +118,7 @@ class NativeReads:
         """Serve FUSE_READ of handle ``fh`` from ``file`` (resolved: its
         segments are ``SHARED``/``PROCMEM`` extents).  Raises ``ValueError``
         for a layout the engine refuses, ``MemoryError``."""
-        assert _readpath is not None
-        kinds = {ExtentKind.SHARED: _readpath.KIND_SHARED, ExtentKind.PROCMEM: _readpath.KIND_PROCMEM}
-        self.engine.register(fh, file.size, file.prefix,
-                             [(x.offset, x.length, x.fd, x.src, kinds[x.kind]) for x in file.segments])
+        self.engine.register(fh, file.size, file.prefix, file.segments)
 
     def unregister(self, fh: int) -> None:
         self.engine.unregister(fh)

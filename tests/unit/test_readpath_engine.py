@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vmcorefs import readpath
+from vmcorefs.core.layout import Extent, ExtentKind
 
 # Under CI=true a missing native module fails (the import below) instead of skipping.
 if not readpath.available() and os.environ.get("CI") != "true":
@@ -148,8 +149,8 @@ def test_replies_match_the_model(rig: Rig, layout: tuple[bytes, list[tuple[int, 
     prefix, extents, size = layout
     fh = next(_next_fh)
     rig.engine.register(fh, size, prefix, [
-        (off, length, rig.memfd, src, 0) if kind == 0 else
-        (off, length, rig.proc_mem, rig.private_addr + src, 1)
+        Extent(off, length, ExtentKind.SHARED, src, rig.memfd) if kind == 0 else
+        Extent(off, length, ExtentKind.PROCMEM, rig.private_addr + src, rig.proc_mem)
         for off, length, kind, src in extents])
     try:
         model = _model(rig, prefix, extents, size)
@@ -167,9 +168,10 @@ def test_spliced_copied_and_counted(rig: Rig) -> None:
     """Shared memory and untouched private pages are spliced; private data copied."""
     before = rig.engine.stats()
     fh = next(_next_fh)
-    rig.engine.register(fh, 3 * MEM, b"", [(0, MEM, rig.memfd, 0, 0),
-                                            (MEM, MEM // 2, rig.proc_mem, rig.private_addr + MEM // 2, 1),
-                                            (2 * MEM, MEM // 2, rig.proc_mem, rig.private_addr, 1)])
+    rig.engine.register(fh, 3 * MEM, b"", [
+        Extent(0, MEM, ExtentKind.SHARED, 0, rig.memfd),
+        Extent(MEM, MEM // 2, ExtentKind.PROCMEM, rig.private_addr + MEM // 2, rig.proc_mem),
+        Extent(2 * MEM, MEM // 2, ExtentKind.PROCMEM, rig.private_addr, rig.proc_mem)])
     size = (rig.engine.stats()["pipe_bytes"] // 4096 - 1) * 4096  # a reply that fits one pipe
     for off in (0, MEM, 2 * MEM):
         error, data = rig.read(fh, off, size)
@@ -209,9 +211,36 @@ def test_init_reply_max_pages_fits_the_pipe(rig: Rig) -> None:
 def test_gone_fails_reads_with_eio() -> None:
     r = Rig()
     try:
-        r.engine.register(1, 8192, b"x" * 100, [(4096, 4096, r.memfd, 0, 0)])
+        r.engine.register(1, 8192, b"x" * 100, [Extent(4096, 4096, ExtentKind.SHARED, 0, r.memfd)])
         assert r.read(1, 0, 8192) == (0, b"x" * 100 + bytes(3996) + r.shared[:4096])
         r.engine.set_gone()
         assert r.read(1, 0, 8192) == (-errno.EIO, b"")
     finally:
         r.close()
+
+
+def test_extent_kinds_are_python_s() -> None:
+    """C's enum extent_kind has ExtentKind's numbers: register() takes Extents as they are."""
+    assert {k.name: int(k) for k in ExtentKind} == {
+        "PREFIX": _readpath.EXT_PREFIX, "ZERO": _readpath.EXT_ZERO, "MEMORY": _readpath.EXT_MEMORY,
+        "SHARED": _readpath.EXT_SHARED, "PROCMEM": _readpath.EXT_PROCMEM}
+
+
+@pytest.mark.parametrize("kind", [ExtentKind.PREFIX, ExtentKind.ZERO, ExtentKind.MEMORY, 7, -1])
+def test_register_refuses_kinds_it_cannot_read(rig: Rig, kind: int) -> None:
+    with pytest.raises(ValueError, match="kind"):
+        rig.engine.register(5, 8192, b"", [(0, 4096, kind, 0, rig.memfd)])
+    assert not rig.engine.unregister(5)
+
+
+@pytest.mark.parametrize("extents", [
+    [(0, 0, ExtentKind.SHARED, 0, 0)],  # empty
+    [(4096, 4096, ExtentKind.SHARED, 0, 0), (0, 4096, ExtentKind.SHARED, 0, 0)],  # unsorted
+    [(0, 4096, ExtentKind.SHARED, 0, 0), (4095, 4096, ExtentKind.SHARED, 0, 0)],  # overlapping
+    [(4096, 8192, ExtentKind.SHARED, 0, 0)],  # beyond the file
+    [(2**64 - 4096, 4096, ExtentKind.SHARED, 0, 0)],  # beyond, and wrapping
+])
+def test_register_refuses_bad_layouts(rig: Rig, extents: list[tuple[int, int, int, int, int]]) -> None:
+    with pytest.raises(ValueError):
+        rig.engine.register(6, 8192, b"", extents)
+    assert not rig.engine.unregister(6)
