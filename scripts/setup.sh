@@ -13,6 +13,7 @@ apt_packages=(
   binutils elfutils                 # readelf, eu-readelf
   makedumpfile crash gdb            # the tools users run on the core
   python3-libkdumpfile              # libkdumpfile (system python3) for its test
+  clang libclang-rt-14-dev          # the read path's fuzzer (libFuzzer) and sanitizers: make fuzz, make sanitize
   xz-utils                          # the 6.12 guest's compressed qemu_fw_cfg module
   # Build dependencies of crash 9 (Debian unstable's source package, see
   # scripts/build-tools.sh), from this release's archive.
