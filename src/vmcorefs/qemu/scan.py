@@ -1,0 +1,383 @@
+"""Finding the guest's VMCOREINFO in the RAM of a running QEMU.
+
+When QEMU's notes carry no ``VMCOREINFO`` (no ``-device vmcoreinfo``, or
+the guest never registered its note), :func:`find_vmcoreinfo` reads guest
+RAM for the copies Linux keeps there and returns the one that matches the
+running kernel (:mod:`vmcorefs.core.vmcoreinfo` says what is looked for,
+how a copy is validated and which one wins).  :func:`revalidate` checks a
+previous result again at the cost of a few pages, for every ``open()``.
+
+Only memory the host has populated is read, and never by faulting it in:
+
+* shared backends (memfd, file): ``lseek(SEEK_DATA/SEEK_HOLE)`` on the
+  backing file lists the ranges that hold data; holes are skipped;
+* private RAM: ``/proc/PID/pagemap`` says which of QEMU's pages are present
+  (or swapped out); pages never touched, or mapped to the kernel's zero
+  page (or huge zero page), are skipped.  The rest is read with ``pread``
+  of ``/proc/PID/mem``, which maps nothing new into QEMU.  Without access to
+  the pagemap every page is read (QEMU's page tables then grow by the zero
+  pages mapped for untouched RAM).
+
+Guest RAM is never mmapped.  Reads go in chunks of at most
+:attr:`ScanLimits.chunk` bytes of populated memory, in guest-physical
+order.  Pages the host swapped out are read in a second pass, only when the
+resident ones held no valid copy (reading them swaps them in).
+
+Bounds (:class:`ScanLimits`): the scan stops after ``max_bytes`` bytes read
+or ``max_seconds`` seconds, and, by default, as soon as it has validated
+Linux's pair (a note and a text copy with the same text); ``Found.stats`` /
+``NotFound.stats`` say what it cost and whether it ran to the end.  Linux
+allocates both copies early at boot, so the pair is usually in the first
+tens of MiB of RAM.
+"""
+
+from __future__ import annotations
+
+import array
+import bisect
+import ctypes
+import errno
+import functools
+import mmap
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+from vmcorefs.core.vmcoreinfo import (
+    COPY_SPAN,
+    PAGE,
+    CPUState,
+    Finder,
+    Found,
+    NotFound,
+    Rejected,
+    ScanStats,
+    kernel_roots,
+    parse_copy,
+    translator,
+    validate,
+)
+from vmcorefs.errors import GuestMemoryError
+from vmcorefs.qemu.memory import ProcessMemory, Source, read_extent
+
+#: Pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
+PM_PRESENT = 1 << 63
+PM_SWAPPED = 1 << 62
+PM_PFN_MASK = (1 << 55) - 1
+HUGE = 2 << 20
+#: Pagemap entries read per system call (covers 32 MiB of QEMU's memory).
+PAGEMAP_BATCH = 8192
+
+#: Page kinds in :meth:`GuestRAM.populated` runs.
+RESIDENT, SWAPPED = "resident", "swapped"
+#: Runs of resident (1) or swapped (2) pages in a :meth:`GuestRAM._kinds` map.
+_RUNS = re.compile(rb"\x01+|\x02+")
+
+
+@dataclass(frozen=True)
+class ScanLimits:
+    """Bounds on one scan.
+
+    ``max_bytes``: populated guest memory read (bytes); ``max_seconds``:
+    wall-clock time; ``chunk``: bytes per read (a multiple of 4096);
+    ``stop_at_pair``: stop once Linux's note/text pair has validated;
+    ``read_swapped``: read swapped-out pages when resident ones held no
+    valid copy.
+    """
+
+    max_bytes: int = 64 << 30
+    max_seconds: float = 60.0
+    chunk: int = 1 << 20
+    stop_at_pair: bool = True
+    read_swapped: bool = True
+
+
+def _own_zero_pfn(size: int, huge: bool) -> int:
+    """The PFN a read fault maps at an untouched private anonymous address
+    of ours (the kernel's zero page, or huge zero page); 0 when unknown
+    (PFNs hidden without CAP_SYS_ADMIN, THP off)."""
+    m = mmap.mmap(-1, 2 * size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        off = -addr % size
+        if huge:
+            try:
+                m.madvise(mmap.MADV_HUGEPAGE, off, size)
+            except OSError:
+                return 0
+        _ = m[off]  # read fault: maps the (huge) zero page, writes nothing
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            raw = os.pread(f.fileno(), 8, (addr + off) // PAGE * 8)
+        ent = int.from_bytes(raw, "little") if len(raw) == 8 else 0
+        return ent & PM_PFN_MASK if ent & PM_PRESENT else 0
+    except OSError:
+        return 0
+    finally:
+        m.close()
+
+
+@functools.cache
+def zero_pfns() -> tuple[int, int]:
+    """``(zero page PFN, huge zero page PFN)`` of this host, 0 when unknown."""
+    small = _own_zero_pfn(PAGE, False)
+    huge = _own_zero_pfn(HUGE, True)
+    return small, (huge if huge != small else 0)
+
+
+class GuestRAM:
+    """Read-only access to guest-physical memory that skips what the host
+    never populated.  ``sources`` come from :meth:`ProcessMemory.sources`
+    (sorted by guest-physical address, as the snapshot's blocks are)."""
+
+    def __init__(self, memory: ProcessMemory, sources: Sequence[Source]) -> None:
+        self.memory = memory
+        self.sources = sorted(sources, key=lambda s: s.block.gpa)
+        self._starts = [s.block.gpa for s in self.sources]
+        self.phys_limit = max((s.block.end for s in self.sources), default=0)
+        self._pagemap: int | None = None
+        self._pagemap_tried = False
+        self._zero = zero_pfns()
+        #: True when private RAM had to be read without its pagemap.
+        self.blind = False
+
+    def close(self) -> None:
+        if self._pagemap is not None:
+            os.close(self._pagemap)
+            self._pagemap = None
+
+    def __enter__(self) -> GuestRAM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _pagemap_fd(self) -> int | None:
+        if not self._pagemap_tried:
+            self._pagemap_tried = True
+            try:
+                self._pagemap = os.open(f"/proc/{self.memory.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._pagemap = None
+        return self._pagemap
+
+    def _kinds(self, hva: int, npages: int) -> bytes | None:
+        """One byte per page of QEMU's ``[hva, hva + npages * 4096)``:
+        0 no data, 1 resident, 2 swapped; None when the pagemap cannot be
+        read."""
+        fd = self._pagemap_fd()
+        if fd is None:
+            return None
+        small, huge = self._zero
+        out = bytearray()
+        first = hva // PAGE
+        while len(out) < npages:
+            n = min(PAGEMAP_BATCH, npages - len(out))
+            try:
+                raw = os.pread(fd, 8 * n, 8 * (first + len(out)))
+            except OSError:
+                return None
+            if len(raw) != 8 * n:
+                return None
+            ents = array.array("Q", raw)
+            out += bytes(
+                2 if not e & PM_PRESENT and e & PM_SWAPPED
+                else 0 if not e & PM_PRESENT
+                or (pfn := e & PM_PFN_MASK) and (pfn == small or huge <= pfn < huge + HUGE // PAGE)
+                else 1
+                for e in ents
+            )
+        return bytes(out)
+
+    def populated(self, src: Source) -> Iterator[tuple[int, int, str]]:
+        """``(offset in block, length, kind)`` runs of ``src``'s block that
+        hold data, in order; ``kind`` is :data:`RESIDENT` or :data:`SWAPPED`."""
+        size = src.block.size
+        if src.method == "shared":
+            yield from self._file_data(src)
+            return
+        kinds = self._kinds(src.base, size // PAGE)
+        if kinds is None:
+            self.blind = True
+            yield 0, size, RESIDENT
+            return
+        for m in _RUNS.finditer(kinds):
+            yield m.start() * PAGE, (m.end() - m.start()) * PAGE, RESIDENT if kinds[m.start()] == 1 else SWAPPED
+
+    def _file_data(self, src: Source) -> Iterator[tuple[int, int, str]]:
+        """Data ranges of a shared backing file, by SEEK_DATA/SEEK_HOLE on a
+        descriptor of our own (the shared one's file offset is left alone)."""
+        try:
+            fd = os.open(f"/proc/self/fd/{src.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            yield 0, src.block.size, RESIDENT
+            return
+        try:
+            start, end = src.base, src.base + src.block.size
+            off = start
+            while off < end:
+                try:
+                    data = os.lseek(fd, off, os.SEEK_DATA)
+                    hole = os.lseek(fd, data, os.SEEK_HOLE)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:  # no data after off
+                        return
+                    yield off - start, end - off, RESIDENT  # no SEEK_DATA: read it all
+                    return
+                data -= (data - start) % PAGE
+                hole = min(end, hole + (-(hole - start) % PAGE))
+                if data >= end:
+                    return
+                yield data - start, hole - data, RESIDENT
+                off = hole
+        finally:
+            os.close(fd)
+
+    def read(self, src: Source, delta: int, buf: memoryview) -> None:
+        """Fill ``buf`` from ``delta`` bytes into ``src``'s block (unreadable
+        pages become zeros; QEMUGoneError when QEMU exits)."""
+        gpa = src.block.gpa + delta
+        read_extent(src.extent(0, gpa, len(buf)), buf, self.memory.alive)
+
+    def source_for(self, gpa: int) -> Source | None:
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i >= 0 and gpa < self.sources[i].block.end:
+            return self.sources[i]
+        return None
+
+    def read_phys(self, gpa: int, length: int) -> bytes:
+        """``length`` bytes of guest memory from ``gpa`` (a
+        :data:`~vmcorefs.core.paging.ReadPhys`): pages that hold no data
+        read as zeros without being read; the read stops at the end of the
+        block (short).  Raises GuestMemoryError when ``gpa`` is not RAM."""
+        src = self.source_for(gpa)
+        if src is None:
+            raise GuestMemoryError("no RAM block", gpa)
+        delta = gpa - src.block.gpa
+        length = max(0, min(length, src.block.size - delta))
+        buf = bytearray(length)
+        view = memoryview(buf)
+        if src.method == "shared":
+            self.read(src, delta, view)
+            return bytes(buf)
+        first = (src.base + delta) // PAGE
+        npages = (src.base + delta + length + PAGE - 1) // PAGE - first
+        kinds = self._kinds(first * PAGE, npages)
+        if kinds is None:
+            self.read(src, delta, view)
+            return bytes(buf)
+        for i, k in enumerate(kinds):
+            if not k:
+                continue
+            lo = max(0, (first + i) * PAGE - (src.base + delta))
+            hi = min(length, (first + i + 1) * PAGE - (src.base + delta))
+            self.read(src, delta + lo, view[lo:hi])
+        return bytes(buf)
+
+
+class _Scan:
+    """One scan: feeds populated memory to a :class:`Finder` within bounds."""
+
+    def __init__(self, ram: GuestRAM, finder: Finder, limits: ScanLimits) -> None:
+        self.ram = ram
+        self.finder = finder
+        self.limits = limits
+        self.bytes_read = self.bytes_skipped = self.swapped_read = 0
+        self.started = time.monotonic()
+        self.stopped = ""
+
+    def bound(self) -> str:
+        if self.bytes_read >= self.limits.max_bytes:
+            return f"read {self.bytes_read} bytes (max_bytes)"
+        if time.monotonic() - self.started >= self.limits.max_seconds:
+            return f"ran {self.limits.max_seconds:g} s (max_seconds)"
+        if self.limits.stop_at_pair and self.finder.paired:
+            return "validated Linux's note and text pair"
+        return ""
+
+    def run(self, kind: str) -> None:
+        """Feed every populated run of ``kind``; stops at a bound.  The
+        resident pass also counts the bytes holding no data it passes."""
+        buf = bytearray(self.limits.chunk)
+        for src in self.ram.sources:
+            covered = 0
+            for delta, length, k in self.ram.populated(src):
+                if kind == RESIDENT:
+                    self.bytes_skipped += delta - covered
+                    covered = delta + length
+                if k != kind:
+                    continue
+                for pos in range(delta, delta + length, self.limits.chunk):
+                    if why := self.bound():
+                        self.stopped = why
+                        return
+                    n = min(self.limits.chunk, delta + length - pos)
+                    self.ram.read(src, pos, memoryview(buf)[:n])
+                    self.bytes_read += n
+                    if kind == SWAPPED:
+                        self.swapped_read += n
+                    self.finder.feed(buf if n == len(buf) else buf[:n], src.block.gpa + pos)
+            if kind == RESIDENT:
+                self.bytes_skipped += src.block.size - covered
+
+    def stats(self) -> ScanStats:
+        return ScanStats(self.bytes_read, self.bytes_skipped, self.swapped_read, self.finder.hits,
+                         time.monotonic() - self.started, not self.stopped, self.stopped)
+
+
+def find_vmcoreinfo(memory: ProcessMemory, sources: Sequence[Source], cpus: Sequence[CPUState],
+                    limits: ScanLimits = ScanLimits()) -> Found | NotFound:
+    """The running kernel's VMCOREINFO, from guest RAM.
+
+    ``memory``/``sources``: how to read each RAM block (the snapshot's
+    ``ProcessMemory`` and ``sources``); ``cpus``: the vCPUs' CR3/CR4 (e.g.
+    ``qemu_x86_cpu_states(parse_notes(dump.notes))``), whose page tables are
+    the truth copies are checked against.  Returns :class:`Found` (text,
+    where, the others and why copies were rejected) or :class:`NotFound`
+    (one line for users); both carry :class:`ScanStats`.  Raises
+    QEMUGoneError when QEMU exits under the scan.  Cost: see the module
+    docstring; pause the guest for a result of one instant.
+    """
+    roots = kernel_roots(cpus)
+    if not roots:
+        return NotFound("no vCPU has paging enabled (CR3 is 0): nothing to check a VMCOREINFO copy against")
+    with GuestRAM(memory, sources) as ram:
+        finder = Finder(ram.read_phys, translator(ram.read_phys, roots, ram.phys_limit), ram.phys_limit)
+        scan = _Scan(ram, finder, limits)
+        scan.run(RESIDENT)
+        if not finder.valid and not scan.stopped and limits.read_swapped:
+            scan.run(SWAPPED)
+        stats = scan.stats()
+        blind = " (private RAM read without its pagemap)" if ram.blind else ""
+        return finder.result(stats, f"{stats.bytes_read >> 20} MiB of populated guest RAM{blind}")
+
+
+def revalidate(found: Found, memory: ProcessMemory, sources: Sequence[Source],
+               cpus: Sequence[CPUState]) -> Found | NotFound:
+    """Check a previous :func:`find_vmcoreinfo` result against the guest as
+    it is now: the copy at ``found.gpa`` still holds the same text and
+    still validates against the vCPUs' live page tables.  Returns ``found``
+    (with fresh stats) or NotFound saying what changed -- after a reset,
+    reboot or kexec into another kernel, scan again.  Cost: about three
+    pages of the copy plus a few page-table pages (a millisecond or two).
+    """
+    started = time.monotonic()
+    roots = kernel_roots(cpus)
+    if not roots:
+        return NotFound("no vCPU has paging enabled (CR3 is 0): the guest is booting")
+    with GuestRAM(memory, sources) as ram:
+        try:
+            c = parse_copy(ram.read_phys(found.gpa, COPY_SPAN), found.gpa, found.form)
+        except GuestMemoryError as e:
+            return NotFound(f"VMCOREINFO copy at {found.gpa:#x} is gone: {e}")
+        if isinstance(c, Rejected):
+            return NotFound(f"VMCOREINFO copy at {found.gpa:#x} changed: {c.reason}")
+        if c.text != found.text:
+            return NotFound(f"VMCOREINFO copy at {found.gpa:#x} holds another text now")
+        why = validate(c.fields, translator(ram.read_phys, roots, ram.phys_limit), ram.read_phys, ram.phys_limit)
+        if why:
+            return NotFound(f"VMCOREINFO copy at {found.gpa:#x} no longer matches the running kernel: {why}")
+    return replace(found, stats=ScanStats(bytes_read=len(c.text), seconds=time.monotonic() - started,
+                                          complete=False, stopped="revalidated"))
