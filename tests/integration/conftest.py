@@ -2,7 +2,9 @@
 
 ``memfd_guest`` uses ``memory-backend-memfd,share=on`` (served by pread on
 the memfd), ``private_guest`` QEMU's default private RAM (served through
-/proc/PID/mem).  Each boots once per session (about 4 s under TCG).
+/proc/PID/mem).  Each boots once per session (about 4 s under TCG).  Guests
+and mounts come from :mod:`vmcorefs.testing` (shared with the benchmarks and
+the demo).
 """
 
 from __future__ import annotations
@@ -13,33 +15,32 @@ from typing import Iterator
 
 import pytest
 
-from qemu_guest import QemuGuest, require
+from vmcorefs.testing import GuestSpec, QemuGuest, close_all, require
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _fuse_available() -> None:
+def _fuse_available() -> Iterator[None]:
     require(os.path.exists("/dev/fuse"), "/dev/fuse missing")
     require(shutil.which("fusermount3") is not None, "fusermount3 (fuse3) not installed")
+    yield
+    close_all()  # whatever a failed test left behind
 
 
-def _boot(name: str, **kw: object) -> Iterator[QemuGuest]:
-    g = QemuGuest(name, **kw)  # type: ignore[arg-type]
-    try:
-        yield g.wait_ready()
-    finally:
-        g.close()
+def _boot(spec: GuestSpec) -> Iterator[QemuGuest]:
+    with QemuGuest(spec) as g:
+        yield g
 
 
 @pytest.fixture(scope="session")
 def memfd_guest() -> Iterator[QemuGuest]:
-    yield from _boot("memfd", memory="memfd")
+    yield from _boot(GuestSpec("memfd", memory="memfd"))
 
 
 @pytest.fixture(scope="session")
 def private_guest() -> Iterator[QemuGuest]:
-    yield from _boot("private", memory="private")
+    yield from _boot(GuestSpec("private", memory="private"))
 
 
 @pytest.fixture(params=["memfd", "private"])

@@ -11,10 +11,10 @@ from typing import Iterator
 
 import pytest
 
-from qemu_guest import GUEST_DIR, REPO, Mount, QemuGuest, require
+from vmcorefs.testing import DEBIAN12, SRC, Mount, QemuGuest, require
 
 pytestmark = pytest.mark.integration
-COOKBOOK = REPO / "docs" / "cookbook.md"
+COOKBOOK = Path(__file__).resolve().parents[2] / "docs" / "cookbook.md"
 
 
 def _recipes() -> list[tuple[str, str]]:
@@ -44,13 +44,13 @@ def mounted(memfd_guest: QemuGuest) -> Iterator[Mount]:
 
 @pytest.mark.parametrize("section,script", RECIPES, ids=[f"{i}-{s.split()[0]}" for i, (s, _) in enumerate(RECIPES)])
 def test_recipe(section: str, script: str, mounted: Mount, tmp_path: Path) -> None:
-    vmlinux = GUEST_DIR / "vmlinux"
+    vmlinux = DEBIAN12.vmlinux
     require(vmlinux.exists(), "debug vmlinux missing; run scripts/build-guest.sh --dbg")
     env = dict(os.environ, SOCK=mounted.socket, MNT=str(mounted.path), VMLINUX=str(vmlinux), OUT=str(tmp_path),
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(REPO / "src"))
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(SRC))
     # The mount holds the guest's first monitor; `vmcorefs info` in a recipe
     # talks to the second, which the test's own QMP client lets go of here.
-    env["SOCK"] = mounted.guest.test_qmp_path
+    env["SOCK"] = mounted.guest.own_qmp_path
     mounted.guest.release_qmp()
     r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=env, capture_output=True, text=True,
                        timeout=600)

@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from qemu_guest import GUEST_DIR, OLD_GUEST_DIR, Mount, QemuGuest, kernel_image_phys, require, vmcoreinfo_dict
+from vmcorefs.testing import DEBIAN11, DEBIAN12, GuestSpec, Mount, QemuGuest, kernel_image_phys, require, vmcoreinfo_dict
 
 pytestmark = pytest.mark.integration
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -22,7 +22,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 
 @pytest.fixture(scope="module")
 def vmlinux() -> Path:
-    path = GUEST_DIR / "vmlinux"
+    path = DEBIAN12.vmlinux
     require(path.exists(), f"debug vmlinux missing ({path}); run scripts/build-guest.sh --dbg")
     return path
 
@@ -209,33 +209,25 @@ def test_kcore_layout_and_bytes(memfd_guest: QemuGuest) -> None:
 def test_without_vmcoreinfo(tmp_path: Path) -> None:
     """Without -device vmcoreinfo: vmcore has no VMCOREINFO note, no gdbinit
     (no KASLR offset), and kcore walks from a kernel-mode vCPU's CR3."""
-    g = QemuGuest("novmci", mem_mb=128, vmcoreinfo=False).wait_ready()
-    try:
-        with g.paused(), Mount(g) as m:
-            assert sorted(os.listdir(m.path)) == ["kcore", "pmem", "vmcore"]
-            r = subprocess.run(["readelf", "-n", str(m.vmcore)], capture_output=True, text=True)
-            assert r.returncode == 0 and "VMCOREINFO" not in r.stdout
-            with open(m.path / "kcore", "rb") as k, open(m.pmem, "rb") as p:
-                loads = [s for s in ELFFile(k).iter_segments() if s["p_type"] == "PT_LOAD"]
-                assert any(s["p_vaddr"] >= 0xFFFFFFFF80000000 for s in loads)  # the kernel image
-                s = max(loads, key=lambda s: s["p_memsz"])
-                k.seek(s["p_offset"])
-                p.seek(s["p_paddr"])
-                assert k.read(1 << 16) == p.read(1 << 16)
-    finally:
-        g.close()
+    with QemuGuest(GuestSpec("novmci", mib=128, vmcoreinfo=False)) as g, g.paused(), Mount(g) as m:
+        assert sorted(os.listdir(m.path)) == ["kcore", "pmem", "vmcore"]
+        r = subprocess.run(["readelf", "-n", str(m.vmcore)], capture_output=True, text=True)
+        assert r.returncode == 0 and "VMCOREINFO" not in r.stdout
+        with open(m.path / "kcore", "rb") as k, open(m.pmem, "rb") as p:
+            loads = [s for s in ELFFile(k).iter_segments() if s["p_type"] == "PT_LOAD"]
+            assert any(s["p_vaddr"] >= 0xFFFFFFFF80000000 for s in loads)  # the kernel image
+            s = max(loads, key=lambda s: s["p_memsz"])
+            k.seek(s["p_offset"])
+            p.seek(s["p_paddr"])
+            assert k.read(1 << 16) == p.read(1 << 16)
 
 
 @pytest.fixture(scope="module")
 def old_guest() -> Iterator[QemuGuest]:
     """Debian 11's cloud kernel (5.10), which crash 8.0.2 fully supports."""
-    vmlinux = OLD_GUEST_DIR / "vmlinux"
-    require(vmlinux.exists(), f"Debian 11 guest missing ({OLD_GUEST_DIR}); run scripts/build-guest.sh --old")
-    g = QemuGuest("bullseye", mem_mb=256, guest_dir=OLD_GUEST_DIR)
-    try:
-        yield g.wait_ready()
-    finally:
-        g.close()
+    require(DEBIAN11.vmlinux.exists(), f"Debian 11 guest missing ({DEBIAN11.dir}); run scripts/build-guest.sh --old")
+    with QemuGuest(GuestSpec("bullseye", kernel=DEBIAN11)) as g:
+        yield g
 
 
 def test_crash_ps_and_bt_on_a_kernel_crash_supports(old_guest: QemuGuest, tmp_path: Path) -> None:
@@ -243,7 +235,7 @@ def test_crash_ps_and_bt_on_a_kernel_crash_supports(old_guest: QemuGuest, tmp_pa
     them -- on the live vmcore.  `bt -a` of the idle tasks on the vCPUs fails
     in crash 8.0.2 for QEMU dumps (exception stacks), identically on QEMU's
     own dump of the same instant."""
-    vmlinux = OLD_GUEST_DIR / "vmlinux"
+    vmlinux = DEBIAN11.vmlinux
     with old_guest.paused(), Mount(old_guest) as m:
         # kthreadd (PID 2) always sleeps; PID 1 may be on a vCPU mid-exec.
         ours = _crash(vmlinux, m.vmcore, "sys\nps\nbt 2\nbt -a")

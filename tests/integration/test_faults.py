@@ -13,7 +13,16 @@ from typing import Iterator
 
 import pytest
 
-from qemu_guest import REPO, VMCOREFS, Mount, QemuGuest, is_mounted, run_vmcorefs, unmount
+from vmcorefs.testing import (
+    GuestSpec,
+    Mount,
+    QemuGuest,
+    is_mounted,
+    run_vmcorefs,
+    spawn_vmcorefs,
+    unmount,
+    wait_mounted,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -78,8 +87,8 @@ def test_socket_not_a_socket(mnt: Path, tmp_path: Path) -> None:
 
 def test_socket_not_qmp(mnt: Path, silent_socket: str) -> None:
     t = time.monotonic()
-    r = run_vmcorefs("mount", silent_socket, str(mnt), timeout=30)
-    assert time.monotonic() - t < 20
+    r = run_vmcorefs("mount", silent_socket, str(mnt), timeout=60)
+    assert time.monotonic() - t < 30  # no hang: vmcorefs waits 5 s for the greeting
     _one_line_error(r, 2, "not a QMP monitor")
     assert not is_mounted(mnt)
 
@@ -118,18 +127,12 @@ def test_monitor_in_use(memfd_guest: QemuGuest, mnt: Path) -> None:
 
 def test_qemu_exit_while_mounted(tmp_path: Path) -> None:
     """Reads fail with EIO promptly; the daemon unmounts and exits 1 with a message."""
-    g = QemuGuest("dying", mem_mb=128).wait_ready()
+    g = QemuGuest(GuestSpec("dying", mib=128)).wait_ready()
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    daemon = subprocess.Popen([*VMCOREFS, "mount", "-f", g.qmp_path, str(mnt)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    daemon = spawn_vmcorefs("mount", "-f", g.qmp_path, str(mnt), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while not is_mounted(mnt):
-            assert daemon.poll() is None, daemon.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_mounted(mnt, daemon)
         fd = os.open(mnt / "vmcore", os.O_RDONLY)
         assert len(os.pread(fd, 1 << 20, 1 << 20)) == 1 << 20
         # A second reader streams the whole core with dd, slowly, in a loop.
@@ -141,20 +144,19 @@ def test_qemu_exit_while_mounted(tmp_path: Path) -> None:
         assert streamer.poll() is None
         g.proc.kill()
         g.proc.wait()
+        # "Promptly": the daemon notices at once; the bounds only leave room for a busy host.
         killed_at = time.monotonic()
-        t = time.monotonic()
         with pytest.raises(OSError) as e:
             while True:
                 os.pread(fd, 1 << 20, 1 << 20)
-                assert time.monotonic() - t < 2, "reads still succeed 2 s after QEMU died"
+                assert time.monotonic() - killed_at < 10, "reads still succeed 10 s after QEMU died"
                 time.sleep(0.01)
-        assert time.monotonic() - t < 2
         assert e.value.errno == 5  # EIO
         os.close(fd)
-        out, _ = streamer.communicate(timeout=10)
-        assert time.monotonic() - killed_at < 5
+        out, _ = streamer.communicate(timeout=30)
+        assert time.monotonic() - killed_at < 15
         assert "Input/output error" in out, out
-        _, err = daemon.communicate(timeout=10)
+        _, err = daemon.communicate(timeout=30)
         assert daemon.returncode == 1
         assert "QEMU exited while mounted" in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1, err
@@ -170,21 +172,13 @@ def test_qemu_exit_while_mounted(tmp_path: Path) -> None:
 
 
 def test_unmount_with_fusermount_exits_zero(memfd_guest: QemuGuest, mnt: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    daemon = subprocess.Popen([*VMCOREFS, "mount", "-f", memfd_guest.qmp_path, str(mnt)], env=env,
-                              stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not is_mounted(mnt):
-        assert daemon.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    daemon = spawn_vmcorefs("mount", "-f", memfd_guest.qmp_path, str(mnt), stderr=subprocess.PIPE)
+    wait_mounted(mnt, daemon)
     subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
-    assert daemon.wait(timeout=10) == 0
+    assert daemon.wait(timeout=30) == 0
     # SIGTERM also unmounts cleanly.
-    daemon = subprocess.Popen([*VMCOREFS, "mount", "-f", memfd_guest.qmp_path, str(mnt)], env=env,
-                              stderr=subprocess.PIPE, text=True)
-    while not is_mounted(mnt):
-        assert daemon.poll() is None
-        time.sleep(0.05)
+    daemon = spawn_vmcorefs("mount", "-f", memfd_guest.qmp_path, str(mnt), stderr=subprocess.PIPE)
+    wait_mounted(mnt, daemon)
     daemon.terminate()
-    assert daemon.wait(timeout=10) == 0
+    assert daemon.wait(timeout=30) == 0
     assert not is_mounted(mnt)

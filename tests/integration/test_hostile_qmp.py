@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from qemu_guest import is_mounted, run_vmcorefs, unmount
+from vmcorefs.testing import is_mounted, run_vmcorefs, unmount
 
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""},
                     "capabilities": []}}

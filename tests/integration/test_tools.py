@@ -9,20 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from qemu_guest import Mount, QemuGuest, require
+from vmcorefs.testing import DRGN_KALLSYMS, Mount, QemuGuest, require
 
 pytestmark = pytest.mark.integration
-
-DRGN_BANNER = r"""
-import sys, drgn
-from drgn.helpers.linux.kallsyms import load_vmlinux_kallsyms
-prog = drgn.Program()
-prog.set_core_dump(sys.argv[1])
-prog.register_symbol_finder("vmlinux_kallsyms", load_vmlinux_kallsyms(prog), enable_index=0)
-sym = prog.symbol("linux_banner")
-print(prog.read(sym.address, 200).split(b"\0")[0].decode())
-"""
-
 
 def test_makedumpfile_filtered_dump_of_live_guest(memfd_guest: QemuGuest, tmp_path: Path) -> None:
     require(shutil.which("makedumpfile") is not None, "makedumpfile not installed")
@@ -52,7 +41,7 @@ def test_drgn_reads_linux_banner(guest_kind: str, request: pytest.FixtureRequest
         require(False, "drgn not installed")
     g: QemuGuest = request.getfixturevalue(f"{guest_kind}_guest")
     with Mount(g) as m:
-        r = subprocess.run([sys.executable, "-c", DRGN_BANNER, str(m.vmcore)],
+        r = subprocess.run([sys.executable, "-c", DRGN_KALLSYMS, str(m.vmcore)],
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
         assert r.stdout.startswith(f"Linux version {g.release} ")

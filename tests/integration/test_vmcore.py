@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from qemu_guest import (
+from vmcorefs.testing import (
+    GuestSpec,
     Mount,
     QemuGuest,
     printk_head_addr,
@@ -21,6 +22,7 @@ from qemu_guest import (
     require,
     run_vmcorefs,
     vmcoreinfo_dict,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration
@@ -133,7 +135,7 @@ def test_info(guest: QemuGuest) -> None:
     assert info["vmcoreinfo"]["OSRELEASE"] == guest.release
     ram = [b for b in info["memory"] if b["kind"] == "ram"]
     assert sum(b["size"] for b in ram) == guest.mem_mb << 20
-    expected = "shared" if "memfd" in " ".join(guest.args) else "procmem"
+    expected = "shared" if guest.spec.memory == "memfd" else "procmem"
     assert {b["access"] for b in ram} == {expected}
     text = run_vmcorefs("info", guest.qmp_path)
     assert text.returncode == 0 and f"OSRELEASE={guest.release}" in text.stdout
@@ -145,29 +147,26 @@ def test_live_reads_see_guest_change(memfd_guest: QemuGuest) -> None:
     with Mount(memfd_guest, "--direct") as m:
         vci = vmcoreinfo_dict((m.path / "vmcoreinfo").read_text())
         first = printk_head_id(m.pmem, vci)
-        deadline = time.monotonic() + 10
-        while printk_head_id(m.pmem, vci) == first:
-            assert time.monotonic() < deadline, "printk head did not move in 10 s (across opens)"
-            time.sleep(0.1)
+        # The guest logs ten messages a second; 30 s leave room for a busy host.
+        wait_for(lambda: printk_head_id(m.pmem, vci) != first, 30, "printk head moving (across opens)", 0.1)
         addr = printk_head_addr(vci)
         with open(m.pmem, "rb", buffering=0) as f:
             first_bytes = os.pread(f.fileno(), 8, addr)
-            deadline = time.monotonic() + 10
-            while os.pread(f.fileno(), 8, addr) == first_bytes:
-                assert time.monotonic() < deadline, "printk head did not move in 10 s (one handle)"
-                time.sleep(0.1)
+            wait_for(lambda: os.pread(f.fileno(), 8, addr) != first_bytes, 30, "printk head moving (one handle)",
+                     0.1)
 
 
 def test_notes_refreshed_at_open(memfd_guest: QemuGuest) -> None:
     """Registers are those of the moment of opening."""
     with Mount(memfd_guest) as m:
         notes = set()
-        for _ in range(5):
+
+        def reopen() -> bool:
             with open(m.vmcore, "rb") as f:
-                e = ELFFile(f)
-                notes.add(_note_bytes(f, e))
-            time.sleep(0.2)
-        assert len(notes) > 1
+                notes.add(_note_bytes(f, ELFFile(f)))
+            return len(notes) > 1
+
+        wait_for(reopen, 30, "notes differing between opens", 0.2)
 
 
 def test_freeze(memfd_guest: QemuGuest) -> None:
@@ -182,16 +181,16 @@ def test_freeze(memfd_guest: QemuGuest) -> None:
         assert g.status() == "paused"
         b.close()
         # FUSE RELEASE is asynchronous: the resume follows the close shortly.
-        _eventually(lambda: g.status() == "running")
+        wait_for(lambda: g.status() == "running", 30, "resume after the last close")
         # vmcoreinfo does not freeze.
         (m.path / "vmcoreinfo").read_text()
         assert g.status() == "running"
         # Another open then release by the kernel even if the reader is killed.
         reader = subprocess.Popen(["sh", "-c", f"exec 3<{m.vmcore}; exec sleep 30"])
-        _eventually(lambda: g.status() == "paused")
+        wait_for(lambda: g.status() == "paused", 30, "pause at open")
         reader.kill()
         reader.wait()
-        _eventually(lambda: g.status() == "running")
+        wait_for(lambda: g.status() == "running", 30, "resume after the reader's death")
         # A guest paused by someone else stays paused.
         g.qmp("stop")
         with open(m.vmcore, "rb"):
@@ -201,25 +200,16 @@ def test_freeze(memfd_guest: QemuGuest) -> None:
         g.qmp("cont")
 
 
-def _eventually(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 def test_split_numa_hotplug_equals_dump(tmp_path: Path) -> None:
     """RAM split around the 4 GiB hole, two NUMA backends (memfd + private),
     then a hotplugged DIMM: the layout follows at the next open, open handles
     keep theirs, and every byte still equals QEMU's dump."""
-    g = QemuGuest(
-        "numa", mem_mb=3584, memory="none",
-        extra=["-m", "3584M,slots=2,maxmem=8G",
-               "-object", "memory-backend-memfd,id=m0,size=2G,share=on",
-               "-object", "memory-backend-ram,id=m1,size=1536M",
-               "-numa", "node,memdev=m0", "-numa", "node,memdev=m1", "-machine", "pc"],
-    ).wait_ready()
-    try:
+    spec = GuestSpec("numa", mib=3584, memory="none",
+                     extra=("-m", "3584M,slots=2,maxmem=8G",
+                            "-object", "memory-backend-memfd,id=m0,size=2G,share=on",
+                            "-object", "memory-backend-ram,id=m1,size=1536M",
+                            "-numa", "node,memdev=m0", "-numa", "node,memdev=m1"))
+    with QemuGuest(spec) as g:
         with Mount(g) as m:
             old = open(m.vmcore, "rb")
             old_loads = _loads(ELFFile(old))
@@ -249,8 +239,6 @@ def test_split_numa_hotplug_equals_dump(tmp_path: Path) -> None:
                 finally:
                     oracle.unlink(missing_ok=True)
             old.close()
-    finally:
-        g.close()
 
 
 def _meminfo_kb(key: str) -> int:

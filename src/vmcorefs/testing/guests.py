@@ -1,0 +1,375 @@
+"""Test guests: what to boot (:class:`GuestSpec`) and the running QEMU (:class:`QemuGuest`).
+
+The one place that knows the QEMU command line of the test, benchmark and
+demo guests: TCG, the busybox initramfs of ``scripts/build-guest.sh`` (whose
+``/init`` prints ``VMCOREFS-GUEST-READY <release>`` on the serial console
+once it runs, then writes ten kernel messages a second), ``-device
+vmcoreinfo``, and two QMP monitors -- ``qmp.sock`` for vmcorefs (or drgn),
+``own-qmp.sock`` for the caller's own commands (QMP serves one client per
+monitor).
+
+A spec is a frozen dataclass: new guest kinds are new values, e.g. another
+QEMU (:class:`Qemu`, :meth:`Qemu.unpacked`) or another kernel
+(:class:`KernelAssets`)::
+
+    spec = GuestSpec("k510", kernel=DEBIAN11, mib=512, memory="private")
+    with QemuGuest(spec) as g:          # booted; killed at exit
+        g.qmp("query-status")           # on the guest's own monitor
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+#: Where ``scripts/build-guest.sh`` and ``scripts/build-tools.sh`` put guests and tools.
+CACHE = Path(os.environ.get("VMCOREFS_CACHE", "/var/cache/vmcorefs"))
+#: What the guest's /init prints on the serial console when it is up.
+READY = b"VMCOREFS-GUEST-READY"
+#: File names inside a guest's directory.
+QMP_SOCKET, OWN_QMP_SOCKET, SERIAL_LOG, QEMU_LOG, PID_FILE = (
+    "qmp.sock", "own-qmp.sock", "serial.log", "qemu.log", "qemu.pid")
+
+MemoryKind = Literal["memfd", "private", "private-noreserve", "none"]
+
+#: Objects (guests, mounts, scratch files) still to close; see :func:`close_all`.
+LIVE: list[Any] = []
+
+
+class Unavailable(RuntimeError):
+    """A guest cannot be booted here (kernel not built, QEMU not installed)."""
+
+
+def require(ok: bool, why: str) -> None:
+    """Nothing when ``ok``; else, under pytest, skip the test -- but fail it
+    when ``CI=true`` (CI installs everything); outside pytest (benchmarks,
+    the demo), raise :class:`Unavailable`."""
+    if ok:
+        return
+    if "pytest" not in sys.modules:
+        raise Unavailable(why)
+    import pytest
+
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"missing dependency in CI: {why}")
+    pytest.skip(why)
+
+
+def close_all() -> None:
+    """Close every guest, mount and scratch file still open, newest first."""
+    while LIVE:
+        obj = LIVE.pop()
+        with contextlib.suppress(Exception):
+            obj.close()
+
+
+@dataclass(frozen=True)
+class KernelAssets:
+    """A guest kernel as ``scripts/build-guest.sh`` leaves it in ``dir``:
+    ``vmlinuz``, ``initramfs.cpio.gz``, ``release`` (``uname -r``) and,
+    with ``--dbg``, the debug ``vmlinux``."""
+
+    dir: Path
+
+    @property
+    def kernel(self) -> Path:
+        return self.dir / "vmlinuz"
+
+    @property
+    def initramfs(self) -> Path:
+        return self.dir / "initramfs.cpio.gz"
+
+    @property
+    def vmlinux(self) -> Path:
+        """The debug vmlinux (may be missing: check with ``.exists()``)."""
+        return self.dir / "vmlinux"
+
+    @property
+    def release(self) -> str:
+        return (self.dir / "release").read_text().strip()
+
+    def missing(self) -> str | None:
+        """Why this kernel cannot boot, or None."""
+        if not (self.kernel.exists() and self.initramfs.exists() and (self.dir / "release").exists()):
+            return f"guest not built ({self.dir}); run scripts/setup.sh"
+        return None
+
+
+#: Debian 12's cloud kernel (6.1): the default guest.
+DEBIAN12 = KernelAssets(CACHE / "guest")
+#: Debian 11's cloud kernel (5.10), which crash 8.0.2 fully understands (``build-guest.sh --old``).
+DEBIAN11 = KernelAssets(CACHE / "guest-bullseye")
+#: bookworm-backports' cloud kernel (6.12; needs QEMU 10 under TCG; ``build-guest.sh --backports``).
+BACKPORTS = KernelAssets(CACHE / "guest-backports")
+
+
+@dataclass(frozen=True)
+class Qemu:
+    """A QEMU binary; ``firmware`` is given to ``-L`` (BIOS, option ROMs)
+    and ``env`` is added to its environment (``LD_LIBRARY_PATH``)."""
+
+    binary: str = "qemu-system-x86_64"
+    firmware: Path | None = None
+    env: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def unpacked(cls, root: Path) -> Qemu:
+        """A QEMU unpacked with ``dpkg -x`` under ``root`` (``usr/bin``,
+        ``usr/share/qemu`` for -L, and ``lib/`` for libraries newer than
+        the system's, when present)."""
+        lib = root / "lib"
+        return cls(str(root / "usr/bin/qemu-system-x86_64"), root / "usr/share/qemu",
+                   (("LD_LIBRARY_PATH", str(lib)),) if lib.is_dir() else ())
+
+    def missing(self) -> str | None:
+        """Why this QEMU cannot run, or None."""
+        if shutil.which(self.binary) is None:
+            return f"{self.binary} not installed"
+        return None
+
+    def environ(self) -> dict[str, str]:
+        return {**os.environ, **dict(self.env)}
+
+    @functools.cached_property
+    def version(self) -> tuple[int, int, int]:
+        """(major, minor, micro) from ``--version``."""
+        out = subprocess.run([self.binary, "--version"], capture_output=True, text=True,
+                             env=self.environ(), check=True).stdout
+        m = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
+        if m is None:
+            raise RuntimeError(f"{self.binary} --version: no version in {out[:200]!r}")
+        return int(m[1]), int(m[2]), int(m[3])
+
+
+#: Debian 12's QEMU (7.2), on PATH.
+SYSTEM_QEMU = Qemu()
+#: QEMU 10 of bookworm-backports, unpacked by ``scripts/build-tools.sh qemu``.
+QEMU10 = Qemu.unpacked(CACHE / "qemu-10")
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """What to boot.
+
+    ``memory``: ``memfd`` (``memory-backend-memfd,share=on``: vmcorefs
+    preads the memfd), ``private`` (QEMU's own anonymous RAM, ``-m``),
+    ``private-noreserve`` (the same as ``memory-backend-ram,reserve=off``,
+    for guests larger than the host's overcommit allows), ``none`` (no
+    ``-m`` and no backend: ``extra`` says it all).  ``mib`` is the guest's
+    RAM in MiB.  ``reboot``: a guest reset reboots (else QEMU exits).
+    ``boot_timeout`` (seconds) defaults to 120 s plus 1 s per 2 GiB.
+    """
+
+    name: str = "guest"
+    qemu: Qemu = SYSTEM_QEMU
+    kernel: KernelAssets = DEBIAN12
+    machine: str = "pc"
+    memory: MemoryKind = "memfd"
+    mib: int = 256
+    vcpus: int = 2
+    vmcoreinfo: bool = True
+    reboot: bool = False
+    extra: tuple[str, ...] = ()
+    cpu: str = "qemu64"
+    append: str = "console=ttyS0 panic=-1 printk.devkmsg=on"
+    boot_timeout: float | None = None
+
+    def but(self, **changes: Any) -> GuestSpec:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def timeout(self) -> float:
+        return self.boot_timeout if self.boot_timeout is not None else 120.0 + self.mib / 2048
+
+    def missing(self) -> str | None:
+        """Why this guest cannot boot here, or None."""
+        return self.qemu.missing() or self.kernel.missing()
+
+    def command(self, directory: Path) -> list[str]:
+        """The QEMU command line, with its sockets and logs in ``directory``."""
+        args = [
+            self.qemu.binary, *(["-L", str(self.qemu.firmware)] if self.qemu.firmware else []),
+            "-accel", "tcg", "-cpu", self.cpu, "-smp", str(self.vcpus),
+            "-display", "none", "-vga", "none", "-nodefaults", *([] if self.reboot else ["-no-reboot"]),
+            "-kernel", str(self.kernel.kernel), "-initrd", str(self.kernel.initramfs),
+            "-append", self.append,
+            "-serial", f"file:{directory / SERIAL_LOG}",
+            "-qmp", f"unix:{directory / QMP_SOCKET},server=on,wait=off",
+            "-qmp", f"unix:{directory / OWN_QMP_SOCKET},server=on,wait=off",
+        ]
+        if self.vmcoreinfo:
+            args += ["-device", "vmcoreinfo"]
+        size = f"size={self.mib}M"
+        if self.memory == "memfd":
+            args += ["-m", f"{self.mib}M", "-object", f"memory-backend-memfd,id=mem0,{size},share=on",
+                     "-machine", f"{self.machine},memory-backend=mem0"]
+        elif self.memory == "private-noreserve":
+            # `-m` alone fails beyond the host's overcommit limit ("cannot set
+            # up guest memory 'pc.ram'"); this is the same private anonymous
+            # RAM, mapped MAP_NORESERVE (QEMU >= 6.1).
+            args += ["-m", f"{self.mib}M", "-object", f"memory-backend-ram,id=mem0,{size},reserve=off",
+                     "-machine", f"{self.machine},memory-backend=mem0"]
+        elif self.memory == "private":
+            args += ["-m", f"{self.mib}M", "-machine", self.machine]
+        elif self.memory == "none":
+            args += ["-machine", self.machine]
+        else:
+            raise ValueError(f"memory kind {self.memory!r}")
+        return args + list(self.extra)
+
+
+class QemuGuest:
+    """A running QEMU of ``spec`` (started by the constructor; call
+    :meth:`wait_ready`, or use ``with``, which waits and closes).
+
+    ``dir`` holds its sockets and logs; ``qmp_path`` is the monitor for
+    vmcorefs, ``own_qmp_path`` the one :meth:`qmp` uses.  ``detach``: QEMU
+    gets its own session and outlives this process (``python -m
+    vmcorefs.testing boot``); the caller kills it by its pid file.
+    """
+
+    def __init__(self, spec: GuestSpec, directory: Path | None = None, detach: bool = False) -> None:
+        why = spec.missing()
+        require(why is None, why or "")
+        self.spec = spec
+        self.release = spec.kernel.release
+        self.dir = directory or Path(tempfile.mkdtemp(prefix=f"vmcorefs-{spec.name}-"))
+        self._own_dir = directory is None
+        self.qmp_path = str(self.dir / QMP_SOCKET)
+        self.own_qmp_path = str(self.dir / OWN_QMP_SOCKET)
+        self.serial = self.dir / SERIAL_LOG
+        self.args = spec.command(self.dir)
+        self.boot_s: float | None = None
+        self._qmp: QEMUMonitorProtocol | None = None
+        self._t_start = time.monotonic()
+        with open(self.dir / QEMU_LOG, "wb") as log:
+            self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         env=spec.qemu.environ(), start_new_session=detach)
+        (self.dir / PID_FILE).write_text(f"{self.proc.pid}\n")
+        LIVE.append(self)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def mem_mb(self) -> int:
+        return self.spec.mib
+
+    def log(self) -> str:
+        """QEMU's own output (stdout and stderr)."""
+        return (self.dir / QEMU_LOG).read_text(errors="replace")
+
+    def wait_ready(self, timeout: float | None = None) -> QemuGuest:
+        """Wait until /init announces itself on the serial console (again,
+        after a reset: empty ``serial`` first).  Raises RuntimeError if QEMU
+        exits, TimeoutError after ``timeout`` (default ``spec.timeout``) s."""
+        timeout = self.spec.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"QEMU exited ({self.proc.returncode}): {self.log()[-2000:]}")
+            if self.serial.exists() and READY in self.serial.read_bytes():
+                if self.boot_s is None:
+                    self.boot_s = time.monotonic() - self._t_start
+                return self
+            time.sleep(0.1)
+        tail = self.serial.read_text(errors="replace")[-2000:] if self.serial.exists() else ""
+        raise TimeoutError(f"guest {self.spec.name} did not boot in {timeout:g} s; serial: {tail}")
+
+    def __enter__(self) -> QemuGuest:
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the caller's own monitor ------------------------------------------------
+
+    def qmp(self, command: str, **arguments: Any) -> Any:
+        """Run a QMP command on the guest's own monitor (never vmcorefs')."""
+        if self._qmp is None:
+            self._qmp = QEMUMonitorProtocol(self.own_qmp_path)
+            self._qmp.connect()
+        return self._qmp.cmd(command, **arguments)
+
+    def release_qmp(self) -> None:
+        """Disconnect from the own monitor, so that another client (``vmcorefs
+        info``) may use it; the next :meth:`qmp` reconnects."""
+        if self._disconnect():
+            time.sleep(0.2)
+
+    def _disconnect(self) -> bool:
+        if self._qmp is None:
+            return False
+        with contextlib.suppress(Exception):
+            self._qmp.close()
+        self._qmp = None
+        return True
+
+    def hmp(self, line: str) -> str:
+        return str(self.qmp("human-monitor-command", **{"command-line": line}))
+
+    def status(self) -> str:
+        return str(self.qmp("query-status")["status"])
+
+    def events(self, wait: float = 0.0) -> list[dict[str, Any]]:
+        """QMP events received on the own monitor since the last call
+        (waiting up to ``wait`` seconds for one when there are none)."""
+        if self._qmp is None:
+            self.qmp("query-status")
+        assert self._qmp is not None
+        return list(self._qmp.get_events(wait=wait) if wait else self._qmp.get_events())
+
+    def clear_events(self) -> None:
+        self.events()
+        assert self._qmp is not None
+        self._qmp.clear_events()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The guest stopped for the block; resumed after if it was running."""
+        was_running = self.status() == "running"
+        self.qmp("stop")
+        try:
+            yield
+        finally:
+            if was_running:
+                self.qmp("cont")
+
+    def dump(self, path: Path) -> Path:
+        """QEMU's own ``dump-guest-memory`` (paging=false) into ``path``: the oracle."""
+        self.qmp("dump-guest-memory", paging=False, protocol=f"file:{path}")
+        return path
+
+    def gpa2hva(self, gpa: int) -> int:
+        """QEMU's host virtual address of guest-physical ``gpa`` (HMP gpa2hva)."""
+        return int(self.hmp(f"gpa2hva {gpa:#x}").rsplit(" ", 1)[1], 16)
+
+    def close(self) -> None:
+        """Kill QEMU and remove its directory (if this object made it)."""
+        self._disconnect()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        with contextlib.suppress(ValueError):
+            LIVE.remove(self)
