@@ -38,7 +38,10 @@ vCPU's CR3 (independent of the candidate):
   map, through the vCPU's page tables, to the physical address
   ``__pa_symbol`` gives with the candidate's ``NUMBER(phys_base)``;
 * ``KERNELOFFSET`` (KASLR) puts ``_stext`` at a 2 MiB-aligned start inside
-  the kernel image (x86-64 ``CONFIG_PHYSICAL_ALIGN`` is a multiple of 2 MiB);
+  the kernel image (x86-64 ``CONFIG_PHYSICAL_ALIGN`` is a multiple of 2 MiB;
+  ``CONFIG_PHYSICAL_START`` is not known, so a forged KERNELOFFSET off by a
+  multiple of 2 MiB passes -- but a forged copy is alone, and Linux's pair
+  wins, see below);
 * the live ``init_uts_ns`` holds ``sysname`` ``Linux`` and ``release`` equal
   to ``OSRELEASE`` (so two kernels with identical layouts still differ);
 * the page-table root the candidate names (``init_top_pgt``, what kcore
