@@ -6,7 +6,6 @@ repeats them, keeps the samples and turns them into tables.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import struct
@@ -14,26 +13,19 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from harness import GiB, MiB, Guest, Mount, ScratchFile, dd, host_free, meminfo, proc_status, shm_free
+from harness import GiB, MiB, Guest, ScratchFile, dd, host_free, proc_status, shm_free
 
-#: The integration tests' drgn snippet (tests/integration/test_tools.py):
-#: kallsyms from VMCOREINFO, no debuginfo, then read linux_banner.
-DRGN_CORE = r"""
-import sys, drgn
-from drgn.helpers.linux.kallsyms import load_vmlinux_kallsyms
-prog = drgn.Program()
-prog.set_core_dump(sys.argv[1])
-prog.register_symbol_finder("vmlinux_kallsyms", load_vmlinux_kallsyms(prog), enable_index=0)
-sym = prog.symbol("linux_banner")
-print(prog.read(sym.address, 200).split(b"\0")[0].decode())
-"""
-
-#: The same through drgn's own live QEMU mode (drgn >= 0.0.31:
-#: Program.set_qemu_qmp, or `drgn --qemu SOCKET` on the command line).  It
-#: finds QEMU's PID with SO_PEERCRED and reads guest RAM straight from
-#: /proc/PID/mem at the host addresses QMP tells it.
-DRGN_QEMU = DRGN_CORE.replace("prog.set_core_dump(sys.argv[1])", "prog.set_qemu_qmp(sys.argv[1])")
+from vmcorefs.testing import Mount
+#: The integration tests' drgn program: kallsyms from VMCOREINFO, no
+#: debuginfo, then read linux_banner -- on a core file (DRGN_CORE), or
+#: through drgn's own live QEMU mode (DRGN_QEMU; drgn >= 0.0.31:
+#: Program.set_qemu_qmp, or `drgn --qemu SOCKET`), which finds QEMU's PID
+#: with SO_PEERCRED and reads guest RAM straight from /proc/PID/mem at the
+#: host addresses QMP tells it.
+from vmcorefs.testing import DRGN_KALLSYMS as DRGN_CORE
+from vmcorefs.testing import DRGN_KALLSYMS_QEMU as DRGN_QEMU
 
 #: Host memory kept free whatever a measurement would like to use.
 MARGIN = 3 * GiB
@@ -43,7 +35,7 @@ class Skip(Exception):
     """A measurement that cannot run here; the message says why."""
 
 
-def drgn_banner(code: str, target: str, release: str) -> float:
+def drgn_banner(code: str, target: str | Path, release: str) -> float:
     t = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", code, target], capture_output=True, text=True, timeout=1800)
     elapsed = time.perf_counter() - t
@@ -138,7 +130,7 @@ class Load:
     boff: int     # offset of paddr in backing
 
 
-def ram_loads(g: Guest, vmcore: str) -> list[Load]:
+def ram_loads(g: Guest, vmcore: Path) -> list[Load]:
     """The vmcore PT_LOADs in guest RAM (>= 1 MiB), with where the same bytes
     are in the backing memfd or /proc/PID/mem."""
     with open(vmcore, "rb") as f:
@@ -156,7 +148,7 @@ def ram_loads(g: Guest, vmcore: str) -> list[Load]:
     return out
 
 
-def random_reads(vmcore: str, loads: list[Load], n: int, seed: int, mode: str = "") -> dict[str, float]:
+def random_reads(vmcore: Path, loads: list[Load], n: int, seed: int, mode: str = "") -> dict[str, float]:
     """(4): p50/p99 of 4 KiB preads at random pages of guest RAM, through
     vmcore and straight from the backing (same pages, same order).
     ``mode`` ("" for the default cached mount, "direct") tags vmcore's keys."""
@@ -185,7 +177,7 @@ def random_reads(vmcore: str, loads: list[Load], n: int, seed: int, mode: str = 
     return out
 
 
-def sequential(vmcore: str, loads: list[Load], prefix: int, mode: str = "vmcore") -> dict[str, float]:
+def sequential(vmcore: Path, loads: list[Load], prefix: int, mode: str = "vmcore") -> dict[str, float]:
     """(3): dd of the first ``prefix`` bytes of vmcore vs dd of the same
     amount of the backing (memfd, or /proc/PID/mem at the RAM's host
     address), block by block size.  ``mode`` tags vmcore's keys: "vmcore"
@@ -210,10 +202,12 @@ def warm_backing(loads: list[Load], prefix: int) -> None:
 def full_read(g: Guest, m: Mount, timebox: float) -> dict[str, float]:
     """(2): read vmcore once end to end in 1 MiB preads (stopping after
     ``timebox`` seconds), and what that cost the host:
-    growth of Shmem (memfd guests) or QEMU's RSS (private), QEMU page tables.
-    (The daemon's peak RSS is taken by ``run.py`` before it unmounts.)"""
+    growth of the guest's memfd (memfd guests: its allocated blocks) or
+    QEMU's RSS (private), QEMU page tables.  (The daemon's peak RSS is taken
+    by ``run.py`` before it unmounts.)"""
     assert m.daemon_pid is not None
-    shmem0, q0 = meminfo()["Shmem"], proc_status(g.pid)
+    memfd0 = g.memfd_bytes() if g.kind == "memfd" else 0
+    q0 = proc_status(g.pid)
     buf = bytearray(1 << 20)
     fd = os.open(m.vmcore, os.O_RDONLY)
     try:
@@ -233,7 +227,7 @@ def full_read(g: Guest, m: Mount, timebox: float) -> dict[str, float]:
         os.close(fd)
     q1 = proc_status(g.pid)
     qemu_growth = (q1["RssAnon"] + q1.get("RssShmem", 0)) - (q0["RssAnon"] + q0.get("RssShmem", 0))
-    growth = meminfo()["Shmem"] - shmem0 if g.kind == "memfd" else qemu_growth
+    growth = g.memfd_bytes() - memfd0 if g.kind == "memfd" else qemu_growth
     return {
         "fullread_bytes": done, "fullread_fraction": done / size, "fullread_s": elapsed,
         "fullread_gbps": done / elapsed / 1e9,
@@ -271,7 +265,7 @@ def freeze_pause(g: Guest, m: Mount) -> dict[str, float]:
 def served_bytes(m: Mount) -> int:
     """Bytes of file data vmcorefs has served on ``m`` (its read path's
     counter, in the root's ``user.vmcorefs.stats``)."""
-    return int(json.loads(os.getxattr(m.path, "user.vmcorefs.stats"))["bytes"])
+    return int(m.stats()["bytes"])
 
 
 def makedumpfile(m: Mount, outdir: str, timeout: float) -> dict[str, float]:

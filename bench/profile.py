@@ -30,8 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Guest, Mount, cleanup_all, install_signal_handlers, proc_io  # noqa: E402
-from measure import DRGN_CORE  # noqa: E402
+from harness import Guest, install_signal_handlers, proc_io  # noqa: E402
+
+from vmcorefs.testing import DRGN_KALLSYMS, Mount, close_all  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -135,7 +136,7 @@ def main() -> int:
             # (1a)'s drgn: how many requests, of what size, at what cost each.
             io0 = proc_io(m.daemon_pid)
             t = time.perf_counter()
-            subprocess.run([sys.executable, "-c", DRGN_CORE, m.vmcore], check=True, capture_output=True)
+            subprocess.run([sys.executable, "-c", DRGN_KALLSYMS, m.vmcore], check=True, capture_output=True)
             el = time.perf_counter() - t
             io1 = proc_io(m.daemon_pid)
             replies = io1["syscw"] - io0["syscw"]
@@ -177,7 +178,7 @@ def main() -> int:
                 print(summarise(raw, us_per_read), flush=True)
                 print(f"  (flame graph: {svg})", flush=True)
     finally:
-        cleanup_all()
+        close_all()
     return 0
 
 

@@ -58,7 +58,7 @@ METRICS: list[tuple[str, str, Callable[[float], str]]] = [
     ("daemon_hwm_bytes", "(2) daemon peak RSS (VmHWM) after all workloads", _bytes),
     ("fullread_fraction", "(2) part of vmcore read (1 MiB reads, time-boxed)", _pct),
     ("fullread_gbps", "(2) full read throughput (1 MiB preadv, default mount)", _gbps),
-    ("fullread_growth_bytes", "(2) host growth after full read (Shmem memfd / QEMU RSS private)", _bytes),
+    ("fullread_growth_bytes", "(2) host growth after full read (memfd blocks / QEMU RSS private)", _bytes),
     ("fullread_qemu_pte_growth_bytes", "(2) QEMU page-table growth after full read", _bytes),
     ("dump_host_bytes", "(2) host memory taken by (1b) (/dev/shm file + memfd faults)", _bytes),
     ("seq_vmcore_128k_gbps", "(3) dd vmcore, 128 KiB blocks (default: cached)", _gbps),
@@ -226,7 +226,7 @@ def targets(run: dict[str, Any]) -> list[dict[str, Any]]:
                 cells[s] = (_bytes(v) + ("" if frac > 0.999 else f" ({_pct(frac)} read)"),
                             v <= 0.01 * s * GiB)
         rows.append({"id": "2-growth", "kind": k, "cells": cells,
-                     "target": "(2) full read grows Shmem (memfd) / QEMU RSS (private) ≤ 1 % of RAM"})
+                     "target": "(2) full read grows the memfd (memfd) / QEMU RSS (private) ≤ 1 % of RAM"})
         for tag, bs, limit in (("1m", "1 MiB", 0.6), ("128k", "128 KiB", 0.35)):
             for which, mode in (("vmcore", "default (cached)"), ("direct", "--direct")):
                 cells = {}
@@ -324,7 +324,7 @@ def plot(run: dict[str, Any], paths: list[str]) -> None:
     ax2.plot(sizes, [s * 1024 for s in sizes], color="grey", lw=0.8, ls="-.", label="guest RAM")
     for k in kinds:
         series(ax2, k, "daemon_hwm_bytes", "vmcorefs daemon peak RSS", "C0", MiB)
-        series(ax2, k, "fullread_growth_bytes", "Shmem/QEMU RSS growth, full read of vmcore", "C3", MiB)
+        series(ax2, k, "fullread_growth_bytes", "memfd/QEMU RSS growth, full read of vmcore", "C3", MiB)
         if k == "private":
             series(ax2, k, "fullread_qemu_pte_growth_bytes", "QEMU page tables growth, full read", "C5", MiB)
         series(ax2, k, "dump_host_bytes", "(1b) /dev/shm file + memfd faults", "C1", MiB)

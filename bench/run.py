@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import measure  # noqa: E402
 import report  # noqa: E402
-from harness import GiB, Guest, Mount, boot_cost, cleanup_all, host_free, install_signal_handlers  # noqa: E402
-from harness import proc_status  # noqa: E402
+from harness import GiB, Guest, boot_cost, host_free, install_signal_handlers, proc_status  # noqa: E402
+
+from vmcorefs.testing import Mount, close_all  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -259,7 +260,7 @@ def main() -> int:
                     run["meta"]["duration_s"] = time.monotonic() - t0
                     (Path(a.out) / "results.json").write_text(json.dumps(run, indent=1))
         finally:
-            cleanup_all()
+            close_all()
         run["meta"]["duration_s"] = time.monotonic() - t0
         (Path(a.out) / "results.json").write_text(json.dumps(run, indent=1))
 

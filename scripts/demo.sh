@@ -9,11 +9,12 @@ work=$(mktemp -d /tmp/vmcorefs-demo.XXXXXX)
 mnt=$work/mnt
 mkdir -p "$mnt"
 vmcorefs="$venv/bin/vmcorefs"
-qpid=
+# The test harness boots the guest (the same QEMU command line as the tests).
+harness=("$venv/bin/python" -m vmcorefs.testing)
 
 cleanup() {
   fusermount3 -u "$mnt" 2>/dev/null || true
-  [ -n "$qpid" ] && kill "$qpid" 2>/dev/null || true
+  [ -s "$work/guest/qemu.pid" ] && kill "$(cat "$work/guest/qemu.pid")" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -21,25 +22,15 @@ trap cleanup EXIT
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "Booting a demo guest (TCG, 512 MiB memfd RAM, 2 vCPUs, -device vmcoreinfo)"
-qemu-system-x86_64 -accel tcg -cpu qemu64 -smp 2 -m 512M \
-  -object memory-backend-memfd,id=mem0,size=512M,share=on -machine pc,memory-backend=mem0 \
-  -kernel "$guest/vmlinuz" -initrd "$guest/initramfs.cpio.gz" \
-  -append "console=ttyS0 panic=-1 printk.devkmsg=on" -device vmcoreinfo \
-  -display none -vga none -nodefaults -no-reboot -serial "file:$work/serial.log" \
-  -qmp "unix:$work/qmp.sock,server=on,wait=off" &
-qpid=$!
-for _ in $(seq 600); do
-  grep -q VMCOREFS-GUEST-READY "$work/serial.log" 2>/dev/null && break
-  sleep 0.1
-done
-grep -q VMCOREFS-GUEST-READY "$work/serial.log" || { echo "guest did not boot"; exit 1; }
-echo "guest is up: $(grep -a VMCOREFS-GUEST-READY "$work/serial.log")"
+up=$("${harness[@]}" boot "$work/guest" --memory memfd --mib 512 --vcpus 2)
+echo "guest is up: $up"
+sock=$work/guest/qmp.sock
 
-say "vmcorefs info $work/qmp.sock"
-"$vmcorefs" info "$work/qmp.sock"
+say "vmcorefs info $sock"
+"$vmcorefs" info "$sock"
 
-say "vmcorefs mount $work/qmp.sock $mnt"
-time "$vmcorefs" mount "$work/qmp.sock" "$mnt"
+say "vmcorefs mount $sock $mnt"
+time "$vmcorefs" mount "$sock" "$mnt"
 ls -l "$mnt"
 
 say "readelf -lW (program headers of the live core)"
@@ -59,17 +50,8 @@ echo "guest RAM: 512 MiB; filtered dump: $(du -h "$work/dump.kdump" | cut -f1)"
 say "drgn without debuginfo (the guest's own kallsyms), on the running guest"
 # drgn's kallsyms loader reads a few bytes at a time (~350,000 reads): those
 # come from the page cache (at most --max-age old, 1 s by default).
-time "$venv/bin/python" - "$mnt/vmcore" <<'PY'
-import sys, drgn
-from drgn.helpers.linux.kallsyms import load_vmlinux_kallsyms
-prog = drgn.Program()
-prog.set_core_dump(sys.argv[1])
-prog.register_symbol_finder("vmlinux_kallsyms", load_vmlinux_kallsyms(prog), enable_index=0)
-banner = prog.read(prog.symbol("linux_banner").address, 200).split(b"\0")[0].decode()
-print("linux_banner:", banner.strip())
-jiffies = prog.symbol("jiffies_64").address
-print("jiffies_64 now:", int.from_bytes(prog.read(jiffies, 8), "little"))
-PY
+# (docs/cookbook.md shows the program; it prints linux_banner, then jiffies_64.)
+time "${harness[@]}" drgn-kallsyms "$mnt/vmcore" jiffies_64
 
 vmlinux=$guest/vmlinux
 say "crash with the guest kernel's debug vmlinux, on the live vmcore"
@@ -86,18 +68,10 @@ say "gdb on kcore (kernel-virtual view from the guest's page tables; KASLR appli
 gdb -q -batch "$vmlinux" -x "$mnt/gdbinit" -ex 'print linux_banner' -ex 'info threads' -ex 'bt 5' 2>&1 | grep -v '^warning'
 
 say "Live: the same read twice, 1.5 s apart (no copy; cached pages live at most --max-age, 1 s)"
-"$venv/bin/python" - "$mnt" <<'PY'
-import os, struct, sys, time
-mnt = sys.argv[1]
-vci = dict(l.split("=", 1) for l in open(f"{mnt}/vmcoreinfo").read().splitlines() if "=" in l)
-phys_base = int(vci["NUMBER(phys_base)"]) & (2**64 - 1)
-addr = (int(vci["SYMBOL(printk_rb_static)"], 16) - 0xFFFFFFFF80000000 + phys_base
-        + int(vci["OFFSET(printk_ringbuffer.desc_ring)"]) + int(vci["OFFSET(prb_desc_ring.head_id)"])) % 2**64
-fd = os.open(f"{mnt}/pmem", os.O_RDONLY)
-for _ in range(2):
-    print("printk ring head id:", struct.unpack("<Q", os.pread(fd, 8, addr))[0])
-    time.sleep(1.5)
-PY
+for _ in 1 2; do
+  echo "printk ring head id: $("${harness[@]}" printk-head "$mnt")"
+  sleep 1.5
+done
 
 say "Unmounting"
 fusermount3 -u "$mnt"
