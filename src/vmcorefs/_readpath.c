@@ -21,14 +21,15 @@
  * SOCK_SEQPACKET socket pair, which keeps one message per request and per
  * reply, as the FUSE device does.  At open() the Python side registers the
  * handle's layout -- the file's size, its literal prefix (ELF headers and
- * notes) and its memory extents (file offset, length, fd, fd offset) -- and
- * unregisters it at release.  Anything not covered by the prefix or an
- * extent reads as zeros, exactly like vmcorefs.core.layout.SparseFile.
+ * notes) and its memory extents (vmcorefs.core.layout.Extent: offset,
+ * length, kind, src, fd) -- and unregisters it at release.  Anything not
+ * covered by the prefix or an extent reads as zeros, exactly like
+ * vmcorefs.core.layout.SparseFile.
  *
  * Private RAM (QEMU's anonymous memory, EXT_PROCMEM) is read with
- * process_vm_readv (one copy; /proc/PID/mem as the fallback), except pages
- * that hold no data according to /proc/PID/pagemap, which are spliced as
- * zeros without touching QEMU.
+ * process_vm_readv (one copy; pread of /proc/PID/mem when the kernel or a
+ * seccomp filter refuses it), except pages that hold no data according to
+ * /proc/PID/pagemap, which are spliced as zeros without touching QEMU.
  *
  * Reading guest memory follows vmcorefs.qemu.memory.read_into: pages that
  * cannot be read become zeros; bytes past the end of a backing file become
@@ -37,11 +38,24 @@
  * 'G' on the event descriptor.  When the kernel ends the connection
  * (unmount, abort) the device thread reports 'U' and stops.
  *
+ * The file is laid out like Linux's fs/proc/kcore.c, one concern per section:
+ *
+ *   1. extents and layouts      what a registered handle's bytes are
+ *   2. the engine and its handle table
+ *   3. guest memory             process_vm_readv, /proc/PID/mem, pagemap zero detection
+ *   4. replies                  copied, or spliced (pipe plumbing)
+ *   5. the FUSE proxy           one request, one reply; the two threads
+ *   6. engine life cycle        open, start (STOPPED -> DEVICE_THREAD -> BOTH), stop, close
+ *   7. the CPython binding      (left out with -DREADPATH_NO_PYTHON: tests/fuzz builds
+ *                                sections 1-6 alone)
+ *
  * The struct and constant names are those of <linux/fuse.h>.
  */
 #define _GNU_SOURCE
+#ifndef READPATH_NO_PYTHON
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#endif
 
 #include <errno.h>
 #include <fcntl.h>
@@ -52,6 +66,7 @@
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -62,12 +77,17 @@
 #define PAGE 4096u
 /* The largest read the kernel sends: FUSE_MAX_MAX_PAGES (256) pages. */
 #define MAX_REPLY (256u * PAGE)
-/* Requests may be as large as max_write plus headers (libfuse: 1 MiB). */
+/* The largest message either way: a request of max_write plus headers
+ * (libfuse: 1 MiB), or a read reply (header + MAX_REPLY). */
 #define REQ_BUF (MAX_REPLY + 64u * 1024u)
 #define PIPE_WANT (2u * MAX_REPLY)
+/* Natively answered requests remembered for FUSE_INTERRUPT (see handle_interrupt). */
+#define ANSWERED_RING 64u
 
 /* Zeros to splice or copy from: page-aligned, never written. */
 static unsigned char zeros[MAX_REPLY] __attribute__((aligned(4096)));
+
+/* ==== 1. Extents and layouts ========================================== */
 
 /*
  * Where the bytes of an extent come from: vmcorefs.core.layout.ExtentKind,
@@ -91,7 +111,8 @@ struct extent {
     int fd;
 };
 
-typedef struct {
+/* One registered handle: shared by the table and the reads in flight. */
+struct layout {
     atomic_int refs;
     uint64_t fh;
     uint64_t size;
@@ -99,34 +120,9 @@ typedef struct {
     size_t prefix_len;
     struct extent *ext;
     size_t n;
-} layout;
+};
 
-typedef struct {
-    PyObject_HEAD
-    int dev_fd, app_fd, event_fd;
-    int stop_rd, stop_wr;
-    pid_t pid;
-    pthread_t dev_thread, app_thread;
-    int started;
-    pthread_mutex_t lock;
-    layout **tab;
-    size_t ntab, captab;
-    atomic_int gone;
-    atomic_int no_vm_readv;
-    atomic_int warned_kind;
-    /* Device-thread state. */
-    int pipe_r, pipe_w;
-    size_t pipe_slots;
-    int zero_fd;    /* a memfd hole of MAX_REPLY bytes */
-    int pagemap_fd; /* /proc/PID/pagemap: which private pages QEMU ever touched */
-    uint64_t zero_pfn, huge_zero_pfn; /* the kernel's zero pages (0: unknown) */
-    unsigned char *rbuf, *cbuf;
-    atomic_ullong init_unique; /* FUSE_INIT's unique, to adjust libfuse's reply */
-    /* Counters (read with stats()). */
-    atomic_ullong n_reads, n_spliced, n_copied, n_forwarded, n_replies, bytes;
-} Engine;
-
-static void layout_unref(layout *l)
+static void layout_unref(struct layout *l)
 {
     if (l && atomic_fetch_sub(&l->refs, 1) == 1) {
         free(l->prefix);
@@ -135,66 +131,51 @@ static void layout_unref(layout *l)
     }
 }
 
-static void emit(Engine *e, char code)
+/*
+ * Why extents x[0..n) cannot be a layout of a file of size bytes after a
+ * prefix_len-byte prefix (NULL when they can); *bad is the culprit.  Every
+ * byte an extent names must be addressable: an offset into fd that fits
+ * off_t, an address range that does not wrap.
+ */
+static const char *layout_check(const struct extent *x, size_t n, uint64_t prefix_len, uint64_t size,
+                                size_t *bad)
 {
-    ssize_t r;
-    do {
-        r = write(e->event_fd, &code, 1);
-    } while (r < 0 && errno == EINTR);
-}
-
-/* A piece of a kind this engine does not serve (cannot happen: register checks): zeros, said once. */
-static void warn_kind(Engine *e, enum extent_kind kind)
-{
-    if (kind != EXT_ZERO && !atomic_exchange(&e->warned_kind, 1))
-        fprintf(stderr, "vmcorefs._readpath: extent kind %d read as zeros\n", (int)kind);
-}
-
-static layout *lookup_ref(Engine *e, uint64_t fh)
-{
-    layout *found = NULL;
-    pthread_mutex_lock(&e->lock);
-    for (size_t i = 0; i < e->ntab; i++) {
-        if (e->tab[i]->fh == fh) {
-            found = e->tab[i];
-            atomic_fetch_add(&found->refs, 1);
-            break;
-        }
+    uint64_t last_end = prefix_len;
+    if (prefix_len > size) {
+        *bad = 0;
+        return "the prefix is longer than the file";
     }
-    pthread_mutex_unlock(&e->lock);
-    return found;
-}
-
-static int write_all_dev(Engine *e, const struct iovec *iov, int n)
-{
-    ssize_t r;
-    do {
-        r = writev(e->dev_fd, iov, n);
-    } while (r < 0 && errno == EINTR);
-    /* ENOENT: the request was interrupted and is gone; nothing to do. */
-    return r < 0 ? -errno : 0;
-}
-
-static void reply_err(Engine *e, uint64_t unique, int err)
-{
-    struct fuse_out_header oh = {.len = sizeof oh, .error = -err, .unique = unique};
-    struct iovec iov = {&oh, sizeof oh};
-    write_all_dev(e, &iov, 1);
-}
-
-static int qemu_alive(pid_t pid)
-{
-    if (pid <= 0)
-        return 1;
-    return kill(pid, 0) == 0 || errno == EPERM;
+    for (size_t i = 0; i < n; i++) {
+        *bad = i;
+        switch (x[i].kind) {
+        case EXT_SHARED:
+            if (x[i].src > (uint64_t)INT64_MAX - x[i].length)
+                return "source range is beyond any file offset";
+            break;
+        case EXT_PROCMEM:
+            if (x[i].src + x[i].length < x[i].src)
+                return "source range wraps around the address space";
+            break;
+        default:
+            return "kind is not EXT_SHARED or EXT_PROCMEM";
+        }
+        if (x[i].length == 0)
+            return "empty";
+        if (x[i].offset < last_end)
+            return "unsorted, or overlapping the prefix or the previous extent";
+        if (x[i].offset + x[i].length > size || x[i].offset + x[i].length < x[i].offset)
+            return "beyond the end of the file";
+        last_end = x[i].offset + x[i].length;
+    }
+    return NULL;
 }
 
 /*
  * The piece of a reply starting at file offset pos, at most end - pos long:
  * prefix bytes (src: offset in the prefix), zeros, or part of one memory
- * extent (src advanced to pos).
+ * extent (src advanced to pos).  pos < end <= l->size.
  */
-static struct extent piece_at(const layout *l, uint64_t pos, uint64_t end)
+static struct extent piece_at(const struct layout *l, uint64_t pos, uint64_t end)
 {
     struct extent p = {.offset = pos, .length = end - pos, .kind = EXT_ZERO, .src = 0, .fd = -1};
     if (pos < l->prefix_len) {
@@ -207,7 +188,7 @@ static struct extent piece_at(const layout *l, uint64_t pos, uint64_t end)
     /* Last extent with offset <= pos. */
     size_t lo = 0, hi = l->n;
     while (lo < hi) {
-        size_t mid = (lo + hi) / 2;
+        size_t mid = lo + (hi - lo) / 2;
         if (l->ext[mid].offset <= pos)
             lo = mid + 1;
         else
@@ -215,18 +196,174 @@ static struct extent piece_at(const layout *l, uint64_t pos, uint64_t end)
     }
     if (lo > 0) {
         const struct extent *x = &l->ext[lo - 1];
-        if (pos - x->offset < x->length) {
+        uint64_t into = pos - x->offset;
+        if (into < x->length) {
             p.kind = x->kind;
             p.fd = x->fd;
-            p.src = x->src + (pos - x->offset);
-            if (p.length > x->length - (pos - x->offset))
-                p.length = x->length - (pos - x->offset);
+            p.src = x->src + into;
+            if (p.length > x->length - into)
+                p.length = x->length - into;
             return p;
         }
     }
     if (lo < l->n && l->ext[lo].offset < end)
         p.length = l->ext[lo].offset - pos;
     return p;
+}
+
+/* ==== 2. The engine and its handle table ============================== */
+
+/* Which threads run: the device thread starts first, the reply thread second. */
+enum engine_state { ENGINE_STOPPED = 0, ENGINE_DEVICE_THREAD = 1, ENGINE_BOTH = 2 };
+
+struct engine {
+    int dev_fd, app_fd, event_fd; /* the caller's: never closed here */
+    int stop_rd, stop_wr;         /* readable: threads stop */
+    pid_t pid;                    /* QEMU (0: none; tests) */
+    enum engine_state state;
+    pthread_t dev_thread, app_thread;
+    /* The handle table: fh -> layout, under lock. */
+    pthread_mutex_t lock;
+    struct layout **tab;
+    size_t ntab, captab;
+    atomic_int gone;
+    atomic_int no_vm_readv;
+    atomic_int warned_kind;
+    /* Device-thread state. */
+    int pipe_r, pipe_w;
+    size_t pipe_slots;
+    int zero_fd;    /* a memfd hole of MAX_REPLY bytes (-1: vmsplice of zeros instead) */
+    int pagemap_fd; /* /proc/PID/pagemap: which private pages QEMU ever touched */
+    uint64_t zero_pfn, huge_zero_pfn; /* the kernel's zero pages (0: unknown) */
+    unsigned char *rbuf, *cbuf;       /* a request; a copied reply's data */
+    uint64_t answered[ANSWERED_RING]; /* uniques of the last natively answered requests */
+    unsigned answered_next;
+    atomic_ullong init_unique; /* FUSE_INIT's unique, to adjust libfuse's reply */
+    /* Reply-thread state. */
+    unsigned char *abuf;
+    /* Counters (read with stats()). */
+    atomic_ullong n_reads, n_spliced, n_copied, n_forwarded, n_replies, n_interrupts, bytes;
+};
+
+static void emit(struct engine *e, char code)
+{
+    ssize_t r;
+    do {
+        r = write(e->event_fd, &code, 1);
+    } while (r < 0 && errno == EINTR);
+}
+
+/* A piece of a kind this engine does not serve (cannot happen: layout_check): zeros, said once. */
+static void warn_kind(struct engine *e, enum extent_kind kind)
+{
+    if (kind != EXT_ZERO && !atomic_exchange(&e->warned_kind, 1))
+        fprintf(stderr, "vmcorefs._readpath: extent kind %d read as zeros\n", (int)kind);
+}
+
+/* The layout of fh with a reference taken (layout_unref it), or NULL. */
+static struct layout *table_get(struct engine *e, uint64_t fh)
+{
+    struct layout *found = NULL;
+    pthread_mutex_lock(&e->lock);
+    for (size_t i = 0; i < e->ntab; i++) {
+        if (e->tab[i]->fh == fh) {
+            found = e->tab[i];
+            atomic_fetch_add(&found->refs, 1);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&e->lock);
+    return found;
+}
+
+/* Install l (the table takes the caller's reference), replacing a layout of the same fh; 0 or -ENOMEM. */
+static int table_put(struct engine *e, struct layout *l)
+{
+    struct layout *old = NULL;
+    int err = 0;
+    pthread_mutex_lock(&e->lock);
+    for (size_t i = 0; i < e->ntab; i++) {
+        if (e->tab[i]->fh == l->fh) {
+            old = e->tab[i];
+            e->tab[i] = l;
+            goto out;
+        }
+    }
+    if (e->ntab == e->captab) {
+        size_t cap = e->captab ? 2 * e->captab : 16;
+        struct layout **tab = realloc(e->tab, cap * sizeof *tab);
+        if (!tab) {
+            err = -ENOMEM;
+            goto out;
+        }
+        e->tab = tab;
+        e->captab = cap;
+    }
+    e->tab[e->ntab++] = l;
+out:
+    pthread_mutex_unlock(&e->lock);
+    layout_unref(old);
+    return err;
+}
+
+/* Forget fh; 1 if it was registered. */
+static int table_drop(struct engine *e, uint64_t fh)
+{
+    struct layout *drop = NULL;
+    pthread_mutex_lock(&e->lock);
+    for (size_t i = 0; i < e->ntab; i++) {
+        if (e->tab[i]->fh == fh) {
+            drop = e->tab[i];
+            e->tab[i] = e->tab[--e->ntab];
+            break;
+        }
+    }
+    pthread_mutex_unlock(&e->lock);
+    layout_unref(drop);
+    return drop != NULL;
+}
+
+/*
+ * Register fh: a copy of prefix and of extents x[0..n) (see layout_check).
+ * 0; -EINVAL with *why and *bad set; -ENOMEM.
+ */
+static int engine_register(struct engine *e, uint64_t fh, uint64_t size, const void *prefix, size_t prefix_len,
+                           const struct extent *x, size_t n, const char **why, size_t *bad)
+{
+    *why = layout_check(x, n, prefix_len, size, bad);
+    if (*why)
+        return -EINVAL;
+    struct layout *l = calloc(1, sizeof *l);
+    if (!l)
+        return -ENOMEM;
+    atomic_init(&l->refs, 1);
+    l->ext = malloc((n ? n : 1) * sizeof *l->ext);
+    l->prefix = malloc(prefix_len ? prefix_len : 1);
+    if (!l->ext || !l->prefix) {
+        layout_unref(l);
+        return -ENOMEM;
+    }
+    l->fh = fh;
+    l->size = size;
+    l->prefix_len = prefix_len;
+    l->n = n;
+    if (prefix_len)
+        memcpy(l->prefix, prefix, prefix_len);
+    if (n)
+        memcpy(l->ext, x, n * sizeof *x);
+    int err = table_put(e, l);
+    if (err)
+        layout_unref(l);
+    return err;
+}
+
+/* ==== 3. Guest memory ================================================= */
+
+static int qemu_alive(pid_t pid)
+{
+    if (pid <= 0)
+        return 1;
+    return kill(pid, 0) == 0 || errno == EPERM;
 }
 
 /*
@@ -236,7 +373,7 @@ static struct extent piece_at(const layout *l, uint64_t pos, uint64_t end)
  * /proc/PID/mem, with the same access check (ptrace) and the same effect
  * on QEMU (a read fault maps the zero page, allocates nothing).
  */
-static ssize_t read_once(Engine *e, const struct extent *x, uint64_t src, unsigned char *buf, uint64_t len)
+static ssize_t read_once(struct engine *e, const struct extent *x, uint64_t src, unsigned char *buf, uint64_t len)
 {
     if (x->kind == EXT_PROCMEM && e->pid > 0 && !atomic_load(&e->no_vm_readv)) {
         struct iovec local = {buf, len}, remote = {(void *)(uintptr_t)src, len};
@@ -245,7 +382,41 @@ static ssize_t read_once(Engine *e, const struct extent *x, uint64_t src, unsign
             return n;
         atomic_store(&e->no_vm_readv, 1); /* e.g. a seccomp filter: /proc/PID/mem from now on */
     }
+    if (src > (uint64_t)INT64_MAX) {
+        errno = EINVAL;
+        return -1;
+    }
     return pread(x->fd, buf, len, (off_t)src);
+}
+
+/* read_into(): fill buf from x at src; 0, or -1 when QEMU has exited. */
+static int read_mem_plain(struct engine *e, const struct extent *x, uint64_t src, unsigned char *buf, uint64_t len)
+{
+    uint64_t pos = 0;
+    while (pos < len) {
+        ssize_t n = read_once(e, x, src + pos, buf + pos, len - pos);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == ESRCH || !qemu_alive(e->pid))
+                return -1;
+            /* Unreadable page (EIO/EFAULT for a page QEMU unmapped): zeros. */
+            uint64_t next = (src + pos) / PAGE * PAGE + PAGE - src;
+            if (next > len || next <= pos)
+                next = len;
+            memset(buf + pos, 0, next - pos);
+            pos = next;
+            continue;
+        }
+        if (n == 0) {
+            if (x->kind == EXT_PROCMEM && !qemu_alive(e->pid))
+                return -1;
+            memset(buf + pos, 0, len - pos);
+            return 0;
+        }
+        pos += (uint64_t)n;
+    }
+    return 0;
 }
 
 /* Pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst). */
@@ -261,7 +432,7 @@ static ssize_t read_once(Engine *e, const struct extent *x, uint64_t src, unsign
  * page) by an earlier read fault.  PFNs are visible with CAP_SYS_ADMIN only;
  * without it only the first case is recognised.
  */
-static int zero_entry(const Engine *e, uint64_t ent)
+static int zero_entry(const struct engine *e, uint64_t ent)
 {
     if (!(ent & (PM_PRESENT | PM_SWAPPED)))
         return 1;
@@ -297,14 +468,17 @@ static uint64_t own_zero_pfn(size_t size, int huge)
 }
 
 /*
- * The pagemap entries of the pages of QEMU's [src, src+len), len <= MAX_REPLY;
- * the number of pages, or 0 when unknown (no pagemap, QEMU gone).
+ * The pagemap entries of the pages of QEMU's [src, src+len), 0 < len <=
+ * MAX_REPLY, into ents[PM_MAX_PAGES]; the number of pages, or 0 when
+ * unknown (no pagemap, QEMU gone, a range that wraps).
  */
-static uint64_t pagemap_of(Engine *e, uint64_t src, uint64_t len, uint64_t *ents)
+static uint64_t pagemap_of(struct engine *e, uint64_t src, uint64_t len, uint64_t *ents)
 {
-    if (e->pagemap_fd < 0 || len == 0 || len > MAX_REPLY)
+    if (e->pagemap_fd < 0 || len == 0 || len > MAX_REPLY || src + len < src)
         return 0;
     uint64_t first = src / PAGE, n = (src + len - 1) / PAGE - first + 1;
+    if (n > PM_MAX_PAGES)
+        return 0;
     ssize_t r = pread(e->pagemap_fd, ents, n * sizeof *ents, (off_t)(first * sizeof *ents));
     return r == (ssize_t)(n * sizeof *ents) ? n : 0;
 }
@@ -315,7 +489,7 @@ static uint64_t pagemap_of(Engine *e, uint64_t src, uint64_t len, uint64_t *ents
  * than reading it, costs no copy and does not make the kernel map the zero
  * page into QEMU (which grows QEMU's page tables by 2 MiB per GiB read).
  */
-static int untouched(Engine *e, uint64_t src, uint64_t len)
+static int untouched(struct engine *e, uint64_t src, uint64_t len)
 {
     uint64_t ents[PM_MAX_PAGES];
     uint64_t n = pagemap_of(e, src, len, ents);
@@ -327,10 +501,8 @@ static int untouched(Engine *e, uint64_t src, uint64_t len)
     return 1;
 }
 
-static int read_mem_plain(Engine *e, const struct extent *x, uint64_t src, unsigned char *buf, uint64_t len);
-
 /* read_into() for /proc/PID/mem: untouched pages as zeros, the rest read. */
-static int read_procmem(Engine *e, const struct extent *x, uint64_t src, unsigned char *buf, uint64_t len)
+static int read_procmem(struct engine *e, const struct extent *x, uint64_t src, unsigned char *buf, uint64_t len)
 {
     uint64_t ents[PM_MAX_PAGES];
     uint64_t n = pagemap_of(e, src, len, ents);
@@ -339,7 +511,7 @@ static int read_procmem(Engine *e, const struct extent *x, uint64_t src, unsigne
     uint64_t first = src / PAGE, pos = 0, i = 0;
     while (pos < len) {
         int touched = !zero_entry(e, ents[i]);
-        while (i < n && !zero_entry(e, ents[i]) == touched)
+        while (i < n && (!zero_entry(e, ents[i])) == touched)
             i++;
         uint64_t end = (first + i) * PAGE - src;
         if (end > len)
@@ -353,44 +525,43 @@ static int read_procmem(Engine *e, const struct extent *x, uint64_t src, unsigne
     return 0;
 }
 
-static int read_mem(Engine *e, const struct extent *x, uint64_t src, unsigned char *buf, uint64_t len)
+/* Fill buf with the len bytes of memory piece x (EXT_SHARED, EXT_PROCMEM); 0, or -1 when QEMU has exited. */
+static int read_mem(struct engine *e, const struct extent *x, unsigned char *buf, uint64_t len)
 {
-    if (x->kind == EXT_PROCMEM)
-        return read_procmem(e, x, src, buf, len);
-    return read_mem_plain(e, x, src, buf, len);
-}
-
-/* read_into(): fill buf from fd at src; 0, or -1 when QEMU has exited. */
-static int read_mem_plain(Engine *e, const struct extent *x, uint64_t src, unsigned char *buf, uint64_t len)
-{
-    uint64_t pos = 0;
-    while (pos < len) {
-        ssize_t n = read_once(e, x, src + pos, buf + pos, len - pos);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == ESRCH || !qemu_alive(e->pid))
-                return -1;
-            /* Unreadable page (EIO/EFAULT for a page QEMU unmapped): zeros. */
-            uint64_t next = ((src + pos) / PAGE + 1) * PAGE - src;
-            if (next > len)
-                next = len;
-            memset(buf + pos, 0, next - pos);
-            pos = next;
-            continue;
-        }
-        if (n == 0) {
-            if (x->kind == EXT_PROCMEM && !qemu_alive(e->pid))
-                return -1;
-            memset(buf + pos, 0, len - pos);
-            return 0;
-        }
-        pos += (uint64_t)n;
+    switch (x->kind) {
+    case EXT_PROCMEM:
+        return read_procmem(e, x, x->src, buf, len);
+    case EXT_SHARED:
+        return read_mem_plain(e, x, x->src, buf, len);
+    default:
+        warn_kind(e, x->kind);
+        memset(buf, 0, len);
+        return 0;
     }
-    return 0;
 }
 
-static int copy_reply(Engine *e, struct fuse_out_header *oh, const layout *l, uint64_t off, uint64_t len)
+/* ==== 4. Replies: copied, or spliced ================================== */
+
+static int write_all_dev(struct engine *e, const struct iovec *iov, int n)
+{
+    ssize_t r;
+    do {
+        r = writev(e->dev_fd, iov, n);
+    } while (r < 0 && errno == EINTR);
+    /* ENOENT: the request was interrupted and is gone; nothing to do. */
+    return r < 0 ? -errno : 0;
+}
+
+static void reply_err(struct engine *e, uint64_t unique, int err)
+{
+    struct fuse_out_header oh = {.len = sizeof oh, .error = -err, .unique = unique};
+    struct iovec iov = {&oh, sizeof oh};
+    write_all_dev(e, &iov, 1);
+}
+
+/* The reply [off, off+len) of l assembled in cbuf and written; 0, or -1 when QEMU has exited. */
+static int copy_reply(struct engine *e, struct fuse_out_header *oh, const struct layout *l, uint64_t off,
+                      uint64_t len)
 {
     uint64_t pos = off, end = off + len;
     while (pos < end) {
@@ -402,7 +573,7 @@ static int copy_reply(Engine *e, struct fuse_out_header *oh, const layout *l, ui
             break;
         case EXT_SHARED:
         case EXT_PROCMEM:
-            if (read_mem(e, &p, p.src, dst, p.length) < 0)
+            if (read_mem(e, &p, dst, p.length) < 0)
                 return -1;
             break;
         case EXT_ZERO:
@@ -419,7 +590,7 @@ static int copy_reply(Engine *e, struct fuse_out_header *oh, const layout *l, ui
     return 0;
 }
 
-static int pipe_open(Engine *e)
+static int pipe_open(struct engine *e)
 {
     int p[2];
     if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0)
@@ -435,12 +606,20 @@ static int pipe_open(Engine *e)
     return 0;
 }
 
-static void pipe_reset(Engine *e)
+static void pipe_close(struct engine *e)
 {
-    close(e->pipe_r);
-    close(e->pipe_w);
+    if (e->pipe_r >= 0)
+        close(e->pipe_r);
+    if (e->pipe_w >= 0)
+        close(e->pipe_w);
     e->pipe_r = e->pipe_w = -1;
     e->pipe_slots = 0;
+}
+
+/* A pipe that may hold part of an unsent message is replaced (-1 until a new one opens). */
+static void pipe_reset(struct engine *e)
+{
+    pipe_close(e);
     pipe_open(e);
 }
 
@@ -449,7 +628,7 @@ static uint64_t pages_spanned(uint64_t addr, uint64_t len)
     return len ? (addr + len - 1) / PAGE - addr / PAGE + 1 : 0;
 }
 
-static int vmsplice_all(Engine *e, const void *base, uint64_t len)
+static int vmsplice_all(struct engine *e, const void *base, uint64_t len)
 {
     struct iovec iov = {(void *)base, len};
     while (iov.iov_len) {
@@ -470,7 +649,7 @@ static int vmsplice_all(Engine *e, const void *base, uint64_t len)
  * gets references to the kernel's zero page (no page pinning, nothing
  * allocated); vmsplice of a zero buffer if that memfd is unavailable.
  */
-static int splice_zeros(Engine *e, uint64_t len)
+static int splice_zeros(struct engine *e, uint64_t len)
 {
     while (len) {
         uint64_t n = len < MAX_REPLY ? len : MAX_REPLY;
@@ -494,13 +673,32 @@ static int splice_zeros(Engine *e, uint64_t len)
     return 0;
 }
 
+/* A shared-file piece spliced into the pipe; bytes past the file's end as zeros. */
+static int splice_shared(struct engine *e, const struct extent *p)
+{
+    loff_t src = (loff_t)p->src; /* layout_check: src + length fits off_t */
+    uint64_t left = p->length;
+    while (left) {
+        ssize_t n = splice(p->fd, &src, e->pipe_w, NULL, left, SPLICE_F_NONBLOCK);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -1; /* e.g. EINVAL: this file cannot splice */
+        if (n == 0)
+            return splice_zeros(e, left); /* past the end of the backing file */
+        left -= (uint64_t)n;
+    }
+    return 0;
+}
+
 /*
  * Reply by splicing: header and literal bytes with vmsplice, shared-file
  * memory with splice (page references, no copy), then the whole message
  * from the pipe into /dev/fuse in one splice.  Returns 1 when replied,
  * 0 when the reply must be copied instead (nothing was sent).
  */
-static int splice_reply(Engine *e, struct fuse_out_header *oh, const layout *l, uint64_t off, uint64_t len)
+static int splice_reply(struct engine *e, struct fuse_out_header *oh, const struct layout *l, uint64_t off,
+                        uint64_t len)
 {
     if (e->pipe_w < 0)
         return 0;
@@ -533,37 +731,23 @@ static int splice_reply(Engine *e, struct fuse_out_header *oh, const layout *l, 
         goto fallback;
     for (pos = off; pos < end;) {
         struct extent p = piece_at(l, pos, end);
+        int r;
         switch (p.kind) {
         case EXT_PREFIX:
-            if (vmsplice_all(e, l->prefix + p.src, p.length) < 0)
-                goto fallback;
+            r = vmsplice_all(e, l->prefix + p.src, p.length);
             break;
-        case EXT_SHARED: {
-            loff_t src = (loff_t)p.src;
-            uint64_t left = p.length;
-            while (left) {
-                ssize_t n = splice(p.fd, &src, e->pipe_w, NULL, left, SPLICE_F_NONBLOCK);
-                if (n < 0 && errno == EINTR)
-                    continue;
-                if (n < 0)
-                    goto fallback; /* e.g. EINVAL: this file cannot splice */
-                if (n == 0) {      /* past the end of the backing file: zeros */
-                    if (splice_zeros(e, left) < 0)
-                        goto fallback;
-                    break;
-                }
-                left -= (uint64_t)n;
-            }
+        case EXT_SHARED:
+            r = splice_shared(e, &p);
             break;
-        }
         case EXT_PROCMEM: /* untouched, checked above */
         case EXT_ZERO:
         default:
             warn_kind(e, p.kind);
-            if (splice_zeros(e, p.length) < 0)
-                goto fallback;
+            r = splice_zeros(e, p.length);
             break;
         }
+        if (r < 0)
+            goto fallback;
         pos += p.length;
     }
     for (;;) {
@@ -581,7 +765,8 @@ fallback:
     return 0;
 }
 
-static void serve_read(Engine *e, uint64_t unique, const layout *l, uint64_t off, uint32_t size)
+/* FUSE_READ of [off, off+size) of l, answered: short at the end of the file, EIO once QEMU is gone. */
+static void serve_read(struct engine *e, uint64_t unique, const struct layout *l, uint64_t off, uint32_t size)
 {
     atomic_fetch_add(&e->n_reads, 1);
     if (atomic_load(&e->gone)) {
@@ -609,6 +794,183 @@ static void serve_read(Engine *e, uint64_t unique, const layout *l, uint64_t off
     }
 }
 
+/* ==== 5. The FUSE proxy =============================================== */
+
+static void forward(struct engine *e, const unsigned char *buf, size_t n)
+{
+    const struct fuse_in_header *h = (const struct fuse_in_header *)buf;
+    ssize_t w;
+    do {
+        w = send(e->app_fd, buf, n, MSG_NOSIGNAL);
+    } while (w < 0 && errno == EINTR);
+    if (w < 0 && h->opcode != FUSE_FORGET && h->opcode != FUSE_BATCH_FORGET && h->opcode != FUSE_INTERRUPT)
+        reply_err(e, h->unique, EIO); /* pyfuse3 is gone: do not leave the caller hanging */
+    atomic_fetch_add(&e->n_forwarded, 1);
+}
+
+static int answered_here(const struct engine *e, uint64_t unique)
+{
+    for (unsigned i = 0; i < ANSWERED_RING; i++)
+        if (e->answered[i] == unique && unique)
+            return 1;
+    return 0;
+}
+
+/*
+ * FUSE_INTERRUPT of request fuse_interrupt_in.unique.  The kernel queues an
+ * interrupt only for a request userspace has already read, and hands out
+ * queued interrupts before any other request; this thread answers each
+ * FUSE_READ it serves before reading the next message.  So an interrupt of
+ * a natively served read always arrives after its answer, and within the
+ * next few messages: it is dropped (an interrupt needs no reply -- the
+ * kernel only acts on EAGAIN, to re-queue it -- and forwarding it would
+ * leave libfuse holding an interrupt that matches none of its requests).
+ * Interrupts of requests pyfuse3 serves are forwarded to it.  Returns 1
+ * when dropped.
+ */
+static int handle_interrupt(struct engine *e, const struct fuse_in_header *h, size_t n)
+{
+    if (n < sizeof *h + sizeof(struct fuse_interrupt_in))
+        return 0;
+    const struct fuse_interrupt_in *in = (const struct fuse_interrupt_in *)(h + 1);
+    if (!answered_here(e, in->unique))
+        return 0;
+    atomic_fetch_add(&e->n_interrupts, 1);
+    return 1;
+}
+
+/* FUSE_READ of a registered handle, answered here (1), or 0 for pyfuse3. */
+static int handle_read(struct engine *e, const struct fuse_in_header *h, size_t n)
+{
+    if (n < sizeof *h + sizeof(struct fuse_read_in))
+        return 0;
+    const struct fuse_read_in *r = (const struct fuse_read_in *)(h + 1);
+    struct layout *l = table_get(e, r->fh);
+    if (!l)
+        return 0;
+    serve_read(e, h->unique, l, r->offset, r->size);
+    layout_unref(l);
+    e->answered[e->answered_next++ % ANSWERED_RING] = h->unique;
+    return 1;
+}
+
+/*
+ * One message from the kernel, buf[0..n) (8-byte aligned): READs of
+ * registered handles and interrupts of them handled here, the rest sent
+ * to pyfuse3 as they are.  Lengths are taken from n, the size the device
+ * gave, never from the header.
+ */
+static void handle_request(struct engine *e, unsigned char *buf, size_t n)
+{
+    if (n < sizeof(struct fuse_in_header))
+        return; /* not a request: the device never returns less */
+    const struct fuse_in_header *h = (const struct fuse_in_header *)buf;
+    int done = 0;
+    switch (h->opcode) {
+    case FUSE_INIT:
+        atomic_store(&e->init_unique, h->unique);
+        break;
+    case FUSE_READ:
+        done = handle_read(e, h, n);
+        break;
+    case FUSE_INTERRUPT:
+        done = handle_interrupt(e, h, n);
+        break;
+    default:
+        break;
+    }
+    if (!done)
+        forward(e, buf, n);
+}
+
+/*
+ * A spliced reply must fit the pipe whole: header + up to max_pages pages.
+ * Without CAP_SYS_RESOURCE a pipe holds at most pipe-max-size (1 MiB, 256
+ * pages), one page short for a 1 MiB read; then cap the requests' size
+ * (FUSE_INIT's max_pages) so that every read can be spliced.
+ */
+static void limit_max_pages(struct engine *e, struct fuse_init_out *out)
+{
+    if (!(out->flags & FUSE_MAX_PAGES) || e->pipe_slots < 2)
+        return;
+    uint64_t cap = e->pipe_slots - 1;
+    if (out->max_pages > cap)
+        out->max_pages = (uint16_t)cap;
+}
+
+/* One message from pyfuse3, buf[0..n) (8-byte aligned), to the kernel; FUSE_INIT's reply adjusted. */
+static void handle_reply(struct engine *e, unsigned char *buf, size_t n)
+{
+    struct fuse_out_header *oh = (struct fuse_out_header *)buf;
+    if (n >= sizeof *oh + offsetof(struct fuse_init_out, max_pages) + sizeof(uint16_t) && oh->error == 0
+        && oh->unique && oh->unique == atomic_load(&e->init_unique))
+        limit_max_pages(e, (struct fuse_init_out *)(oh + 1));
+    struct iovec iov = {buf, n};
+    write_all_dev(e, &iov, 1);
+    atomic_fetch_add(&e->n_replies, 1);
+}
+
+/* Wait until fd is readable: 0, or -1 when told to stop. */
+static int wait_readable(int fd, int stop_fd)
+{
+    struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = stop_fd, .events = POLLIN}};
+    for (;;) {
+        int r = poll(p, 2, -1);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 || p[1].revents)
+            return -1;
+        return 0;
+    }
+}
+
+/* The device thread: requests from the kernel. */
+static void *dev_main(void *arg)
+{
+    struct engine *e = arg;
+    for (;;) {
+        ssize_t n = read(e->dev_fd, e->rbuf, REQ_BUF);
+        if (n < 0) {
+            if (errno == EAGAIN) {
+                if (wait_readable(e->dev_fd, e->stop_rd) < 0)
+                    return NULL;
+                continue;
+            }
+            if (errno == EINTR || errno == ENOENT)
+                continue;
+            emit(e, 'U'); /* ENODEV: unmounted or aborted */
+            return NULL;
+        }
+        handle_request(e, e->rbuf, (size_t)n);
+    }
+}
+
+/* The reply thread: replies and notifications from pyfuse3, one message each. */
+static void *app_main(void *arg)
+{
+    struct engine *e = arg;
+    for (;;) {
+        ssize_t n = recv(e->app_fd, e->abuf, REQ_BUF, MSG_DONTWAIT | MSG_TRUNC);
+        if (n < 0) {
+            if (errno == EAGAIN) {
+                if (wait_readable(e->app_fd, e->stop_rd) < 0)
+                    return NULL;
+                continue;
+            }
+            if (errno == EINTR)
+                continue;
+            return NULL;
+        }
+        if (n == 0)
+            return NULL; /* pyfuse3 closed its end */
+        if ((size_t)n > REQ_BUF)
+            continue; /* cannot happen: replies are at most one read's size */
+        handle_reply(e, e->abuf, (size_t)n);
+    }
+}
+
+/* ==== 6. Engine life cycle ============================================ */
+
 /* The zeros memfd: sized, sealed, and kept only as a read-only descriptor. */
 static int open_zeros(void)
 {
@@ -626,194 +988,193 @@ static int open_zeros(void)
     return ro;
 }
 
-static int wait_readable(int fd, int stop_fd)
+/* Testing: the n-th next pthread_create of an engine fails with EAGAIN (0: none). */
+static atomic_int fail_thread_create;
+
+static int thread_create(pthread_t *t, void *(*fn)(void *), void *arg)
 {
-    struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = stop_fd, .events = POLLIN}};
-    for (;;) {
-        int r = poll(p, 2, -1);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0 || p[1].revents)
-            return -1;
-        return 0;
-    }
+    int n = atomic_load(&fail_thread_create);
+    while (n > 0 && !atomic_compare_exchange_weak(&fail_thread_create, &n, n - 1))
+        ;
+    if (n == 1)
+        return EAGAIN;
+    return pthread_create(t, NULL, fn, arg);
 }
 
-/* Requests from the kernel: READs of registered handles here, the rest to pyfuse3. */
-static void *dev_main(void *arg)
+static void engine_close(struct engine *e);
+
+/*
+ * Set up e to serve dev_fd (made non-blocking) for app_fd, reporting on
+ * event_fd; pid is QEMU's (0: none).  0, or -errno with e closed.
+ */
+static int engine_open(struct engine *e, int dev_fd, int app_fd, int event_fd, pid_t pid)
 {
-    Engine *e = arg;
-    for (;;) {
-        ssize_t n = read(e->dev_fd, e->rbuf, REQ_BUF);
-        if (n < 0) {
-            if (errno == EAGAIN) {
-                if (wait_readable(e->dev_fd, e->stop_rd) < 0)
-                    return NULL;
-                continue;
-            }
-            if (errno == EINTR || errno == ENOENT)
-                continue;
-            emit(e, 'U'); /* ENODEV: unmounted or aborted */
-            return NULL;
-        }
-        if ((size_t)n < sizeof(struct fuse_in_header))
-            continue;
-        struct fuse_in_header *h = (struct fuse_in_header *)e->rbuf;
-        if (h->opcode == FUSE_INIT)
-            atomic_store(&e->init_unique, h->unique);
-        if (h->opcode == FUSE_READ && (size_t)n >= sizeof *h + sizeof(struct fuse_read_in)) {
-            struct fuse_read_in *r = (struct fuse_read_in *)(h + 1);
-            layout *l = lookup_ref(e, r->fh);
-            if (l) {
-                serve_read(e, h->unique, l, r->offset, r->size);
-                layout_unref(l);
-                continue;
-            }
-        }
-        ssize_t w;
-        do {
-            w = send(e->app_fd, e->rbuf, (size_t)n, MSG_NOSIGNAL);
-        } while (w < 0 && errno == EINTR);
-        if (w < 0 && h->opcode != FUSE_FORGET && h->opcode != FUSE_BATCH_FORGET
-            && h->opcode != FUSE_INTERRUPT)
-            reply_err(e, h->unique, EIO); /* pyfuse3 is gone: do not leave the caller hanging */
-        atomic_fetch_add(&e->n_forwarded, 1);
+    memset(e, 0, sizeof *e);
+    e->stop_rd = e->stop_wr = e->pipe_r = e->pipe_w = e->zero_fd = e->pagemap_fd = -1;
+    e->dev_fd = dev_fd;
+    e->app_fd = app_fd;
+    e->event_fd = event_fd;
+    e->pid = pid;
+    e->state = ENGINE_STOPPED;
+    pthread_mutex_init(&e->lock, NULL);
+    int p[2], err = 0;
+    if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0) {
+        err = -errno;
+        goto fail;
     }
+    e->stop_rd = p[0];
+    e->stop_wr = p[1];
+    e->rbuf = malloc(REQ_BUF);
+    e->abuf = malloc(REQ_BUF);
+    e->cbuf = malloc(MAX_REPLY);
+    if (!e->rbuf || !e->abuf || !e->cbuf) {
+        err = -ENOMEM;
+        goto fail;
+    }
+    pipe_open(e);
+    e->zero_fd = open_zeros();
+    if (pid > 0) {
+        char path[64];
+        snprintf(path, sizeof path, "/proc/%d/pagemap", (int)pid);
+        e->pagemap_fd = open(path, O_RDONLY | O_CLOEXEC); /* -1: read every page */
+        e->zero_pfn = own_zero_pfn(PAGE, 0);
+        uint64_t huge = own_zero_pfn(HUGE, 1);
+        if (huge != e->zero_pfn)
+            e->huge_zero_pfn = huge;
+    }
+    int fl = fcntl(dev_fd, F_GETFL);
+    if (fl < 0 || fcntl(dev_fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+        err = -errno;
+        goto fail;
+    }
+    return 0;
+fail:
+    engine_close(e);
+    return err;
+}
+
+/* Stop the threads that run and wait for them; the engine can start again. */
+static void engine_stop(struct engine *e)
+{
+    if (e->state == ENGINE_STOPPED)
+        return;
+    char c = 'x';
+    if (write(e->stop_wr, &c, 1) < 0) {
+        /* cannot fail on a fresh non-blocking pipe drained at every stop */
+    }
+    pthread_join(e->dev_thread, NULL);
+    if (e->state == ENGINE_BOTH)
+        pthread_join(e->app_thread, NULL);
+    e->state = ENGINE_STOPPED;
+    while (read(e->stop_rd, &c, 1) == 1)
+        ;
 }
 
 /*
- * A spliced reply must fit the pipe whole: header + up to max_pages pages.
- * Without CAP_SYS_RESOURCE a pipe holds at most pipe-max-size (1 MiB, 256
- * pages), one page short for a 1 MiB read; then cap the requests' size
- * (FUSE_INIT's max_pages) so that every read can be spliced.
+ * Start the device thread, then the reply thread: 0, or -errno with no
+ * thread left running (a device thread already started is stopped and
+ * joined before returning, so that nothing reads the buffers it used).
  */
-static void limit_max_pages(Engine *e, struct fuse_init_out *out)
+static int engine_start(struct engine *e, const char **which)
 {
-    if (!(out->flags & FUSE_MAX_PAGES) || e->pipe_slots < 2)
-        return;
-    uint64_t cap = e->pipe_slots - 1;
-    if (out->max_pages > cap)
-        out->max_pages = (uint16_t)cap;
-}
-
-/* Replies and notifications from pyfuse3, one message each, to the kernel. */
-static void *app_main(void *arg)
-{
-    Engine *e = arg;
-    size_t cap = MAX_REPLY + 64u * 1024u;
-    unsigned char *buf = malloc(cap);
-    if (!buf)
-        return NULL;
-    for (;;) {
-        ssize_t n = recv(e->app_fd, buf, cap, MSG_DONTWAIT | MSG_TRUNC);
-        if (n < 0) {
-            if (errno == EAGAIN) {
-                if (wait_readable(e->app_fd, e->stop_rd) < 0)
-                    break;
-                continue;
-            }
-            if (errno == EINTR)
-                continue;
-            break;
-        }
-        if (n == 0)
-            break; /* pyfuse3 closed its end */
-        if ((size_t)n > cap)
-            continue; /* cannot happen: replies are at most one read's size */
-        struct fuse_out_header *oh = (struct fuse_out_header *)buf;
-        if ((size_t)n >= sizeof *oh + offsetof(struct fuse_init_out, max_pages) + sizeof(uint16_t)
-            && oh->error == 0 && oh->unique && oh->unique == atomic_load(&e->init_unique))
-            limit_max_pages(e, (struct fuse_init_out *)(oh + 1));
-        struct iovec iov = {buf, (size_t)n};
-        write_all_dev(e, &iov, 1);
-        atomic_fetch_add(&e->n_replies, 1);
+    if (e->state != ENGINE_STOPPED)
+        return 0;
+    int err = thread_create(&e->dev_thread, dev_main, e);
+    if (err) {
+        *which = "device";
+        return -err;
     }
-    free(buf);
-    return NULL;
+    e->state = ENGINE_DEVICE_THREAD;
+    err = thread_create(&e->app_thread, app_main, e);
+    if (err) {
+        engine_stop(e);
+        *which = "reply";
+        return -err;
+    }
+    e->state = ENGINE_BOTH;
+    return 0;
 }
 
-/* ---- Python type ------------------------------------------------------ */
+/* Stop, forget every handle, close what the engine opened (not dev/app/event fds), free. */
+static void engine_close(struct engine *e)
+{
+    engine_stop(e);
+    for (size_t i = 0; i < e->ntab; i++)
+        layout_unref(e->tab[i]);
+    free(e->tab);
+    free(e->rbuf);
+    free(e->abuf);
+    free(e->cbuf);
+    e->tab = NULL;
+    e->ntab = e->captab = 0;
+    e->rbuf = e->abuf = e->cbuf = NULL;
+    pipe_close(e);
+    int *fds[] = {&e->stop_rd, &e->stop_wr, &e->zero_fd, &e->pagemap_fd};
+    for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++) {
+        if (*fds[i] >= 0)
+            close(*fds[i]);
+        *fds[i] = -1;
+    }
+    pthread_mutex_destroy(&e->lock);
+}
+
+/* ==== 7. The CPython binding ========================================== */
+#ifndef READPATH_NO_PYTHON
+
+typedef struct {
+    PyObject_HEAD
+    struct engine e;
+    int open; /* engine_open succeeded; engine_close pending */
+} Engine;
 
 static int Engine_init(Engine *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"dev_fd", "app_fd", "event_fd", "pid", NULL};
-    int pid = 0;
-    self->dev_fd = self->app_fd = self->event_fd = -1;
-    self->stop_rd = self->stop_wr = self->pipe_r = self->pipe_w = self->zero_fd = self->pagemap_fd = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iii|i", kwlist, &self->dev_fd, &self->app_fd,
-                                     &self->event_fd, &pid))
-        return -1;
-    self->pid = pid;
-    pthread_mutex_init(&self->lock, NULL);
-    int p[2];
-    if (pipe2(p, O_CLOEXEC) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
+    int dev_fd, app_fd, event_fd, pid = 0;
+    if (self->open) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine.__init__ called twice");
         return -1;
     }
-    self->stop_rd = p[0];
-    self->stop_wr = p[1];
-    self->rbuf = malloc(REQ_BUF);
-    self->cbuf = malloc(MAX_REPLY);
-    if (!self->rbuf || !self->cbuf) {
-        PyErr_NoMemory();
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iii|i", kwlist, &dev_fd, &app_fd, &event_fd, &pid))
+        return -1;
+    int err = engine_open(&self->e, dev_fd, app_fd, event_fd, pid);
+    if (err) {
+        errno = -err;
+        PyErr_SetFromErrno(err == -ENOMEM ? PyExc_MemoryError : PyExc_OSError);
         return -1;
     }
-    pipe_open(self);
-    self->zero_fd = open_zeros();
-    if (pid > 0) {
-        char path[64];
-        snprintf(path, sizeof path, "/proc/%d/pagemap", pid);
-        self->pagemap_fd = open(path, O_RDONLY | O_CLOEXEC); /* -1: read every page */
-        self->zero_pfn = own_zero_pfn(PAGE, 0);
-        uint64_t huge = own_zero_pfn(HUGE, 1);
-        if (huge != self->zero_pfn)
-            self->huge_zero_pfn = huge;
-    }
-    int fl = fcntl(self->dev_fd, F_GETFL);
-    if (fl < 0 || fcntl(self->dev_fd, F_SETFL, fl | O_NONBLOCK) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
+    self->open = 1;
     return 0;
+}
+
+static int Engine_check(Engine *self)
+{
+    if (!self->open)
+        PyErr_SetString(PyExc_RuntimeError, "Engine not initialised");
+    return self->open;
 }
 
 static PyObject *Engine_start(Engine *self, PyObject *unused)
 {
-    if (self->started)
-        Py_RETURN_NONE;
-    if (pthread_create(&self->dev_thread, NULL, dev_main, self) != 0) {
-        PyErr_SetString(PyExc_OSError, "cannot start the read-path thread");
+    if (!Engine_check(self))
         return NULL;
+    const char *which = "";
+    int err = engine_start(&self->e, &which);
+    if (err) {
+        errno = -err;
+        return PyErr_Format(PyExc_OSError, "cannot start the native read path's %s thread: %s", which,
+                            strerror(-err));
     }
-    if (pthread_create(&self->app_thread, NULL, app_main, self) != 0) {
-        PyErr_SetString(PyExc_OSError, "cannot start the reply thread");
-        return NULL; /* dealloc stops the first thread */
-    }
-    self->started = 2;
     Py_RETURN_NONE;
-}
-
-static void engine_stop(Engine *self)
-{
-    if (self->stop_wr >= 0) {
-        char c = 'x';
-        if (write(self->stop_wr, &c, 1) < 0) {
-            /* nothing more to do: the threads also stop on their own descriptors */
-        }
-    }
-    if (self->started) {
-        Py_BEGIN_ALLOW_THREADS
-        pthread_join(self->dev_thread, NULL);
-        if (self->started == 2)
-            pthread_join(self->app_thread, NULL);
-        Py_END_ALLOW_THREADS
-        self->started = 0;
-    }
 }
 
 static PyObject *Engine_stop(Engine *self, PyObject *unused)
 {
-    engine_stop(self);
+    if (self->open) {
+        Py_BEGIN_ALLOW_THREADS
+        engine_stop(&self->e);
+        Py_END_ALLOW_THREADS
+    }
     Py_RETURN_NONE;
 }
 
@@ -822,152 +1183,121 @@ static PyObject *Engine_register(Engine *self, PyObject *args)
     unsigned long long fh, size;
     Py_buffer prefix;
     PyObject *extents;
-    if (!PyArg_ParseTuple(args, "KKy*O", &fh, &size, &prefix, &extents))
+    if (!Engine_check(self) || !PyArg_ParseTuple(args, "KKy*O", &fh, &size, &prefix, &extents))
         return NULL;
     PyObject *seq = PySequence_Fast(extents, "extents must be a sequence");
-    if (!seq) {
-        PyBuffer_Release(&prefix);
-        return NULL;
-    }
+    struct extent *x = NULL;
+    if (!seq)
+        goto out;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    layout *l = calloc(1, sizeof *l);
-    if (l) {
-        l->ext = calloc(n ? (size_t)n : 1, sizeof *l->ext);
-        l->prefix = malloc(prefix.len ? (size_t)prefix.len : 1);
+    x = PyMem_Calloc(n ? (size_t)n : 1, sizeof *x);
+    if (!x) {
+        PyErr_NoMemory();
+        goto out;
     }
-    if (!l || !l->ext || !l->prefix) {
-        layout_unref(l);
-        Py_DECREF(seq);
-        PyBuffer_Release(&prefix);
-        return PyErr_NoMemory();
-    }
-    atomic_init(&l->refs, 1);
-    l->fh = fh;
-    l->size = size;
-    l->prefix_len = (size_t)prefix.len;
-    memcpy(l->prefix, prefix.buf, (size_t)prefix.len);
-    PyBuffer_Release(&prefix);
-    uint64_t last_end = l->prefix_len;
     for (Py_ssize_t i = 0; i < n; i++) {
-        struct extent *x = &l->ext[i];
         unsigned long long off, len, src;
-        int fd, kind;
+        int kind, fd;
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKiKi", &off, &len, &kind, &src, &fd))
-            goto bad;
-        if (kind != EXT_SHARED && kind != EXT_PROCMEM) {
-            PyErr_Format(PyExc_ValueError, "extent %zd (offset %#llx): kind %d is not EXT_SHARED (%d) or"
-                         " EXT_PROCMEM (%d)", i, off, kind, EXT_SHARED, EXT_PROCMEM);
-            goto bad;
+            goto out;
+        if (kind != EXT_SHARED && kind != EXT_PROCMEM) { /* before the enum could hold an unnamed value */
+            PyErr_Format(PyExc_ValueError, "extent %zd (offset %#llx) of handle %llu: kind %d is not EXT_SHARED"
+                         " (%d) or EXT_PROCMEM (%d)", i, off, fh, kind, EXT_SHARED, EXT_PROCMEM);
+            goto out;
         }
-        if (off < last_end || len == 0 || off + len > size || off + len < off) {
-            PyErr_Format(PyExc_ValueError, "extent %zd (offset %#llx, length %#llx) is empty, unsorted,"
-                         " overlapping or beyond the file", i, off, len);
-            goto bad;
-        }
-        x->offset = off;
-        x->length = len;
-        x->fd = fd;
-        x->src = src;
-        x->kind = kind;
-        last_end = off + len;
+        x[i] = (struct extent){.offset = off, .length = len, .kind = (enum extent_kind)kind, .src = src, .fd = fd};
     }
-    l->n = (size_t)n;
-    Py_DECREF(seq);
-    pthread_mutex_lock(&self->lock);
-    if (self->ntab == self->captab) {
-        size_t cap = self->captab ? 2 * self->captab : 16;
-        layout **tab = realloc(self->tab, cap * sizeof *tab);
-        if (!tab) {
-            pthread_mutex_unlock(&self->lock);
-            layout_unref(l);
-            return PyErr_NoMemory();
-        }
-        self->tab = tab;
-        self->captab = cap;
-    }
-    for (size_t i = 0; i < self->ntab; i++) {
-        if (self->tab[i]->fh == fh) { /* replace */
-            layout_unref(self->tab[i]);
-            self->tab[i] = l;
-            pthread_mutex_unlock(&self->lock);
-            Py_RETURN_NONE;
-        }
-    }
-    self->tab[self->ntab++] = l;
-    pthread_mutex_unlock(&self->lock);
+    const char *why = NULL;
+    size_t bad = 0;
+    int err = engine_register(&self->e, fh, size, prefix.buf, (size_t)prefix.len, x, (size_t)n, &why, &bad);
+    if (err == -EINVAL && (size_t)prefix.len > size)
+        PyErr_Format(PyExc_ValueError, "handle %llu: %s (%zd > %llu bytes)", fh, why, prefix.len, size);
+    else if (err == -EINVAL)
+        PyErr_Format(PyExc_ValueError, "extent %zu (offset %#llx, length %#llx) of handle %llu: %s", bad,
+                     (unsigned long long)x[bad].offset, (unsigned long long)x[bad].length, fh, why);
+    else if (err)
+        PyErr_NoMemory();
+out:
+    PyMem_Free(x);
+    Py_XDECREF(seq);
+    PyBuffer_Release(&prefix);
+    if (PyErr_Occurred())
+        return NULL;
     Py_RETURN_NONE;
-bad:
-    Py_DECREF(seq);
-    layout_unref(l);
-    return NULL;
 }
 
 static PyObject *Engine_unregister(Engine *self, PyObject *arg)
 {
     unsigned long long fh = PyLong_AsUnsignedLongLong(arg);
-    if (PyErr_Occurred())
+    if (PyErr_Occurred() || !Engine_check(self))
         return NULL;
-    layout *drop = NULL;
-    pthread_mutex_lock(&self->lock);
-    for (size_t i = 0; i < self->ntab; i++) {
-        if (self->tab[i]->fh == fh) {
-            drop = self->tab[i];
-            self->tab[i] = self->tab[--self->ntab];
-            break;
-        }
-    }
-    pthread_mutex_unlock(&self->lock);
-    layout_unref(drop);
-    return PyBool_FromLong(drop != NULL);
+    return PyBool_FromLong(table_drop(&self->e, fh));
 }
 
 static PyObject *Engine_set_gone(Engine *self, PyObject *unused)
 {
-    atomic_store(&self->gone, 1);
+    if (!Engine_check(self))
+        return NULL;
+    atomic_store(&self->e.gone, 1);
     Py_RETURN_NONE;
 }
 
 static PyObject *Engine_stats(Engine *self, PyObject *unused)
 {
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:n,s:i,s:i}",
-                         "reads", (unsigned long long)atomic_load(&self->n_reads),
-                         "spliced", (unsigned long long)atomic_load(&self->n_spliced),
-                         "copied", (unsigned long long)atomic_load(&self->n_copied),
-                         "bytes", (unsigned long long)atomic_load(&self->bytes),
-                         "forwarded", (unsigned long long)atomic_load(&self->n_forwarded),
-                         "replies", (unsigned long long)atomic_load(&self->n_replies),
-                         "pipe_bytes", (Py_ssize_t)(self->pipe_slots * PAGE),
-                         "handles", (Py_ssize_t)self->ntab,
-                         "pagemap", self->pagemap_fd >= 0,
-                         "zero_pfn_known", self->zero_pfn != 0);
+    if (!Engine_check(self))
+        return NULL;
+    struct engine *e = &self->e;
+    pthread_mutex_lock(&e->lock);
+    Py_ssize_t handles = (Py_ssize_t)e->ntab;
+    pthread_mutex_unlock(&e->lock);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n,s:n,s:i,s:i,s:i,s:i,s:i}",
+                         "reads", (unsigned long long)atomic_load(&e->n_reads),
+                         "spliced", (unsigned long long)atomic_load(&e->n_spliced),
+                         "copied", (unsigned long long)atomic_load(&e->n_copied),
+                         "bytes", (unsigned long long)atomic_load(&e->bytes),
+                         "forwarded", (unsigned long long)atomic_load(&e->n_forwarded),
+                         "replies", (unsigned long long)atomic_load(&e->n_replies),
+                         "interrupts_dropped", (unsigned long long)atomic_load(&e->n_interrupts),
+                         "pipe_bytes", (Py_ssize_t)(e->pipe_slots * PAGE),
+                         "handles", handles,
+                         "threads", (int)e->state,
+                         "pagemap", e->pagemap_fd >= 0,
+                         "zero_pfn_known", e->zero_pfn != 0,
+                         "process_vm_readv", !atomic_load(&e->no_vm_readv),
+                         "zeros_memfd", e->zero_fd >= 0);
 }
 
 static void Engine_dealloc(Engine *self)
 {
-    engine_stop(self);
-    for (size_t i = 0; i < self->ntab; i++)
-        layout_unref(self->tab[i]);
-    free(self->tab);
-    free(self->rbuf);
-    free(self->cbuf);
-    int fds[] = {self->stop_rd, self->stop_wr, self->pipe_r, self->pipe_w, self->zero_fd, self->pagemap_fd};
-    for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++)
-        if (fds[i] >= 0)
-            close(fds[i]);
-    pthread_mutex_destroy(&self->lock);
+    if (self->open) {
+        Py_BEGIN_ALLOW_THREADS
+        engine_close(&self->e);
+        Py_END_ALLOW_THREADS
+    }
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+static PyObject *fail_next_thread_create(PyObject *module, PyObject *arg)
+{
+    int n = (int)PyLong_AsLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    atomic_store(&fail_thread_create, n);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Engine_methods[] = {
-    {"start", (PyCFunction)Engine_start, METH_NOARGS, "Start the device and reply threads."},
+    {"start", (PyCFunction)Engine_start, METH_NOARGS,
+     "Start the device and reply threads (OSError, and no thread left running, if one cannot start)."},
     {"stop", (PyCFunction)Engine_stop, METH_NOARGS, "Stop both threads and wait for them."},
     {"register", (PyCFunction)Engine_register, METH_VARARGS,
      "register(fh, size, prefix, extents): serve READs of fh natively.\n"
      "extents: sorted (offset, length, kind, src, fd) like vmcorefs.core.layout.Extent; kind EXT_SHARED\n"
-     "(src: offset in fd, spliced) or EXT_PROCMEM (src: QEMU's address, fd: /proc/PID/mem)."},
+     "(src: offset in fd, spliced) or EXT_PROCMEM (src: QEMU's address, fd: /proc/PID/mem).\n"
+     "ValueError for another kind or a layout that is not one."},
     {"unregister", (PyCFunction)Engine_unregister, METH_O, "Forget fh; True if it was registered."},
     {"set_gone", (PyCFunction)Engine_set_gone, METH_NOARGS, "QEMU has exited: fail every read with EIO."},
-    {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "Counters of the native read path."},
+    {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "Counters and state of the native read path."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -983,9 +1313,15 @@ static PyTypeObject EngineType = {
     .tp_methods = Engine_methods,
 };
 
+static PyMethodDef module_methods[] = {
+    {"_fail_next_thread_create", fail_next_thread_create, METH_O,
+     "Testing: make the n-th next thread an Engine starts fail with EAGAIN (0: none)."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "vmcorefs._readpath",
-    "The native FUSE_READ path (see the C source's header comment).", -1, NULL,
+    "The native FUSE_READ path (see the C source's header comment).", -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__readpath(void)
@@ -1001,11 +1337,16 @@ PyMODINIT_FUNC PyInit__readpath(void)
         Py_DECREF(m);
         return NULL;
     }
-    PyModule_AddIntConstant(m, "EXT_PREFIX", EXT_PREFIX);
-    PyModule_AddIntConstant(m, "EXT_ZERO", EXT_ZERO);
-    PyModule_AddIntConstant(m, "EXT_MEMORY", EXT_MEMORY);
-    PyModule_AddIntConstant(m, "EXT_SHARED", EXT_SHARED);
-    PyModule_AddIntConstant(m, "EXT_PROCMEM", EXT_PROCMEM);
-    PyModule_AddIntConstant(m, "MAX_REPLY", MAX_REPLY);
+    if (PyModule_AddIntConstant(m, "EXT_PREFIX", EXT_PREFIX) < 0
+        || PyModule_AddIntConstant(m, "EXT_ZERO", EXT_ZERO) < 0
+        || PyModule_AddIntConstant(m, "EXT_MEMORY", EXT_MEMORY) < 0
+        || PyModule_AddIntConstant(m, "EXT_SHARED", EXT_SHARED) < 0
+        || PyModule_AddIntConstant(m, "EXT_PROCMEM", EXT_PROCMEM) < 0
+        || PyModule_AddIntConstant(m, "MAX_REPLY", MAX_REPLY) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }
+
+#endif /* READPATH_NO_PYTHON */

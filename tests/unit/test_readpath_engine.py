@@ -7,6 +7,11 @@ zeros elsewhere, short at EOF -- for shared memory (a memfd: the splice
 path) and private memory (this very process, read with process_vm_readv,
 untouched pages answered from its pagemap), with hypothesis choosing
 layouts and reads.  Struct layouts are <linux/fuse.h>'s.
+
+The fallbacks (process_vm_readv or memfd_create refused) run in a
+subprocess under a seccomp filter.  ``make sanitize`` runs this module
+against an ASan+UBSan build of the extension: ``VMCOREFS_READPATH_BUILD``
+names the directory that holds it.
 """
 
 from __future__ import annotations
@@ -18,21 +23,32 @@ import os
 import random
 import socket
 import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmcorefs import readpath
-from vmcorefs.core.layout import Extent, ExtentKind
+import vmcorefs
+
+SANITIZED = os.environ.get("VMCOREFS_READPATH_BUILD")
+if SANITIZED:  # before anything imports vmcorefs._readpath
+    vmcorefs.__path__.insert(0, SANITIZED)
+
+from vmcorefs import readpath  # noqa: E402
+from vmcorefs.core.layout import Extent, ExtentKind  # noqa: E402
 
 # Under CI=true a missing native module fails (the import below) instead of skipping.
 if not readpath.available() and os.environ.get("CI") != "true":
     pytest.skip("native read path not built", allow_module_level=True)
 from vmcorefs import _readpath  # noqa: E402
 
-FUSE_GETATTR, FUSE_READ, FUSE_INIT = 3, 15, 26
+FUSE_GETATTR, FUSE_READ, FUSE_INIT, FUSE_INTERRUPT = 3, 15, 26, 36
+FUSE_INT_REQ_BIT = 1  # an interrupt's own unique: its request's | this (uniques step by 2)
 FUSE_MAX_PAGES = 1 << 22
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # fuse_in_header
 READ_IN = struct.Struct("<QQIIQII")  # fuse_read_in
@@ -45,7 +61,7 @@ MEM = 4 << 20  # bytes of each kind of backing memory
 class Rig:
     """An engine between a fake kernel (``kernel``) and a fake pyfuse3 (``app``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, start: bool = True, deny: tuple[int, ...] = ()) -> None:
         self.kernel, dev = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.app, app = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (self.kernel, dev):
@@ -56,8 +72,6 @@ class Rig:
                     s.setsockopt(socket.SOL_SOCKET, opt, BUF)
         self.events_r, events_w = os.pipe()
         self.fds = [dev.detach(), app.detach(), events_w]
-        self.engine = _readpath.Engine(self.fds[0], self.fds[1], events_w, os.getpid())
-        self.engine.start()
         self.unique = 0
         # Shared memory: a memfd of random bytes with a hole in its middle.
         rnd = random.Random(7)
@@ -71,12 +85,22 @@ class Rig:
         self.private[: MEM // 2] = rnd.randbytes(MEM // 2)
         self.private_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.private))
         self.proc_mem = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
+        if deny:
+            deny_syscalls(*deny)
+        self.engine = _readpath.Engine(self.fds[0], self.fds[1], events_w, os.getpid())
+        if start:
+            self.engine.start()
 
-    def request(self, opcode: int, body: bytes, nodeid: int = 2) -> int:
-        self.unique += 1
-        self.kernel.sendall(IN_HEADER.pack(IN_HEADER.size + len(body), opcode, self.unique, nodeid,
+    def request(self, opcode: int, body: bytes, nodeid: int = 2, unique: int | None = None) -> int:
+        if unique is None:
+            self.unique += 2  # as the kernel's: the low bit is FUSE_INT_REQ_BIT
+            unique = self.unique
+        self.kernel.sendall(IN_HEADER.pack(IN_HEADER.size + len(body), opcode, unique, nodeid,
                                            0, 0, 0, 0, 0) + body)
-        return self.unique
+        return unique
+
+    def interrupt(self, unique: int) -> None:
+        self.request(FUSE_INTERRUPT, struct.pack("<Q", unique), nodeid=0, unique=unique | FUSE_INT_REQ_BIT)
 
     def reply(self) -> tuple[int, int, bytes]:
         head = self._exact(OUT_HEADER.size)
@@ -182,6 +206,7 @@ def test_spliced_copied_and_counted(rig: Rig) -> None:
     assert after["spliced"] - before["spliced"] == 2  # memfd, untouched private
     assert after["copied"] - before["copied"] == 1  # private data
     assert after["bytes"] - before["bytes"] == 3 * size
+    assert after["process_vm_readv"] and after["zeros_memfd"]  # no fallback needed here
 
 
 def test_other_requests_go_to_pyfuse3(rig: Rig) -> None:
@@ -244,3 +269,164 @@ def test_register_refuses_bad_layouts(rig: Rig, extents: list[tuple[int, int, in
     with pytest.raises(ValueError):
         rig.engine.register(6, 8192, b"", extents)
     assert not rig.engine.unregister(6)
+
+
+def test_module_under_test() -> None:
+    """The extension these tests drive: the sanitized build when asked for."""
+    if SANITIZED:
+        assert Path(_readpath.__file__).parent == Path(SANITIZED)
+
+
+def test_interrupt_of_a_native_read_is_dropped(rig: Rig) -> None:
+    """A FUSE_INTERRUPT of a read the engine answered stays out of libfuse; one of a
+    request pyfuse3 serves reaches it, in order."""
+    fh = next(_next_fh)
+    rig.engine.register(fh, 8192, b"abc", [])
+    before = rig.engine.stats()
+    unique = rig.request(FUSE_READ, READ_IN.pack(fh, 0, 3, 0, 0, 0, 0))
+    assert rig.reply() == (unique, 0, b"abc")
+    rig.interrupt(unique)
+    getattr_unique = rig.request(FUSE_GETATTR, b"\0" * 16)
+    rig.interrupt(getattr_unique)
+    got = [IN_HEADER.unpack_from(rig.app.recv(1 << 16))[1:3] for _ in range(2)]
+    assert got == [(FUSE_GETATTR, getattr_unique), (FUSE_INTERRUPT, getattr_unique | FUSE_INT_REQ_BIT)]
+    after = rig.engine.stats()
+    assert after["interrupts_dropped"] - before["interrupts_dropped"] == 1
+    assert after["forwarded"] - before["forwarded"] == 2
+    assert rig.engine.unregister(fh)
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _wait_threads(n: int) -> None:
+    """Until this process has n threads: a joined thread may stay listed for a moment."""
+    deadline = time.monotonic() + 30
+    while _threads() != n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _threads() == n
+
+
+@pytest.mark.parametrize("which,nth", [("device", 1), ("reply", 2)])
+def test_failed_start_leaves_no_thread(which: str, nth: int) -> None:
+    """When a thread cannot be created, start() fails with no thread left running (the
+    device thread, when it is the reply thread that failed, is stopped and joined
+    before the engine's buffers can be freed); the engine can start again."""
+    r = Rig(start=False)
+    try:
+        threads = _threads()
+        _readpath._fail_next_thread_create(nth)
+        with pytest.raises(OSError, match=f"{which} thread"):
+            r.engine.start()
+        assert r.engine.stats()["threads"] == 0
+        _wait_threads(threads)
+        r.engine.start()
+        assert r.engine.stats()["threads"] == 2
+        _wait_threads(threads + 2)
+        r.engine.register(1, 100, b"x" * 100, [])
+        assert r.read(1, 0, 4096) == (0, b"x" * 100)
+    finally:
+        _readpath._fail_next_thread_create(0)
+        r.close()
+    _wait_threads(threads)
+
+
+def test_failed_start_then_dealloc() -> None:
+    """An engine whose start failed half-way is freed without a thread using its buffers
+    (the ASan build of ``make sanitize`` would report the use after free)."""
+    r = Rig(start=False)
+    threads = _threads()
+    _readpath._fail_next_thread_create(2)
+    try:
+        with pytest.raises(OSError):
+            r.engine.start()
+    finally:
+        _readpath._fail_next_thread_create(0)
+    r.kernel.sendall(IN_HEADER.pack(IN_HEADER.size + 16, FUSE_GETATTR, 2, 2, 0, 0, 0, 0, 0) + bytes(16))
+    del r.engine  # Engine_dealloc
+    _wait_threads(threads)
+    for fd in [*r.fds, r.events_r, r.memfd, r.proc_mem]:
+        os.close(fd)
+    r.kernel.close()
+    r.app.close()
+    r.private.close()
+
+
+# ---- Fallbacks, under seccomp in a subprocess -------------------------------
+
+NR_PROCESS_VM_READV, NR_MEMFD_CREATE = 310, 319  # x86-64
+AUDIT_ARCH_X86_64 = 0xC000003E
+PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
+SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
+BPF_LD_W_ABS, BPF_JEQ_K, BPF_RET_K = 0x20, 0x15, 0x06
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def deny_syscalls(*numbers: int) -> None:
+    """Make ``numbers`` fail with EPERM in this thread and the threads it creates from now
+    on (a seccomp filter: irrevocable, hence only in a subprocess)."""
+    n = len(numbers)
+    insns = [(BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
+             (BPF_JEQ_K, 0, n + 1, AUDIT_ARCH_X86_64),
+             (BPF_LD_W_ABS, 0, 0, 0)]  # seccomp_data.nr
+    insns += [(BPF_JEQ_K, n - i, 0, nr) for i, nr in enumerate(numbers)]
+    insns += [(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM)]
+    prog = (_SockFilter * len(insns))(*[_SockFilter(*i) for i in insns])
+    libc = ctypes.CDLL(None, use_errno=True)
+    fprog = _SockFprog(len(insns), prog)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) or \
+            libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0):
+        raise OSError(ctypes.get_errno(), "seccomp filter refused")
+
+
+def _fallback_reads(deny: int) -> dict[str, int]:
+    """Reads of every kind of piece with syscall ``deny`` refused: the bytes of the model."""
+    r = Rig(deny=(deny,))
+    try:
+        assert _syscall_refused(deny)
+        extents = [(8192, MEM, 0, 0), (8192 + MEM + 4096, MEM, 1, 0)]  # memfd; private, half untouched
+        size = 8192 + 2 * MEM + 3 * 4096
+        r.engine.register(1, size, b"P" * 5000, [
+            Extent(off, length, ExtentKind.SHARED if kind == 0 else ExtentKind.PROCMEM,
+                   src if kind == 0 else r.private_addr + src, r.memfd if kind == 0 else r.proc_mem)
+            for off, length, kind, src in extents])
+        model = _model(r, b"P" * 5000, extents, size)
+        step = (r.engine.stats()["pipe_bytes"] // 4096 - 1) * 4096
+        for off in [*range(0, size, step), 8192 + MEM + 4096 + MEM // 2, 4000]:
+            assert r.read(1, off, step) == (0, model[off:off + step]), off
+        return r.engine.stats()
+    finally:
+        r.close()
+
+
+def _syscall_refused(nr: int) -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(nr, 0, 0, 0, 0, 0, 0) == -1 and ctypes.get_errno() == errno.EPERM
+
+
+def fallback_process_vm_readv() -> None:
+    stats = _fallback_reads(NR_PROCESS_VM_READV)
+    assert stats["process_vm_readv"] == 0 and stats["copied"] > 0, stats
+
+
+def fallback_memfd_create() -> None:
+    stats = _fallback_reads(NR_MEMFD_CREATE)
+    assert stats["zeros_memfd"] == 0 and stats["spliced"] > 0, stats
+
+
+@pytest.mark.parametrize("check", ["fallback_process_vm_readv", "fallback_memfd_create"])
+def test_fallbacks_give_the_same_bytes(check: str) -> None:
+    """process_vm_readv refused: private RAM read from /proc/PID/mem; memfd_create refused:
+    zeros vmspliced from a zero buffer.  Same bytes either way."""
+    here = Path(__file__).parent
+    code = f"import sys; sys.path.insert(0, {str(here)!r}); import {Path(__file__).stem} as t; t.{check}()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
