@@ -351,7 +351,8 @@ def find_vmcoreinfo(memory: ProcessMemory, sources: Sequence[Source], cpus: Sequ
             scan.run(SWAPPED)
         stats = scan.stats()
         blind = " (private RAM read without its pagemap)" if ram.blind else ""
-        return finder.result(stats, f"{stats.bytes_read >> 20} MiB of populated guest RAM{blind}")
+        read = f"{stats.bytes_read >> 20} MiB" if stats.bytes_read >= 1 << 20 else f"{stats.bytes_read >> 10} KiB"
+        return finder.result(stats, f"{read} of populated guest RAM{blind}")
 
 
 def revalidate(found: Found, memory: ProcessMemory, sources: Sequence[Source],
