@@ -12,7 +12,7 @@ default /var/cache/vmcorefs) and QEMU; mounts need FUSE and root.
   ``with`` block), :func:`run_vmcorefs`, :func:`spawn_vmcorefs`,
   :func:`is_mounted`, :func:`unmount`, :func:`wait_for`.
 * :mod:`~vmcorefs.testing.probes`: the drgn kallsyms program, VMCOREINFO
-  arithmetic (printk head), page-cache residency of a file.
+  arithmetic (printk head), the page cache a test brought in.
 
 ``python -m vmcorefs.testing boot|drgn-kallsyms|printk-head`` serves
 shell scripts (``scripts/demo.sh``).
@@ -50,8 +50,8 @@ from vmcorefs.testing.probes import (
     DRGN_KALLSYMS_QEMU,
     kernel_image_phys,
     printk_head_addr,
+    memory_cgroup,
     printk_head_id,
-    resident_pages,
     vmcoreinfo_dict,
 )
 
@@ -61,5 +61,5 @@ __all__ = [
     "SRC", "VMCOREFS", "Mount", "daemon_pid", "is_mounted", "run_vmcorefs", "spawn_vmcorefs", "unmount",
     "wait_for", "wait_mounted",
     "DRGN_KALLSYMS", "DRGN_KALLSYMS_QEMU", "kernel_image_phys", "printk_head_addr", "printk_head_id",
-    "resident_pages", "vmcoreinfo_dict",
+    "memory_cgroup", "vmcoreinfo_dict",
 ]

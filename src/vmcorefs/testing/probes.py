@@ -9,17 +9,20 @@
 * VMCOREINFO arithmetic: a kernel-image symbol's guest-physical address,
   the printk ring's head id (it moves with every kernel message; the test
   guest writes ten a second).
-* :func:`resident_pages`: which pages of an open file are in the host's
-  page cache (``mincore``), for tests of the cached read mode.
+* :func:`memory_cgroup`: the page cache this process brought in (not the
+  host's ``Cached``, which every other process moves), for tests of the
+  cached read mode.
 """
 
 from __future__ import annotations
 
-import ctypes
-import mmap
+import contextlib
 import os
 import struct
 from pathlib import Path
+from typing import Callable, Iterator
+
+from vmcorefs.testing.guests import require
 
 DRGN_KALLSYMS = r"""
 import sys, drgn
@@ -64,31 +67,62 @@ def printk_head_id(pmem_path: Path, vmcoreinfo: dict[str, str]) -> int:
         return int(struct.unpack("<Q", f.read(8))[0])
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-_MAP_FAILED = ctypes.c_void_p(-1).value
+def _memory_hierarchy() -> tuple[Path, Path, str] | None:
+    """(this process's memory cgroup, where to make a child, the page-cache
+    key of memory.stat), from cgroup v1's memory hierarchy or cgroup v2."""
+    mounts: dict[str, tuple[str, Path]] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields, _, tail = line.partition(" - ")
+            root, mountpoint = fields.split()[3:5]
+            fstype, _, options = tail.split()[:3]
+            if fstype == "cgroup" and "memory" in options.split(","):
+                mounts.setdefault("v1", (root, Path(mountpoint)))
+            elif fstype == "cgroup2":
+                mounts.setdefault("v2", (root, Path(mountpoint)))
+    with open("/proc/self/cgroup") as f:
+        own = {controllers: path for _, controllers, path in (line.rstrip("\n").split(":", 2) for line in f)}
+
+    def under(root: str, mountpoint: Path, path: str) -> Path:
+        rel = path[len(root):] if root != "/" and path.startswith(root) else path
+        return mountpoint / rel.lstrip("/")
+
+    v1 = next((p for c, p in own.items() if "memory" in c.split(",")), None)
+    if "v1" in mounts and v1 is not None:
+        current = under(*mounts["v1"], v1)
+        return current, current, "cache"
+    if "v2" in mounts and "" in own:
+        top = mounts["v2"][1]
+        if "memory" in (top / "cgroup.subtree_control").read_text().split():
+            return under(*mounts["v2"], own[""]), top, "file"
+    return None
 
 
-def resident_pages(fd: int) -> int:
-    """How many pages of the open file ``fd`` are in the host's page cache
-    now: ``mincore`` of a read-only shared mapping of all of it (the
-    mapping faults nothing in).  Counts this file only, whatever else the
-    host caches."""
-    size = os.fstat(fd).st_size
-    if size == 0:
-        return 0
-    addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-    if addr in (None, _MAP_FAILED):
-        e = ctypes.get_errno()
-        raise OSError(e, f"mmap: {os.strerror(e)}")
+@contextlib.contextmanager
+def memory_cgroup() -> Iterator[Callable[[], int]]:
+    """Run the block in a new memory cgroup of its own (this process moves
+    there and back, root only).  Yields a function that returns the bytes of
+    page cache charged to that cgroup: pages this process brought into the
+    host's page cache during the block that are still cached (``cache`` of
+    cgroup v1's memory.stat, ``file`` of v2's).  Skips (fails under
+    ``CI=true``; raises Unavailable outside pytest) where no memory cgroup
+    can be made."""
+    found = _memory_hierarchy()
+    require(found is not None and os.geteuid() == 0, "no memory cgroup to make (needs root and cgroup memory)")
+    assert found is not None
+    current, parent, key = found
+    cg = parent / f"vmcorefs-test-{os.getpid()}"
+    cg.mkdir()
     try:
-        vec = ctypes.create_string_buffer((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
-        if _libc.mincore(addr, size, vec) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"mincore: {os.strerror(e)}")
-        return sum(b & 1 for b in vec.raw)
+        (cg / "cgroup.procs").write_text(str(os.getpid()))
+
+        def cached() -> int:
+            with open(cg / "memory.stat") as f:
+                return next(int(v) for k, v in (line.split() for line in f) if k == key)
+        try:
+            yield cached
+        finally:
+            (current / "cgroup.procs").write_text(str(os.getpid()))
     finally:
-        _libc.munmap(addr, size)
+        with contextlib.suppress(OSError):
+            cg.rmdir()
