@@ -4,3 +4,10 @@ Helpers live in ``unit_support.py`` (importable because pytest puts this
 folder on sys.path; it has no ``__init__.py``).  Real QEMU 7.2 samples are
 in ``data/``; ``data/capture_qemu_samples.py`` regenerates them.
 """
+
+from hypothesis import settings
+
+# No per-example wall-clock deadline (hypothesis' default is 200 ms): on a
+# busy machine a slow example is not a failure.  Tests may still set their own.
+settings.register_profile("vmcorefs", deadline=None)
+settings.load_profile("vmcorefs")
