@@ -6,11 +6,13 @@ live guest, served on demand through FUSE from the guest's memory.
 Layers (dependencies point downwards only)::
 
     cli        argument parsing, daemonisation, one-line errors and exit codes
-    fs         pyfuse3 adapter: requests -> core/qemu calls, errors -> errno
+    fs         pyfuse3 adapter: inodes, directories, errno -- no decisions
     readpath   (adapter) the native FUSE_READ path, _readpath.c: layouts in,
                replies spliced or copied from guest memory, EIO when QEMU is gone
-    qemu       QMP (qemu.qmp), guest discovery, memory backends (pread)
-    core       pure: ELF layout, notes, memory map model (no I/O)
+    live       the live core of one VM, no FUSE: file registry, snapshots per
+               open, --freeze refcount, page-cache rules, QEMU-gone state
+    qemu       QMP (qemu.qmp), guest discovery, snapshots, memory backends (pread)
+    core       pure: ELF layout, notes, memory map, page-table walk (no I/O)
 
 Every error vmcorefs raises derives from :class:`VmcorefsError`
 (see :mod:`vmcorefs.errors`)::
@@ -21,10 +23,14 @@ Every error vmcorefs raises derives from :class:`VmcorefsError`
     +-- QMPError                       a QMP command failed (.command)
     |   +-- QMPTimeoutError            no answer within the timeout
     |   +-- MonitorBusyError           monitor already has a client
-    |   +-- QEMUGoneError              QEMU exited / connection lost
+    +-- QEMUGoneError                  QEMU exited: monitor lost or its memory gone (.command)
     +-- GuestMemoryError               guest memory could not be read (.gpa)
     +-- AccessError                    no way to reach guest memory (.fix)
     +-- FormatError                    malformed data from QEMU or the guest
+    +-- NoSuchFileError                a live core has no such file now (.name)
+    +-- MountError                     the FUSE mount could not be made or taken over
+
+``VmcorefsError`` itself is never raised.
 """
 
 from vmcorefs.errors import (
@@ -32,6 +38,8 @@ from vmcorefs.errors import (
     FormatError,
     GuestMemoryError,
     MonitorBusyError,
+    MountError,
+    NoSuchFileError,
     NotQMPError,
     QEMUGoneError,
     QMPError,
@@ -47,6 +55,8 @@ __all__ = [
     "FormatError",
     "GuestMemoryError",
     "MonitorBusyError",
+    "MountError",
+    "NoSuchFileError",
     "NotQMPError",
     "QEMUGoneError",
     "QMPError",

@@ -25,7 +25,7 @@ import types
 from typing import Any, Callable, Coroutine, Sequence
 
 from vmcorefs import __version__
-from vmcorefs.errors import QEMUGoneError, UsageError, VmcorefsError
+from vmcorefs.errors import MountError, QEMUGoneError, UsageError, VmcorefsError
 
 log = logging.getLogger("vmcorefs")
 READY_TIMEOUT = 120.0
@@ -149,7 +149,8 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     pyfuse3 = _import_pyfuse3()
 
     from vmcorefs import readpath
-    from vmcorefs.fs import MAX_AGE, VmcoreFS
+    from vmcorefs.fs import VmcoreFS
+    from vmcorefs.live import MAX_AGE, LiveCore
     from vmcorefs.qemu.guest import Guest
     from vmcorefs.qemu.monitor import connect
 
@@ -161,23 +162,33 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     monitor = await connect(args.qmp_socket, timeout=args.timeout)
     guest = Guest(monitor, args.memory)
     try:
-        snap = await guest.snapshot()
-        fs = VmcoreFS(guest, freeze=args.freeze, file_mode=args.mode, mountpoint=mountpoint,
-                      cache=not args.direct, max_age=args.max_age or MAX_AGE)
-        fs.set_initial(snap)
+        core = LiveCore(guest, mountpoint, freeze=args.freeze, cache=not args.direct,
+                        max_age=args.max_age or MAX_AGE)
+        core.set_initial(await guest.snapshot())
+        fs = VmcoreFS(core, file_mode=args.mode)
         options = {"fsname=vmcorefs", "subtype=vmcorefs", "ro", "default_permissions", "noatime"}
         if args.allow_other:
             options.add("allow_other")
         try:
             pyfuse3.init(fs, mountpoint, options)
         except RuntimeError as e:
-            raise VmcorefsError(f"{mountpoint}: cannot mount ({e}; is /dev/fuse usable and fuse3 installed?)") from None
+            raise MountError(f"{mountpoint}: cannot mount ({e}; is /dev/fuse usable and fuse3 installed?)") from None
         if not args.direct:
             # After FUSE_INIT, which sets the readahead to the kernel's default.
             fs.on_first_request = lambda: _tune_readahead(mountpoint)
         loop = asyncio.get_running_loop()
         kernel_ended = False
         native = None
+
+        def on_gone(_core: LiveCore) -> None:
+            # Reads fail from now on: drop cached pages that would still answer,
+            # let readers in flight get EIO (not ECONNABORTED) for a moment, unmount.
+            if native is not None:
+                native.set_gone()
+            fs.drop_memory_caches()
+            loop.call_later(GONE_GRACE, pyfuse3.terminate)
+
+        core.on_gone = on_gone
         if args.reads != "python" and readpath.available():
 
             def on_event(code: str) -> None:
@@ -186,7 +197,7 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
                     kernel_ended = True
                     pyfuse3.terminate()
                 elif code == "G":
-                    fs.guest_gone("QEMU has exited")
+                    core.guest_gone("QEMU has exited")
 
             try:
                 native = readpath.NativeReads.attach(monitor.pid, on_event)
@@ -199,7 +210,7 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
         else:
             log.info("reads: Python (%s)", "--reads python" if args.reads == "python"
                      else f"native read path not built: {readpath.IMPORT_ERROR}")
-        pidfd = _watch_process(loop, monitor.pid, fs)
+        pidfd = _watch_process(loop, monitor.pid, core)
         loop.add_signal_handler(signal.SIGINT, pyfuse3.terminate)
         loop.add_signal_handler(signal.SIGTERM, pyfuse3.terminate)
         ready()
@@ -210,14 +221,14 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
                 loop.remove_reader(pidfd)
                 os.close(pidfd)
             try:
-                await fs.thaw()
+                await core.thaw()
             except VmcorefsError as e:
                 log.warning("could not resume the guest: %s", e)
             pyfuse3.close(unmount=not kernel_ended)
             if native is not None:
                 loop.remove_reader(native.events)
                 native.stop()
-        if fs.gone_reason is not None:
+        if core.gone_reason is not None:
             raise QEMUGoneError(f"QEMU exited while mounted; {mountpoint} unmounted")
         return 0
     finally:
@@ -225,6 +236,8 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
         await monitor.close()
 
 
+#: Seconds requests fail with EIO after QEMU exits, before the unmount.
+GONE_GRACE = 0.3
 #: Readahead of a cached mount: FUSE's largest request (the default is 128 KiB).
 READAHEAD_KB = 1024
 
@@ -249,15 +262,15 @@ def _tune_readahead(mountpoint: str) -> None:
         log.info("readahead left at the default: %s", e)
 
 
-def _watch_process(loop: asyncio.AbstractEventLoop, pid: int | None, fs: Any) -> int | None:
-    """Call ``fs.guest_gone`` as soon as the QEMU process exits (pidfd)."""
+def _watch_process(loop: asyncio.AbstractEventLoop, pid: int | None, core: Any) -> int | None:
+    """Call ``core.guest_gone`` as soon as the QEMU process exits (pidfd)."""
     if pid is None:
         return None
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:
         return None
-    loop.add_reader(pidfd, fs.guest_gone, f"QEMU (pid {pid}) exited")
+    loop.add_reader(pidfd, core.guest_gone, f"QEMU (pid {pid}) exited")
     return pidfd
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 class VmcorefsError(Exception):
-    """Root of every error vmcorefs raises on purpose."""
+    """Root of every error vmcorefs raises on purpose (never raised itself)."""
 
     exit_code = 1
 
@@ -40,8 +40,14 @@ class MonitorBusyError(QMPError):
     """The QMP monitor already serves another client (QMP allows one)."""
 
 
-class QEMUGoneError(QMPError):
-    """QEMU exited or closed the monitor connection."""
+class QEMUGoneError(VmcorefsError):
+    """QEMU exited: the monitor connection was lost, or its memory vanished
+    (``/proc/PID/mem``).  ``command`` names the QMP command that found out,
+    if one did."""
+
+    def __init__(self, message: str, command: str | None = None) -> None:
+        self.command = command
+        super().__init__(f"QMP {command}: {message}" if command else message)
 
 
 class GuestMemoryError(VmcorefsError):
@@ -62,3 +68,17 @@ class AccessError(VmcorefsError):
 
 class FormatError(VmcorefsError):
     """Malformed data from QEMU or the guest (ELF, notes, mtree, VMCOREINFO)."""
+
+
+class NoSuchFileError(VmcorefsError):
+    """A live core has no file ``name`` (now): e.g. no ``kcore`` without a
+    page-table root, no ``vmcoreinfo`` when the guest published none."""
+
+    def __init__(self, message: str, name: str) -> None:
+        self.name = name
+        super().__init__(f"{name}: {message}")
+
+
+class MountError(VmcorefsError):
+    """The FUSE mount could not be made or taken over (``/dev/fuse``, libfuse,
+    the native read path)."""

@@ -11,7 +11,7 @@ pyfuse3's descriptor number is re-pointed (``dup2``) at one end of a
 framing; the engine keeps the real ``/dev/fuse`` descriptor.  Each
 ``open()`` registers its handle's layout -- a
 :class:`~vmcorefs.core.layout.SparseFile` whose segments are resolved
-:class:`~vmcorefs.core.layout.Extent`\ s (``SHARED`` or ``PROCMEM``,
+:class:`~vmcorefs.core.layout.Extent` records (``SHARED`` or ``PROCMEM``,
 see :meth:`vmcorefs.qemu.guest.Snapshot.resolve`) -- and ``release()``
 forgets it.  Shared-file RAM is spliced (one copy, by the
 kernel, into the reader's pages); ``/proc/PID/mem`` is ``pread`` and written

@@ -23,21 +23,23 @@ from unit_support import (
 )
 
 from vmcorefs.core.elf import (
-    ELF32_EHDR,
-    ELF32_PHDR,
-    ELF64_EHDR,
-    ELF64_PHDR,
-    ELF64_SHDR,
     MAX_NOTES_SIZE,
-    PAGE_SIZE,
     PN_XNUM,
     DumpInfo,
-    LoadRange,
-    align_up,
+    Elf32_Ehdr,
+    Elf32_Phdr,
+    Elf64_Ehdr,
+    Elf64_Phdr,
+    Elf64_Shdr,
     build_vmcore,
     parse_qemu_dump,
 )
-from vmcorefs.core.layout import SparseFile
+from vmcorefs.core.layout import PAGE_SIZE, SparseFile, align_up
+from vmcorefs.core.paging import Run
+
+# Raw structs, for writing deliberately malformed headers.
+ELF32_EHDR, ELF32_PHDR = Elf32_Ehdr.STRUCT, Elf32_Phdr.STRUCT
+ELF64_EHDR, ELF64_PHDR, ELF64_SHDR = Elf64_Ehdr.STRUCT, Elf64_Phdr.STRUCT, Elf64_Shdr.STRUCT
 from vmcorefs.core.notes import count_cpus, parse_notes, vmcoreinfo_text
 from vmcorefs.errors import FormatError
 
@@ -52,7 +54,7 @@ def info_for(ncpus: int, e_machine: int = EM_X86_64, e_flags: int = 0) -> DumpIn
     return DumpInfo(IDENT64, e_machine, e_flags, fake_cpu_notes(ncpus), True)
 
 
-def check_vmcore(sf: SparseFile, info: DumpInfo, loads: list[LoadRange]) -> ELFFile:
+def check_vmcore(sf: SparseFile, info: DumpInfo, loads: list[Run]) -> ELFFile:
     """Everything a core reader relies on, read back with pyelftools."""
     elf = ELFFile(io.BytesIO(sf.prefix))
     assert elf.elfclass == 64 and elf.little_endian
@@ -83,9 +85,9 @@ def check_vmcore(sf: SparseFile, info: DumpInfo, loads: list[LoadRange]) -> ELFF
         load = loads[i - 1]
         assert seg["p_type"] == "PT_LOAD"
         assert seg["p_offset"] % PAGE_SIZE == 0
-        assert seg["p_filesz"] == seg["p_memsz"] == load.p_memsz
-        assert seg["p_paddr"] == load.p_paddr
-        assert seg["p_vaddr"] == load.p_vaddr
+        assert seg["p_filesz"] == seg["p_memsz"] == load.size
+        assert seg["p_paddr"] == load.paddr
+        assert seg["p_vaddr"] == load.vaddr
         if phnum < 1000:
             assert seg["p_offset"] >= prev_end  # notes first, no overlap
             prev_end = seg["p_offset"] + seg["p_filesz"]
@@ -96,7 +98,7 @@ def check_vmcore(sf: SparseFile, info: DumpInfo, loads: list[LoadRange]) -> ELFF
     assert len(sf.segments) == len(loads)
     for i in indices:
         seg, sfseg = elf.get_segment(i), sf.segments[i - 1]
-        assert (sfseg.offset, sfseg.gpa, sfseg.size) == (seg["p_offset"], seg["p_paddr"], seg["p_memsz"])
+        assert (sfseg.offset, sfseg.src, sfseg.length) == (seg["p_offset"], seg["p_paddr"], seg["p_memsz"])
     return elf
 
 
@@ -108,15 +110,15 @@ def _em_name(e_machine: int) -> str:
 
 
 LOAD_TABLE = {
-    "pc-256M": [LoadRange(0, 0, 0xC0000), LoadRange(0xC0000, 0xC0000, 0x20000),
-                LoadRange(0xE0000, 0xE0000, 0x20000), LoadRange(0x100000, 0x100000, 0xFF00000),
-                LoadRange(0xFFFC0000, 0xFFFC0000, 0x40000)],
-    "pc-5G-above-4G": [LoadRange(0, 0, 0xC0000), LoadRange(0x100000, 0x100000, 0xBFF00000),
-                       LoadRange(0x100000000, 0x100000000, 2 * GiB)],
-    "old-qemu-vaddr-0": [LoadRange(0x100000, 0, 0x1000), LoadRange(0x200000000, 0, 0x1000)],
-    "unaligned-sizes": [LoadRange(0, 0, 1), LoadRange(0x1000, 0x1000, 4097), LoadRange(0x9000, 0x9000, 3)],
-    "zero-size-load": [LoadRange(0, 0, 0), LoadRange(0x1000, 0x1000, 0x1000)],
-    "top-of-64-bit-space": [LoadRange((1 << 64) - 0x2000, (1 << 64) - 0x2000, 0x2000)],
+    "pc-256M": [Run(0, 0, 0xC0000), Run(0xC0000, 0xC0000, 0x20000),
+                Run(0xE0000, 0xE0000, 0x20000), Run(0x100000, 0x100000, 0xFF00000),
+                Run(0xFFFC0000, 0xFFFC0000, 0x40000)],
+    "pc-5G-above-4G": [Run(0, 0, 0xC0000), Run(0x100000, 0x100000, 0xBFF00000),
+                       Run(0x100000000, 0x100000000, 2 * GiB)],
+    "old-qemu-vaddr-0": [Run(0, 0x100000, 0x1000), Run(0, 0x200000000, 0x1000)],
+    "unaligned-sizes": [Run(0, 0, 1), Run(0x1000, 0x1000, 4097), Run(0x9000, 0x9000, 3)],
+    "zero-size-load": [Run(0, 0, 0), Run(0x1000, 0x1000, 0x1000)],
+    "top-of-64-bit-space": [Run((1 << 64) - 0x2000, (1 << 64) - 0x2000, 0x2000)],
     "no-loads": [],
 }
 
@@ -134,7 +136,7 @@ def test_build_vmcore_table(name: str, ncpus: int) -> None:
 
 def test_first_load_follows_notes_page() -> None:
     info = info_for(2)
-    sf = build_vmcore(info, [LoadRange(0, 0, 10), LoadRange(0x1000, 0x1000, 10)])
+    sf = build_vmcore(info, [Run(0, 0, 10), Run(0x1000, 0x1000, 10)])
     notes_end = 64 + 3 * 56 + len(info.notes)
     assert len(sf.prefix) == notes_end
     assert [s.offset for s in sf.segments] == [align_up(notes_end), align_up(notes_end) + PAGE_SIZE]
@@ -144,9 +146,9 @@ def test_first_load_follows_notes_page() -> None:
 def test_identity_copied_from_qemu() -> None:
     ident = b"\x7fELF\x01\x01\x01\x03" + bytes(8)  # ELF32, OSABI Linux: class is forced to 64
     info = DumpInfo(ident, EM_AARCH64, 0x5A5A, b"", False)
-    sf = build_vmcore(info, [LoadRange(0x40000000, 0, 0x1000)])
+    sf = build_vmcore(info, [Run(0, 0x40000000, 0x1000)])
     assert sf.prefix[:16] == b"\x7fELF\x02\x01\x01\x03" + bytes(8)
-    elf = check_vmcore(sf, info, [LoadRange(0x40000000, 0, 0x1000)])
+    elf = check_vmcore(sf, info, [Run(0, 0x40000000, 0x1000)])
     assert elf["e_flags"] == 0x5A5A
 
 
@@ -155,14 +157,14 @@ def test_identity_copied_from_qemu() -> None:
 
 @st.composite
 def load_lists(draw: st.DrawFn, min_size: int = 1, max_size: int = 200,
-               max_gap: int = 1 << 36, max_len: int = 1 << 34) -> list[LoadRange]:
+               max_gap: int = 1 << 36, max_len: int = 1 << 34) -> list[Run]:
     n = draw(st.integers(min_size, max_size))
     addr = draw(st.integers(0, 1 << 40))
     same_vaddr = draw(st.booleans())
     loads = []
     for _ in range(n):
         size = draw(st.integers(1, max_len))
-        loads.append(LoadRange(addr, addr if same_vaddr else 0, size))
+        loads.append(Run(addr if same_vaddr else 0, addr, size))
         addr += size + draw(st.integers(0, max_gap))
     return loads
 
@@ -170,7 +172,7 @@ def load_lists(draw: st.DrawFn, min_size: int = 1, max_size: int = 200,
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ncpus=st.integers(1, 8), loads=load_lists(), vmcoreinfo=st.booleans(),
        e_machine=st.sampled_from([EM_X86_64, EM_386, EM_AARCH64]))
-def test_build_vmcore_properties(ncpus: int, loads: list[LoadRange], vmcoreinfo: bool,
+def test_build_vmcore_properties(ncpus: int, loads: list[Run], vmcoreinfo: bool,
                                  e_machine: int) -> None:
     notes = fake_cpu_notes(ncpus, None if not vmcoreinfo else b"OSRELEASE=6.1.0\nPAGESIZE=4096\n")
     info = DumpInfo(IDENT64, e_machine, 0, notes, True)
@@ -189,20 +191,20 @@ def test_build_vmcore_properties(ncpus: int, loads: list[LoadRange], vmcoreinfo:
     back = parse_qemu_dump(sf.prefix)
     assert back.notes == info.notes
     assert (back.e_machine, back.e_flags, back.e_ident) == (e_machine, 0, IDENT64)
-    assert back.vaddr_is_paddr == (loads[0].p_vaddr == loads[0].p_paddr)
+    assert back.vaddr_is_paddr == (loads[0].vaddr == loads[0].paddr)
     assert count_cpus(parse_notes(back.notes)) == ncpus
 
 
 @settings(max_examples=30, deadline=None)
 @given(ncpus=st.integers(1, 4), loads=load_lists(max_size=6, max_gap=1 << 33, max_len=9000))
-def test_materialised_vmcore_reads_back(ncpus: int, loads: list[LoadRange]) -> None:
+def test_materialised_vmcore_reads_back(ncpus: int, loads: list[Run]) -> None:
     """A small vmcore written out byte by byte: PT_LOAD data is the guest's memory."""
     info = info_for(ncpus)
     sf = build_vmcore(info, loads)
     whole = materialise(sf)
     elf = ELFFile(io.BytesIO(whole))
     for seg, load in zip(list(elf.iter_segments())[1:], loads):
-        assert seg.data() == fake_mem(load.p_paddr, load.p_memsz)
+        assert seg.data() == fake_mem(load.paddr, load.size)
     gap_bytes = whole[len(sf.prefix):sf.segments[0].offset]
     assert gap_bytes == bytes(len(gap_bytes))
     # What the FUSE adapter serves (via extents) is this file.
@@ -214,13 +216,13 @@ def test_materialised_vmcore_reads_back(ncpus: int, loads: list[LoadRange]) -> N
 
 
 @pytest.fixture(scope="module")
-def xnum_case() -> tuple[DumpInfo, list[LoadRange], SparseFile]:
+def xnum_case() -> tuple[DumpInfo, list[Run], SparseFile]:
     info = info_for(2)
-    loads = [LoadRange(i * 0x2000, i * 0x2000, 1 + i % 3) for i in range(PN_XNUM - 1)]
+    loads = [Run(i * 0x2000, i * 0x2000, 1 + i % 3) for i in range(PN_XNUM - 1)]
     return info, loads, build_vmcore(info, loads)
 
 
-def test_pn_xnum_header(xnum_case: tuple[DumpInfo, list[LoadRange], SparseFile]) -> None:
+def test_pn_xnum_header(xnum_case: tuple[DumpInfo, list[Run], SparseFile]) -> None:
     info, loads, sf = xnum_case
     phnum = len(loads) + 1
     assert phnum == PN_XNUM
@@ -234,7 +236,7 @@ def test_pn_xnum_header(xnum_case: tuple[DumpInfo, list[LoadRange], SparseFile])
     # Every PT_LOAD, checked without pyelftools' per-segment cost.
     for i, load in enumerate(loads, start=1):
         p_type, _f, off, vaddr, paddr, filesz, memsz, _a = ELF64_PHDR.unpack_from(sf.prefix, 64 + i * 56)
-        assert (p_type, vaddr, paddr, filesz, memsz) == (1, load.p_vaddr, load.p_paddr, load.p_memsz, load.p_memsz)
+        assert (p_type, vaddr, paddr, filesz, memsz) == (1, load.vaddr, load.paddr, load.size, load.size)
         assert off % PAGE_SIZE == 0 and off == sf.segments[i - 1].offset
     back = parse_qemu_dump(sf.prefix)
     assert back.notes == info.notes
@@ -242,7 +244,7 @@ def test_pn_xnum_header(xnum_case: tuple[DumpInfo, list[LoadRange], SparseFile])
 
 def test_one_below_pn_xnum_needs_no_section_header() -> None:
     info = info_for(1)
-    loads = [LoadRange(i * 0x1000, i * 0x1000, 0x1000) for i in range(PN_XNUM - 2)]
+    loads = [Run(i * 0x1000, i * 0x1000, 0x1000) for i in range(PN_XNUM - 2)]
     sf = build_vmcore(info, loads)
     ehdr = ELF64_EHDR.unpack_from(sf.prefix)
     assert ehdr[10] == PN_XNUM - 1 and ehdr[6] == 0 and ehdr[12] == 0
@@ -271,10 +273,10 @@ def _run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 READELF_CASES = {
     "real-qemu72-notes-low-and-high-ram": (
-        None, [LoadRange(0, 0, 0x3000), LoadRange(0x100000, 0x100000, 0x1234),
-               LoadRange(0xFFFC0000, 0xFFFC0000, 0x40), LoadRange(0x100000000, 0x100000000, 0x2001)]),
-    "one-cpu-old-vaddr": (1, [LoadRange(0x1000, 0, 0x1000), LoadRange(0x7_0000_0000, 0, 5)]),
-    "eight-cpus-many-loads": (8, [LoadRange(i * 0x10000 + (i > 20) * 8 * GiB, i * 0x10000, 100 + i)
+        None, [Run(0, 0, 0x3000), Run(0x100000, 0x100000, 0x1234),
+               Run(0xFFFC0000, 0xFFFC0000, 0x40), Run(0x100000000, 0x100000000, 0x2001)]),
+    "one-cpu-old-vaddr": (1, [Run(0, 0x1000, 0x1000), Run(0, 0x7_0000_0000, 5)]),
+    "eight-cpus-many-loads": (8, [Run(i * 0x10000, i * 0x10000 + (i > 20) * 8 * GiB, 100 + i)
                                   for i in range(40)]),
 }
 
@@ -292,7 +294,7 @@ def test_readelf_accepts_vmcore(tool: str, case: str, tmp_path: Path) -> None:
     assert path.stat().st_size == sf.size
 
     out = _run(exe, "-lnW", str(path)).stdout
-    expected = [(s.offset, ld.p_vaddr, ld.p_paddr, ld.p_memsz, ld.p_memsz) for s, ld in zip(sf.segments, loads)]
+    expected = [(s.offset, ld.vaddr, ld.paddr, ld.size, ld.size) for s, ld in zip(sf.segments, loads)]
     assert _readelf_loads(out) == expected
     if exe.endswith("eu-readelf"):
         assert out.count("PRSTATUS") == ncpus
@@ -305,12 +307,12 @@ def test_readelf_accepts_vmcore(tool: str, case: str, tmp_path: Path) -> None:
     with open(path, "rb") as f:
         for seg in sf.segments:
             f.seek(seg.offset)
-            assert f.read(seg.size) == fake_mem(seg.gpa, seg.size)
+            assert f.read(seg.length) == fake_mem(seg.src, seg.length)
 
 
 @pytest.mark.parametrize("tool", ["/usr/bin/readelf", "/usr/bin/eu-readelf"])
 def test_readelf_reads_pn_xnum(tool: str, tmp_path: Path,
-                               xnum_case: tuple[DumpInfo, list[LoadRange], SparseFile]) -> None:
+                               xnum_case: tuple[DumpInfo, list[Run], SparseFile]) -> None:
     exe = require_tool(tool)
     _info, loads, sf = xnum_case
     path = tmp_path / "vmcore"
@@ -320,8 +322,8 @@ def test_readelf_reads_pn_xnum(tool: str, tmp_path: Path,
     out = _run(exe, "-lW", str(path)).stdout
     rows = _readelf_loads(out)
     assert len(rows) == len(loads) == PN_XNUM - 1
-    assert rows[-1] == (sf.segments[-1].offset, loads[-1].p_vaddr, loads[-1].p_paddr,
-                        loads[-1].p_memsz, loads[-1].p_memsz)
+    assert rows[-1] == (sf.segments[-1].offset, loads[-1].vaddr, loads[-1].paddr,
+                        loads[-1].size, loads[-1].size)
 
 
 # --- parse_qemu_dump: real QEMU 7.2 samples ---------------------------------------
@@ -361,7 +363,7 @@ def test_real_qemu72_dump_at_reset_is_em386() -> None:
 @pytest.mark.parametrize("sample", [SAMPLE_72, SAMPLE_RESET], ids=lambda p: p.name)
 def test_vmcore_from_real_sample(sample: Path) -> None:
     info = parse_qemu_dump(sample.read_bytes())
-    loads = [LoadRange(0, 0, 0xC0000), LoadRange(0x100000000, 0x100000000, GiB)]
+    loads = [Run(0, 0, 0xC0000), Run(0x100000000, 0x100000000, GiB)]
     sf = build_vmcore(info, loads)
     check_vmcore(sf, info, loads)
     again = parse_qemu_dump(sf.prefix)

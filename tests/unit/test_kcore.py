@@ -9,17 +9,13 @@ from elftools.elf.segments import NoteSegment
 from paging_support import KiB4, MiB2, PageTables, PhysMem
 from unit_support import DATA, fake_mem, read_via_extents
 
-from vmcorefs.core.elf import PAGE_SIZE, LoadRange, build_vmcore, parse_qemu_dump
-from vmcorefs.core.kcore import build_kcore, kcore_loads
+from vmcorefs.core.elf import build_vmcore, parse_qemu_dump
+from vmcorefs.core.layout import PAGE_SIZE, memory
+from vmcorefs.core.kcore import build_kcore
 from vmcorefs.core.paging import Run, clip_runs, walk
 
 PAGE_OFFSET = 0xFFFF_8880_0000_0000
 KTEXT = 0xFFFF_FFFF_8000_0000
-
-
-def test_kcore_loads() -> None:
-    runs = [Run(PAGE_OFFSET, 0, 0x1000), Run(KTEXT, 0x1000000, 0x200000)]
-    assert kcore_loads(runs) == [LoadRange(0, PAGE_OFFSET, 0x1000), LoadRange(0x1000000, KTEXT, 0x200000)]
 
 
 def test_build_kcore_from_walk() -> None:
@@ -38,7 +34,7 @@ def test_build_kcore_from_walk() -> None:
 
     info = parse_qemu_dump((DATA / "qemu72-onebyte-dump.elf").read_bytes())
     sf = build_kcore(info, runs)
-    assert sf == build_vmcore(info, kcore_loads(runs))
+    assert sf == build_vmcore(info, runs)
     elf = ELFFile(io.BytesIO(sf.prefix))
     assert elf["e_type"] == "ET_CORE" and elf["e_machine"] == "EM_X86_64"
     assert elf.num_segments() == 1 + len(runs)
@@ -55,7 +51,7 @@ def test_build_kcore_from_walk() -> None:
         assert seg["p_offset"] % PAGE_SIZE == 0 and seg["p_offset"] >= prev_end
         prev_end = seg["p_offset"] + seg["p_filesz"]
         # The file serves guest-physical memory at the run's paddr.
-        assert tuple(sf.segments[i - 1]) == (seg["p_offset"], run.paddr, run.size)
+        assert sf.segments[i - 1] == memory(seg["p_offset"], run.paddr, run.size)
         for off in (0, run.size // 2, run.size - 64):
             assert read_via_extents(sf, seg["p_offset"] + off, 64) == fake_mem(run.paddr + off, 64)
     assert sf.size == prev_end

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from unit_support import fake_mem, fake_mem_byte, materialise, read_via_extents
 
 from vmcorefs.core.elf import build_pmem
-from vmcorefs.core.layout import Extent, Segment, SparseFile
+from vmcorefs.core.layout import Extent, ExtentKind, SparseFile
+from vmcorefs.core.layout import memory as Segment
 
 GiB = 1 << 30
 
@@ -25,38 +26,38 @@ SF = SparseFile(
 @pytest.mark.parametrize(
     "offset, length, expected",
     [
-        pytest.param(0, 50, [Extent("data", 0, 50, 0)], id="prefix-only"),
-        pytest.param(0, 100, [Extent("data", 0, 100, 0)], id="whole-prefix"),
-        pytest.param(90, 20, [Extent("data", 90, 10, 90), Extent("zero", 100, 10, 0)],
+        pytest.param(0, 50, [Extent(0, 50, ExtentKind.PREFIX, 0)], id="prefix-only"),
+        pytest.param(0, 100, [Extent(0, 100, ExtentKind.PREFIX, 0)], id="whole-prefix"),
+        pytest.param(90, 20, [Extent(90, 10, ExtentKind.PREFIX, 90), Extent(100, 10, ExtentKind.ZERO, 0)],
                      id="prefix-into-gap"),
-        pytest.param(50, 4096, [Extent("data", 50, 50, 50), Extent("zero", 100, 3996, 0),
-                                Extent("mem", 4096, 50, 0x10000)],
+        pytest.param(50, 4096, [Extent(50, 50, ExtentKind.PREFIX, 50), Extent(100, 3996, ExtentKind.ZERO, 0),
+                                Extent(4096, 50, ExtentKind.MEMORY, 0x10000)],
                      id="prefix-zeros-segment"),
-        pytest.param(200, 100, [Extent("zero", 200, 100, 0)], id="inside-gap"),
-        pytest.param(4096, 8192, [Extent("mem", 4096, 8192, 0x10000)], id="exact-segment"),
-        pytest.param(5000, 100, [Extent("mem", 5000, 100, 0x10000 + 904)], id="inside-segment"),
-        pytest.param(12000, 5000, [Extent("mem", 12000, 288, 0x10000 + 7904),
-                                   Extent("zero", 12288, 4096, 0),
-                                   Extent("mem", 16384, 616, 4 * GiB)],
+        pytest.param(200, 100, [Extent(200, 100, ExtentKind.ZERO, 0)], id="inside-gap"),
+        pytest.param(4096, 8192, [Extent(4096, 8192, ExtentKind.MEMORY, 0x10000)], id="exact-segment"),
+        pytest.param(5000, 100, [Extent(5000, 100, ExtentKind.MEMORY, 0x10000 + 904)], id="inside-segment"),
+        pytest.param(12000, 5000, [Extent(12000, 288, ExtentKind.MEMORY, 0x10000 + 7904),
+                                   Extent(12288, 4096, ExtentKind.ZERO, 0),
+                                   Extent(16384, 616, ExtentKind.MEMORY, 4 * GiB)],
                      id="segment-gap-segment"),
-        pytest.param(12288, 4096, [Extent("zero", 12288, 4096, 0)], id="exact-gap"),
-        pytest.param(20000, 10000, [Extent("mem", 20000, 480, 4 * GiB + 3616),
-                                    Extent("zero", 20480, 4096, 0)],
+        pytest.param(12288, 4096, [Extent(12288, 4096, ExtentKind.ZERO, 0)], id="exact-gap"),
+        pytest.param(20000, 10000, [Extent(20000, 480, ExtentKind.MEMORY, 4 * GiB + 3616),
+                                    Extent(20480, 4096, ExtentKind.ZERO, 0)],
                      id="segment-trailing-zeros-eof"),
-        pytest.param(24000, 1000, [Extent("zero", 24000, 576, 0)], id="eof-clipped"),
-        pytest.param(24575, 1, [Extent("zero", 24575, 1, 0)], id="last-byte"),
-        pytest.param(0, 1 << 70, [Extent("data", 0, 100, 0), Extent("zero", 100, 3996, 0),
-                                  Extent("mem", 4096, 8192, 0x10000),
-                                  Extent("zero", 12288, 4096, 0),
-                                  Extent("mem", 16384, 4096, 4 * GiB),
-                                  Extent("zero", 20480, 4096, 0)],
+        pytest.param(24000, 1000, [Extent(24000, 576, ExtentKind.ZERO, 0)], id="eof-clipped"),
+        pytest.param(24575, 1, [Extent(24575, 1, ExtentKind.ZERO, 0)], id="last-byte"),
+        pytest.param(0, 1 << 70, [Extent(0, 100, ExtentKind.PREFIX, 0), Extent(100, 3996, ExtentKind.ZERO, 0),
+                                  Extent(4096, 8192, ExtentKind.MEMORY, 0x10000),
+                                  Extent(12288, 4096, ExtentKind.ZERO, 0),
+                                  Extent(16384, 4096, ExtentKind.MEMORY, 4 * GiB),
+                                  Extent(20480, 4096, ExtentKind.ZERO, 0)],
                      id="huge-length-whole-file"),
         pytest.param(24576, 10, [], id="at-eof"),
         pytest.param(24577, 10, [], id="past-eof"),
         pytest.param(1 << 64, 4096, [], id="huge-offset"),
         pytest.param(1000, 0, [], id="zero-length"),
         pytest.param(1000, -5, [], id="negative-length"),
-        pytest.param(-10, 20, [Extent("data", 0, 10, 0)], id="negative-offset-clipped-at-0"),
+        pytest.param(-10, 20, [Extent(0, 10, ExtentKind.PREFIX, 0)], id="negative-offset-clipped-at-0"),
         pytest.param(-100, 50, [], id="negative-offset-ends-before-0"),
     ],
 )
@@ -95,8 +96,8 @@ def test_empty_file_has_no_extents() -> None:
 def test_zero_size_segments_are_skipped() -> None:
     sf = SparseFile(b"ab", (Segment(10, 0x500, 0), Segment(10, 0x1000, 5), Segment(20, 0x9000, 0)), 30)
     assert list(sf.extents(0, 100)) == [
-        Extent("data", 0, 2, 0), Extent("zero", 2, 8, 0), Extent("mem", 10, 5, 0x1000),
-        Extent("zero", 15, 5, 0), Extent("zero", 20, 10, 0),
+        Extent(0, 2, ExtentKind.PREFIX, 0), Extent(2, 8, ExtentKind.ZERO, 0), Extent(10, 5, ExtentKind.MEMORY, 0x1000),
+        Extent(15, 5, ExtentKind.ZERO, 0), Extent(20, 10, ExtentKind.ZERO, 0),
     ]
 
 
@@ -110,9 +111,9 @@ def test_pmem_file_offset_is_gpa() -> None:
     for ext in pmem.extents(0, pmem.size):
         if ext.kind == "mem":
             assert ext.src == ext.offset
-    assert list(pmem.extents(0xC0000, 0x40000)) == [Extent("zero", 0xC0000, 0x40000, 0)]
-    assert list(pmem.extents(0xFFFFFFF0, 0x20)) == [Extent("mem", 0xFFFFFFF0, 0x10, 0xFFFFFFF0),
-                                                    Extent("mem", 0x100000000, 0x10, 0x100000000)]
+    assert list(pmem.extents(0xC0000, 0x40000)) == [Extent(0xC0000, 0x40000, ExtentKind.ZERO, 0)]
+    assert list(pmem.extents(0xFFFFFFF0, 0x20)) == [Extent(0xFFFFFFF0, 0x10, ExtentKind.MEMORY, 0xFFFFFFF0),
+                                                    Extent(0x100000000, 0x10, ExtentKind.MEMORY, 0x100000000)]
     assert build_pmem([]) == SparseFile(b"", (), 0)
 
 
@@ -157,21 +158,21 @@ def test_extents_properties(case: tuple[SparseFile, int, int]) -> None:
     for a, b in zip(exts, exts[1:]):
         assert a.offset + a.length == b.offset
     plen = len(sf.prefix)
-    live = [s for s in sf.segments if s.size > 0]
-    boundaries = {plen} | {s.offset for s in live} | {s.offset + s.size for s in live}
+    live = [s for s in sf.segments if s.length > 0]
+    boundaries = {plen} | {s.offset for s in live} | {s.end for s in live}
     for ext in exts:
         lo, hi = ext.offset, ext.offset + ext.length
         assert ext.length > 0
         assert not any(lo < b < hi for b in boundaries), f"{ext} crosses a boundary"
-        if ext.kind == "data":
+        if ext.kind == ExtentKind.PREFIX:
             assert hi <= plen and ext.src == lo
-        elif ext.kind == "mem":
-            (seg,) = [s for s in live if s.offset <= lo and hi <= s.offset + s.size]
-            assert ext.src == seg.gpa + (lo - seg.offset)
+        elif ext.kind == ExtentKind.MEMORY:
+            (seg,) = [s for s in live if s.offset <= lo and hi <= s.end]
+            assert ext.src == seg.src + (lo - seg.offset)
         else:
-            assert ext.kind == "zero" and ext.src == 0
+            assert ext.kind == ExtentKind.ZERO and ext.src == 0
             assert lo >= plen
-            assert all(hi <= s.offset or lo >= s.offset + s.size for s in live)
+            assert all(hi <= s.offset or lo >= s.end for s in live)
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,54 +1,60 @@
-"""vmcorefs.readpath.extents_of: a SparseFile's segments as the native
-engine's (offset, length, fd, fd_offset, kind) extents."""
+"""Snapshot.resolve: a layout's guest-physical segments as the extents reads
+use (``SHARED``: backing file offset, ``PROCMEM``: QEMU host-virtual address),
+the same records the native engine registers."""
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
 import pytest
+from unit_support import DATA
 
-from vmcorefs import readpath
-from vmcorefs.core.layout import Segment, SparseFile
+from vmcorefs.core.elf import parse_qemu_dump
+from vmcorefs.core.layout import Extent, ExtentKind, SparseFile, memory
 from vmcorefs.core.memmap import GuestPhysBlock
 from vmcorefs.qemu.guest import Snapshot
 from vmcorefs.qemu.memory import Source
 
-# Under CI=true a missing native module fails (extents_of asserts it) instead of skipping.
-pytestmark = pytest.mark.skipif(not readpath.available() and os.environ.get("CI") != "true",
-                                reason="native read path not built")
-
+SHARED, PROCMEM = ExtentKind.SHARED, ExtentKind.PROCMEM
 BLOCKS = [GuestPhysBlock(0x0, 0xA0000, 0x7F0000000000, "pc.ram", "ram"),
           GuestPhysBlock(0x100000, 0x3FF00000, 0x7F0000100000, "pc.ram", "ram"),
           GuestPhysBlock(0x100000000, 0x40000000, 0x7F1000000000, "hi", "ram")]
+DUMP = parse_qemu_dump((DATA / "qemu72-onebyte-dump.elf").read_bytes())
 
 
-def _snap(methods: list[str]) -> Snapshot:
-    sources = [Source(b, 10 + i, 0x1000 * i if m == "shared" else b.hva, m, "x") for i, (b, m) in
-               enumerate(zip(BLOCKS, methods))]
-    none: Any = None
-    return Snapshot(taken=0.0, blocks=tuple(BLOCKS), sources=tuple(sources), dump=none, vmcore=none,
-                    pmem=none, vmcoreinfo=None, _starts=tuple(b.gpa for b in BLOCKS))
+def _snap(kinds: list[ExtentKind]) -> Snapshot:
+    sources = [Source(b, 10 + i, 0x1000 * i if k == SHARED else b.hva, k, "x")
+               for i, (b, k) in enumerate(zip(BLOCKS, kinds))]
+    return Snapshot.build(BLOCKS, sources, DUMP, alive=lambda: True, taken=0.0)
 
 
 @pytest.mark.parametrize(
-    "segments, methods, expected",
+    "segments, kinds, expected",
     [
         # one segment per block, as in vmcore: base + (gpa - block.gpa)
-        ([Segment(0x2000, 0x0, 0xA0000)], ["shared"] * 3, [(0x2000, 0xA0000, 10, 0x0, 0)]),
-        ([Segment(0x2000, 0x100000 + 0x5000, 0x1000)], ["shared", "procmem", "shared"],
-         [(0x2000, 0x1000, 11, 0x7F0000100000 + 0x5000, 1)]),
+        ([memory(0x2000, 0x0, 0xA0000)], [SHARED] * 3, [Extent(0x2000, 0xA0000, SHARED, 0x0, 10)]),
+        ([memory(0x2000, 0x100000 + 0x5000, 0x1000)], [SHARED, PROCMEM, SHARED],
+         [Extent(0x2000, 0x1000, PROCMEM, 0x7F0000100000 + 0x5000, 11)]),
         # a segment across a hole and into the next block is split; the hole is left out
-        ([Segment(0x1000, 0x9F000, 0x62000)], ["shared"] * 3,
-         [(0x1000, 0x1000, 10, 0x9F000, 0), (0x62000, 0x1000, 11, 0x1000, 0)]),
+        ([memory(0x1000, 0x9F000, 0x62000)], [SHARED] * 3,
+         [Extent(0x1000, 0x1000, SHARED, 0x9F000, 10), Extent(0x62000, 0x1000, SHARED, 0x1000, 11)]),
         # entirely outside RAM: no extent (reads as zeros)
-        ([Segment(0x1000, 0xC0000, 0x1000)], ["shared"] * 3, []),
+        ([memory(0x1000, 0xC0000, 0x1000)], [SHARED] * 3, []),
+        # beyond the last block
+        ([memory(0x1000, 0x200000000, 0x1000)], [SHARED] * 3, []),
         # a kcore-like file: many small runs mapped anywhere
-        ([Segment(0x1000 * i, 0x100000000 + 0x3000 * i, 0x1000) for i in range(1, 4)], ["procmem"] * 3,
-         [(0x1000 * i, 0x1000, 12, 0x7F1000000000 + 0x3000 * i, 1) for i in range(1, 4)]),
+        ([memory(0x1000 * i, 0x100000000 + 0x3000 * i, 0x1000) for i in range(1, 4)], [PROCMEM] * 3,
+         [Extent(0x1000 * i, 0x1000, PROCMEM, 0x7F1000000000 + 0x3000 * i, 12) for i in range(1, 4)]),
     ],
 )
-def test_extents_of(segments: list[Segment], methods: list[str], expected: list[tuple[int, ...]]) -> None:
-    size = max([s.offset + s.size for s in segments] + [0x100000])
+def test_resolve(segments: list[Extent], kinds: list[ExtentKind], expected: list[Extent]) -> None:
+    size = max([s.end for s in segments] + [0x100000])
     file = SparseFile(b"\x7fELF", tuple(segments), size)
-    assert readpath.extents_of(file, _snap(methods)) == expected
+    resolved = _snap(kinds).resolve(file)
+    assert list(resolved.segments) == expected
+    assert (resolved.prefix, resolved.size) == (file.prefix, file.size)
+
+
+def test_vmcore_and_pmem_of_a_snapshot() -> None:
+    snap = _snap([SHARED] * 3)
+    assert [(s.offset, s.src) for s in snap.pmem.segments] == [(b.gpa, b.gpa) for b in BLOCKS]
+    assert [s.src for s in snap.vmcore.segments] == [b.gpa for b in BLOCKS]
+    assert snap.source_for(0x100000 + 5).block == BLOCKS[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vmcorefs.core.layout import SparseFile
+from vmcorefs.core.layout import ExtentKind, SparseFile
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -34,7 +34,7 @@ def materialise(sf: SparseFile) -> bytes:
     out = bytearray(sf.size)
     out[: len(sf.prefix)] = sf.prefix
     for seg in sf.segments:
-        out[seg.offset : seg.offset + seg.size] = fake_mem(seg.gpa, seg.size)
+        out[seg.offset : seg.end] = fake_mem(seg.src, seg.length)
     return bytes(out)
 
 
@@ -42,12 +42,12 @@ def read_via_extents(sf: SparseFile, offset: int, length: int) -> bytes:
     """What the FUSE adapter returns for read(offset, length)."""
     parts = []
     for ext in sf.extents(offset, length):
-        if ext.kind == "data":
+        if ext.kind == ExtentKind.PREFIX:
             parts.append(sf.prefix[ext.src : ext.src + ext.length])
-        elif ext.kind == "mem":
+        elif ext.kind == ExtentKind.MEMORY:
             parts.append(fake_mem(ext.src, ext.length))
         else:
-            assert ext.kind == "zero"
+            assert ext.kind == ExtentKind.ZERO
             parts.append(bytes(ext.length))
     return b"".join(parts)
 
@@ -58,7 +58,7 @@ def write_sparse(sf: SparseFile, path: Path) -> None:
         f.write(sf.prefix)
         for seg in sf.segments:
             f.seek(seg.offset)
-            f.write(fake_mem(seg.gpa, seg.size))
+            f.write(fake_mem(seg.src, seg.length))
         f.truncate(sf.size)
 
 

@@ -16,7 +16,7 @@ Two methods, chosen per RAM block:
     QEMU (root or CAP_SYS_PTRACE).
 
 Both reduce to "pread(fd, base + (gpa - block.gpa))": a :class:`Source`
-resolves guest-physical ranges to :class:`~vmcorefs.core.layout.Extent`\ s
+resolves guest-physical ranges to :class:`~vmcorefs.core.layout.Extent` records
 of kind ``SHARED`` or ``PROCMEM`` (:meth:`Source.extent`), and
 :func:`read_extent` reads either.  Pages that cannot be read (unmapped in
 QEMU) read as zeros; a QEMU that has exited raises :class:`QEMUGoneError`.
