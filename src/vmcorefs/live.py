@@ -197,8 +197,8 @@ class LiveCore:
         self._snap = snap
 
     async def current(self, max_age: float | None = None, stale_ok: bool = True) -> Snapshot:
-        """The latest layout, recomputed when older than ``max_age`` seconds
-        (default ``attr_ttl``).
+        """The latest layout, recomputed unless younger than ``max_age``
+        seconds (default ``attr_ttl``; 0: always a fresh one).
 
         With ``stale_ok`` (listings, attributes) a refresh that is already
         running or fails with a QMP error other than QEMU gone yields the
@@ -208,11 +208,11 @@ class LiveCore:
         self.check_alive()
         max_age = self.attr_ttl if max_age is None else max_age
         snap = self._snap
-        if snap is not None and stale_ok and (self.clock() - snap.taken <= max_age or self._snap_lock.locked()):
+        if snap is not None and stale_ok and (self.clock() - snap.taken < max_age or self._snap_lock.locked()):
             return snap
         async with self._snap_lock:
             snap = self._snap
-            if snap is not None and self.clock() - snap.taken <= max_age:
+            if snap is not None and self.clock() - snap.taken < max_age:
                 return snap
             try:
                 self._snap = await self.guest.snapshot()
@@ -330,7 +330,7 @@ class LiveCore:
         if handle not in self.handles:
             return False
         self.handles.discard(handle)
-        drop = self.cache and not any(o.spec is handle.spec and not o.direct for o in self.handles)
+        drop = not handle.direct and not any(o.spec is handle.spec and not o.direct for o in self.handles)
         if handle.frozen:
             await self._freeze_release()
         return drop
