@@ -24,11 +24,11 @@ from vmcorefs.testing import (
     Mount,
     QemuGuest,
     daemon_pid,
-    is_mounted,
     require,
     run_vmcorefs,
     spawn_vmcorefs,
     unmount,
+    unmount_and_wait,
     wait_for,
     wait_mounted,
 )
@@ -113,9 +113,7 @@ def test_daemon_killed_then_remount(memfd_guest: QemuGuest, tmp_path: Path) -> N
         assert r.returncode == 0, r.stderr
         assert os.stat(mnt / "vmcore").st_size > 0
     finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
-        wait_for(lambda: not is_mounted(mnt))
-        time.sleep(0.3)
+        unmount_and_wait(mnt, daemon_pid(mnt))
 
 
 def test_freeze_resumed_when_daemon_exits(memfd_guest: QemuGuest, tmp_path: Path) -> None:

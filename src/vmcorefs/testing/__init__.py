@@ -42,6 +42,7 @@ from vmcorefs.testing.mounts import (
     run_vmcorefs,
     spawn_vmcorefs,
     unmount,
+    unmount_and_wait,
     wait_for,
     wait_mounted,
 )
@@ -59,7 +60,7 @@ __all__ = [
     "BACKPORTS", "CACHE", "DEBIAN11", "DEBIAN12", "QEMU10", "SYSTEM_QEMU", "GuestSpec", "KernelAssets", "Qemu",
     "QemuGuest", "Unavailable", "close_all", "require",
     "SRC", "VMCOREFS", "Mount", "daemon_pid", "is_mounted", "run_vmcorefs", "spawn_vmcorefs", "unmount",
-    "wait_for", "wait_mounted",
+    "unmount_and_wait", "wait_for", "wait_mounted",
     "DRGN_KALLSYMS", "DRGN_KALLSYMS_QEMU", "kernel_image_phys", "printk_head_addr", "printk_head_id",
     "memory_cgroup", "vmcoreinfo_dict",
 ]

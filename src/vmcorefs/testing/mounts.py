@@ -106,6 +106,24 @@ def _exited(pid: int) -> bool:
         return True
 
 
+def unmount_and_wait(path: str | Path, pid: int | None) -> None:
+    """Unmount ``path`` (``fusermount3 -u``, lazily if that fails) and wait
+    until its daemon ``pid`` has exited: it holds the guest's monitor, which
+    serves one client at a time.  Kills the daemon if it is still there
+    after :data:`CLEANUP_TIMEOUT` seconds."""
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", str(path)], check=False, capture_output=True)
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not is_mounted(path), CLEANUP_TIMEOUT)
+        unmount(path)
+    if pid is not None:
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: _exited(pid), CLEANUP_TIMEOUT)
+        if not _exited(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
 class Mount:
     """``vmcorefs mount [options] SOCKET DIR`` of ``guest`` (its vmcorefs
     monitor unless ``socket``) on a fresh directory, for a ``with`` block.
@@ -154,21 +172,9 @@ class Mount:
         return dict(json.loads(os.getxattr(self.path, "user.vmcorefs.stats")))
 
     def close(self) -> None:
-        """Unmount, wait for the daemon to exit (it holds the monitor: one
-        client at a time), remove the directory."""
-        if is_mounted(self.path):
-            subprocess.run(["fusermount3", "-u", str(self.path)], check=False, capture_output=True)
-            with contextlib.suppress(AssertionError):
-                wait_for(lambda: not is_mounted(self.path), CLEANUP_TIMEOUT)
-            unmount(self.path)
-        if self.daemon_pid is not None:
-            pid = self.daemon_pid
-            with contextlib.suppress(AssertionError):
-                wait_for(lambda: _exited(pid), CLEANUP_TIMEOUT)
-            if not _exited(pid):
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-            self.daemon_pid = None
+        """Unmount, wait for the daemon to exit, remove the directory."""
+        unmount_and_wait(self.path, self.daemon_pid)
+        self.daemon_pid = None
         with contextlib.suppress(OSError):
             self.path.rmdir()
         with contextlib.suppress(ValueError):
