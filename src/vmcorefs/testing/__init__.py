@@ -5,8 +5,9 @@ Guests need the kernels of ``scripts/build-guest.sh`` (in ``$VMCOREFS_CACHE``,
 default /var/cache/vmcorefs) and QEMU; mounts need FUSE and root.
 
 * :mod:`~vmcorefs.testing.guests`: :class:`GuestSpec` (what to boot: QEMU,
-  kernel, machine, memory kind and size, vCPUs, vmcoreinfo, extra args),
-  :class:`QemuGuest` (the running QEMU, its two monitors, QMP helpers),
+  kernel, machine, memory kind and size, vCPUs, vmcoreinfo, console
+  socket, extra args), :class:`QemuGuest` (the running QEMU, its two
+  monitors, QMP helpers, typing on the console),
   :func:`require` (skip, or fail under ``CI=true``).
 * :mod:`~vmcorefs.testing.mounts`: :class:`Mount` (``vmcorefs mount`` in a
   ``with`` block), :func:`run_vmcorefs`, :func:`spawn_vmcorefs`,

@@ -25,9 +25,11 @@ import functools
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +42,8 @@ CACHE = Path(os.environ.get("VMCOREFS_CACHE", "/var/cache/vmcorefs"))
 #: What the guest's /init prints on the serial console when it is up.
 READY = b"VMCOREFS-GUEST-READY"
 #: File names inside a guest's directory.
-QMP_SOCKET, OWN_QMP_SOCKET, SERIAL_LOG, QEMU_LOG, PID_FILE = (
-    "qmp.sock", "own-qmp.sock", "serial.log", "qemu.log", "qemu.pid")
+QMP_SOCKET, OWN_QMP_SOCKET, CONSOLE_SOCKET, SERIAL_LOG, QEMU_LOG, PID_FILE = (
+    "qmp.sock", "own-qmp.sock", "console.sock", "serial.log", "qemu.log", "qemu.pid")
 
 MemoryKind = Literal["memfd", "private", "private-noreserve", "none"]
 
@@ -171,6 +173,9 @@ class GuestSpec:
     ``-m`` and no backend: ``extra`` says it all).  ``mib`` is the guest's
     RAM in MiB.  ``reboot``: a guest reset reboots (else QEMU exits).
     ``boot_timeout`` (seconds) defaults to 120 s plus 1 s per 2 GiB.
+    ``console``: the serial console (ttyS0, /init's shell) is also a socket
+    that :meth:`QemuGuest.send_console` types into; it is logged to
+    ``serial.log`` either way.
     """
 
     name: str = "guest"
@@ -186,6 +191,7 @@ class GuestSpec:
     cpu: str = "qemu64"
     append: str = "console=ttyS0 panic=-1 printk.devkmsg=on"
     boot_timeout: float | None = None
+    console: bool = False
 
     def but(self, **changes: Any) -> GuestSpec:
         """A copy with some fields changed."""
@@ -207,7 +213,9 @@ class GuestSpec:
             "-display", "none", "-vga", "none", "-nodefaults", *([] if self.reboot else ["-no-reboot"]),
             "-kernel", str(self.kernel.kernel), "-initrd", str(self.kernel.initramfs),
             "-append", self.append,
-            "-serial", f"file:{directory / SERIAL_LOG}",
+            *(["-chardev", f"socket,id=serial0,path={directory / CONSOLE_SOCKET},server=on,wait=off,"
+               f"logfile={directory / SERIAL_LOG}", "-serial", "chardev:serial0"] if self.console
+              else ["-serial", f"file:{directory / SERIAL_LOG}"]),
             "-qmp", f"unix:{directory / QMP_SOCKET},server=on,wait=off",
             "-qmp", f"unix:{directory / OWN_QMP_SOCKET},server=on,wait=off",
         ]
@@ -230,6 +238,12 @@ class GuestSpec:
         else:
             raise ValueError(f"memory kind {self.memory!r}")
         return args + list(self.extra)
+
+
+def _drain(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while sock.recv(65536):
+            pass
 
 
 class QemuGuest:
@@ -255,6 +269,7 @@ class QemuGuest:
         self.args = spec.command(self.dir)
         self.boot_s: float | None = None
         self._qmp: QEMUMonitorProtocol | None = None
+        self._console: socket.socket | None = None
         self._t_start = time.monotonic()
         with open(self.dir / QEMU_LOG, "wb") as log:
             self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -359,6 +374,19 @@ class QemuGuest:
         self.qmp("dump-guest-memory", paging=False, protocol=f"file:{path}")
         return path
 
+    def send_console(self, data: bytes) -> None:
+        """Type ``data`` on the serial console (``spec.console`` guests).
+        The first call connects; a thread then reads and drops what the
+        guest writes (``serial.log`` has it), since QEMU stalls the guest's
+        serial port when the socket is full."""
+        if self._console is None:
+            if not self.spec.console:
+                raise ValueError(f"guest {self.spec.name} has no console socket (GuestSpec.console)")
+            self._console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._console.connect(str(self.dir / CONSOLE_SOCKET))
+            threading.Thread(target=_drain, args=(self._console,), daemon=True).start()
+        self._console.sendall(data)
+
     def gpa2hva(self, gpa: int) -> int:
         """QEMU's host virtual address of guest-physical ``gpa`` (HMP gpa2hva)."""
         return int(self.hmp(f"gpa2hva {gpa:#x}").rsplit(" ", 1)[1], 16)
@@ -366,6 +394,11 @@ class QemuGuest:
     def close(self) -> None:
         """Kill QEMU and remove its directory (if this object made it)."""
         self._disconnect()
+        if self._console is not None:
+            with contextlib.suppress(OSError):
+                self._console.shutdown(socket.SHUT_RDWR)
+            self._console.close()
+            self._console = None
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
