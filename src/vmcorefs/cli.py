@@ -307,9 +307,10 @@ def format_info(info: dict[str, Any]) -> str:
                      f"{m['kind']:<3}  {m['name']:<12} {m['access']:<7} {m['backing']}")
     lines.append(f"vmcore       {info['vmcore_size']} bytes; pmem {info['pmem_size']} bytes")
     v = info["vmcoreinfo"]
-    lines.append("VMCOREINFO   none (guest did not publish it: add -device vmcoreinfo and load qemu_fw_cfg)"
-                 if v is None else
-                 f"VMCOREINFO   OSRELEASE={v['OSRELEASE']} KERNELOFFSET={v['KERNELOFFSET']} PAGESIZE={v['PAGESIZE']}")
+    origin = info.get("vmcoreinfo_origin", "device")
+    lines.append(f"VMCOREINFO   {origin}" if v is None else
+                 f"VMCOREINFO   OSRELEASE={v['OSRELEASE']} KERNELOFFSET={v['KERNELOFFSET']} PAGESIZE={v['PAGESIZE']}"
+                 f" (from {origin})")
     if info.get("gdb"):
         lines.append(f"gdb          {info['gdb']}")
     return "\n".join(lines)

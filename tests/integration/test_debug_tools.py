@@ -14,7 +14,18 @@ from typing import Iterator
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from vmcorefs.testing import DEBIAN11, DEBIAN12, GuestSpec, Mount, QemuGuest, kernel_image_phys, require, vmcoreinfo_dict
+from vmcorefs.testing import (
+    DEBIAN11,
+    DEBIAN12,
+    DRGN_KALLSYMS,
+    GuestSpec,
+    Mount,
+    QemuGuest,
+    kernel_image_phys,
+    require,
+    run_vmcorefs,
+    vmcoreinfo_dict,
+)
 
 pytestmark = pytest.mark.integration
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -206,20 +217,39 @@ def test_kcore_layout_and_bytes(memfd_guest: QemuGuest) -> None:
             assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
-def test_without_vmcoreinfo(tmp_path: Path) -> None:
-    """Without -device vmcoreinfo: vmcore has no VMCOREINFO note, no gdbinit
-    (no KASLR offset), and kcore walks from a kernel-mode vCPU's CR3."""
-    with QemuGuest(GuestSpec("novmci", mib=128, vmcoreinfo=False)) as g, g.paused(), Mount(g) as m:
-        assert sorted(os.listdir(m.path)) == ["kcore", "pmem", "vmcore"]
-        r = subprocess.run(["readelf", "-n", str(m.vmcore)], capture_output=True, text=True)
-        assert r.returncode == 0 and "VMCOREINFO" not in r.stdout
-        with open(m.path / "kcore", "rb") as k, open(m.pmem, "rb") as p:
-            loads = [s for s in ELFFile(k).iter_segments() if s["p_type"] == "PT_LOAD"]
-            assert any(s["p_vaddr"] >= 0xFFFFFFFF80000000 for s in loads)  # the kernel image
-            s = max(loads, key=lambda s: s["p_memsz"])
-            k.seek(s["p_offset"])
-            p.seek(s["p_paddr"])
-            assert k.read(1 << 16) == p.read(1 << 16)
+@pytest.mark.parametrize("memory", ["memfd", "private"])
+def test_without_vmcoreinfo_device(memory: str, tmp_path: Path) -> None:
+    """Without -device vmcoreinfo, vmcorefs finds the guest's VMCOREINFO in
+    guest RAM and serves it where QEMU would have: the last note of vmcore,
+    the vmcoreinfo file, gdbinit; drgn (kallsyms) and makedumpfile -d 31
+    then work as with the device, and `vmcorefs info` says where it was."""
+    require(shutil.which("makedumpfile") is not None, "makedumpfile not installed")
+    with QemuGuest(GuestSpec(f"novmci-{memory}", mib=256, memory=memory, vmcoreinfo=False)) as g:
+        info = run_vmcorefs("info", g.qmp_path)
+        assert info.returncode == 0, info.stderr
+        assert re.search(r"VMCOREINFO   OSRELEASE=\S+ KERNELOFFSET=[0-9a-f]+ PAGESIZE=4096 "
+                         r"\(from guest RAM at GPA 0x[0-9a-f]+\)", info.stdout), info.stdout
+        assert "gdb -q -ex 'symbol-file -o 0x" in info.stdout
+        with g.paused(), Mount(g) as m:
+            assert sorted(os.listdir(m.path)) == ["gdbinit", "kcore", "pmem", "vmcore", "vmcoreinfo"]
+            text = (m.path / "vmcoreinfo").read_text()
+            vci = vmcoreinfo_dict(text)
+            assert vci["OSRELEASE"] == g.spec.kernel.release and vci["PAGESIZE"] == "4096"
+            with open(m.vmcore, "rb") as f:
+                notes = [n for seg in ELFFile(f).iter_segments() if seg["p_type"] == "PT_NOTE"
+                         for n in seg.iter_notes()]
+            assert notes[-1]["n_name"] == "VMCOREINFO" and text.encode() in notes[-1]["n_desc"]
+            # The kernel image lies where VMCOREINFO says (KASLR offset and phys_base right).
+            with open(m.pmem, "rb") as p:
+                p.seek(kernel_image_phys(vci, "init_uts_ns"))
+                assert vci["OSRELEASE"].encode() in p.read(4096)
+            r = subprocess.run([sys.executable, "-c", DRGN_KALLSYMS, str(m.vmcore)], capture_output=True,
+                               text=True, timeout=300)
+            assert r.returncode == 0 and r.stdout.startswith("Linux version " + vci["OSRELEASE"]), r.stderr
+            out = tmp_path / "filtered.kdump"
+            r = subprocess.run(["makedumpfile", "-c", "-d", "31", str(m.vmcore), str(out)],
+                               capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.fixture(scope="module")

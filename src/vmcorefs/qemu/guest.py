@@ -15,13 +15,13 @@ import bisect
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Callable, Iterator
 
 from vmcorefs.core.elf import DumpInfo, build_pmem, build_vmcore, parse_qemu_dump
 from vmcorefs.core.kcore import kernel_view, page_table_root
-from vmcorefs.core.layout import Extent, ExtentKind, SparseFile
+from vmcorefs.core.layout import Extent, SparseFile
 from vmcorefs.core.memmap import (
     FlatRange,
     GuestPhysBlock,
@@ -38,7 +38,10 @@ from vmcorefs.core.notes import (
 )
 from vmcorefs.core.paging import Run
 from vmcorefs.errors import FormatError, GuestMemoryError, QMPError
+from vmcorefs.core.vmcoreinfo import Found, NotFound
+from vmcorefs.core.x86_notes import vmcoreinfo_note
 from vmcorefs.qemu.memory import ProcessMemory, Source, read_extent
+from vmcorefs.qemu.scan import find_vmcoreinfo, revalidate
 from vmcorefs.qemu.monitor import Monitor
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,8 @@ log = logging.getLogger(__name__)
 NOTES_FDNAME = "vmcorefs-notes"
 #: Bound on what we read back of the 1-byte dump (headers + notes + 1 byte).
 MAX_SAMPLE_DUMP = 80 << 20
+#: Seconds before a VMCOREINFO scan that found nothing is tried again.
+RESCAN_AFTER = 10.0
 
 
 @dataclass
@@ -72,12 +77,19 @@ class Snapshot:
     vmcoreinfo: str | None
     alive: Callable[[], bool] = field(repr=False, compare=False)
     _starts: tuple[int, ...] = field(repr=False, compare=False)
+    #: Where VMCOREINFO came from: ``device`` (QEMU's notes), ``guest RAM at
+    #: GPA 0x...`` (found by vmcorefs), or ``none (why)``.
+    vmcoreinfo_origin: str = "device"
 
     @classmethod
     def build(cls, blocks: list[GuestPhysBlock], sources: list[Source], dump: DumpInfo,
-              alive: Callable[[], bool], taken: float | None = None) -> "Snapshot":
+              alive: Callable[[], bool], taken: float | None = None,
+              vmcoreinfo_origin: str | None = None) -> "Snapshot":
         """The layouts of ``vmcore`` and ``pmem`` for ``blocks`` read through
         ``sources``, with ``dump``'s notes (VMCOREINFO taken from them)."""
+        text = vmcoreinfo_text(parse_notes(dump.notes))
+        if vmcoreinfo_origin is None:
+            vmcoreinfo_origin = "device" if text is not None else "none"
         loads = [Run(b.gpa if dump.vaddr_is_paddr else 0, b.gpa, b.size) for b in blocks]
         return cls(
             taken=time.monotonic() if taken is None else taken,
@@ -86,9 +98,10 @@ class Snapshot:
             dump=dump,
             vmcore=build_vmcore(dump, loads),
             pmem=build_pmem([(b.gpa, b.size) for b in blocks]),
-            vmcoreinfo=vmcoreinfo_text(parse_notes(dump.notes)),
+            vmcoreinfo=text,
             alive=alive,
             _starts=tuple(b.gpa for b in blocks),
+            vmcoreinfo_origin=vmcoreinfo_origin,
         )
 
     @cached_property
@@ -179,6 +192,8 @@ class Guest:
     def __init__(self, monitor: Monitor, memory_mode: str = "auto") -> None:
         """``memory_mode``: ``auto``, ``shared`` or ``procmem`` (``--memory``);
         raises :class:`~vmcorefs.errors.UsageError` for another value."""
+        self._found: Found | NotFound | None = None
+        self._found_at = 0.0
         self.monitor = monitor
         self.memory = ProcessMemory(monitor.pid, memory_mode)
         self._dump_lock = asyncio.Lock()
@@ -235,7 +250,38 @@ class Guest:
         """
         blocks = await self.ram_blocks()
         dump = await self.dump_info(blocks)
-        return Snapshot.build(blocks, self.memory.sources(blocks), dump, self.memory.alive)
+        sources = self.memory.sources(blocks)
+        origin = None
+        if vmcoreinfo_text(parse_notes(dump.notes)) is None:
+            dump, origin = await asyncio.get_running_loop().run_in_executor(
+                None, self._vmcoreinfo_from_ram, dump, sources)
+        return Snapshot.build(blocks, sources, dump, self.memory.alive, vmcoreinfo_origin=origin)
+
+    def _vmcoreinfo_from_ram(self, dump: DumpInfo, sources: list[Source]) -> tuple[DumpInfo, str]:
+        """``dump`` with the guest's VMCOREINFO note appended (as QEMU's
+        device would have put it: the last note), found in guest RAM, and
+        where it came from.  The result is kept for the guest's boot: each
+        call re-validates it (a few pages), a reset or kexec rescans; a scan
+        that found nothing is retried at most every ``RESCAN_AFTER`` seconds."""
+        cpus = qemu_x86_cpu_states(parse_notes(dump.notes))
+        now = time.monotonic()
+        result: Found | NotFound | None = None
+        if isinstance(self._found, Found):
+            result = revalidate(self._found, self.memory, sources, cpus)
+            if isinstance(result, NotFound):
+                log.info("VMCOREINFO: %s; scanning again", result.reason)
+                result = None
+        elif isinstance(self._found, NotFound) and now - self._found_at < RESCAN_AFTER:
+            result = self._found
+        if result is None:
+            result = find_vmcoreinfo(self.memory, sources, cpus)
+            self._found_at = now
+            log.info("VMCOREINFO scan: %s", result.stats)
+        self._found = result
+        if isinstance(result, NotFound):
+            return dump, f"none ({result.reason})"
+        notes = dump.notes + vmcoreinfo_note(result.text.encode())
+        return replace(dump, notes=notes), f"guest RAM at GPA {result.gpa:#x}"
 
     async def status(self) -> str:
         """QMP ``query-status``'s ``status``: ``running``, ``paused``, ... Raises :class:`QMPError`."""
@@ -291,10 +337,27 @@ class Guest:
                 "KERNELOFFSET": vci.get("KERNELOFFSET"),
                 "PAGESIZE": vci.get("PAGESIZE"),
             },
+            "vmcoreinfo_origin": await self._origin_hint(snap),
             "gdb": None if snap.kernel_offset is None else (
                 f"gdb -q -ex 'symbol-file -o {snap.kernel_offset:#x} VMLINUX'"
                 " -ex 'core-file MOUNTPOINT/kcore'   (or: gdb -q VMLINUX -x MOUNTPOINT/gdbinit)"),
         }
+
+    async def _origin_hint(self, snap: Snapshot) -> str:
+        """Where VMCOREINFO came from, with a hint when there is none."""
+        origin = snap.vmcoreinfo_origin
+        if snap.vmcoreinfo is not None:
+            return origin
+        try:
+            has_device = "vmcoreinfo" in await self.monitor.hmp("info qtree")
+        except QMPError:
+            has_device = False
+        if has_device:
+            return (f"{origin}; -device vmcoreinfo is present but the guest never registered"
+                    " (load its qemu_fw_cfg driver)")
+        if await self.status() in ("prelaunch", "inmigrate") or not qemu_x86_cpu_states(parse_notes(snap.dump.notes)):
+            return f"{origin}; the guest has not booted yet"
+        return origin
 
     def close(self) -> None:
         self.memory.close()
