@@ -199,11 +199,16 @@ class Guest:
         self._dump_lock = asyncio.Lock()
 
     async def flat_ranges(self) -> list[FlatRange]:
+        """The FlatView of the guest-physical address space (HMP ``info mtree -f``).
+
+        Raises :class:`QMPError` and its kin, :class:`FormatError`."""
         text = await self.monitor.hmp("info mtree -f")
         return parse_mtree_flat(text)
 
     async def ram_blocks(self) -> list[GuestPhysBlock]:
-        """The guest-physical blocks ``dump-guest-memory paging=false`` writes."""
+        """The guest-physical blocks ``dump-guest-memory paging=false`` writes,
+        sorted by ``gpa``: one ``info mtree -f`` and one ``gpa2hva`` per
+        dumped range.  Raises :class:`QMPError` and its kin, :class:`FormatError`."""
         pairs: list[tuple[FlatRange, int]] = []
         for fr in await self.flat_ranges():
             if not fr.dumped:
@@ -217,7 +222,15 @@ class Guest:
         return guest_phys_blocks(pairs)
 
     async def dump_info(self, blocks: list[GuestPhysBlock]) -> DumpInfo:
-        """QEMU's ELF identity and notes, from a dump of one byte of RAM."""
+        """QEMU's ELF identity and notes, from a dump of one byte of RAM.
+
+        One ``getfd`` (a memfd passed over the socket) and one
+        ``dump-guest-memory`` of the first byte of ``blocks[0]``
+        (``paging=false``), read back from the memfd (a few KiB per vCPU;
+        about 2 ms).  Raises :class:`QMPError` (no RAM, the dump failed),
+        :class:`~vmcorefs.errors.QEMUGoneError`, :class:`FormatError` for
+        a malformed or oversized dump.
+        """
         if not blocks:
             raise QMPError("the guest has no RAM to dump", "dump-guest-memory")
         async with self._dump_lock:
@@ -306,7 +319,9 @@ class Guest:
         return self.memory.alive()
 
     async def info(self) -> dict[str, Any]:
-        """What ``vmcorefs info`` prints (and ``--json`` emits)."""
+        """What ``vmcorefs info`` prints (and ``--json`` emits): one snapshot
+        plus ``query-target``, ``query-status`` (and ``info qtree`` when
+        there is no VMCOREINFO).  Raises as :meth:`snapshot`."""
         snap = await self.snapshot()
         notes = parse_notes(snap.dump.notes)
         vci = snap.vmcoreinfo_fields
@@ -360,4 +375,5 @@ class Guest:
         return origin
 
     def close(self) -> None:
+        """Close the descriptors of guest memory (not the monitor)."""
         self.memory.close()

@@ -60,6 +60,7 @@ class Mapping:
 
 
 def parse_maps(text: str) -> list[Mapping]:
+    """The lines of ``/proc/PID/maps`` text as :class:`Mapping` records (others skipped)."""
     out: list[Mapping] = []
     for line in text.splitlines():
         m = _MAPS_RE.match(line)
@@ -167,7 +168,14 @@ class ProcessMemory:
         return None
 
     def sources(self, blocks: list[GuestPhysBlock]) -> list[Source]:
-        """Choose how to read each block, per ``mode``."""
+        """How to read each block (one :class:`Source` per block, same order), per ``mode``.
+
+        Costs one read of ``/proc/PID/maps`` (not for ``procmem``) and, the
+        first time a backing file is seen, a scan of ``/proc/PID/fd``.
+        Raises :class:`AccessError` (no permission; ``shared`` asked for a
+        block that is not in a shared file mapping), :class:`QEMUGoneError`
+        (QEMU exited).
+        """
         pid = self._require_pid()
         maps: list[Mapping] = []
         if self.mode != "procmem":
@@ -202,6 +210,7 @@ class ProcessMemory:
         return None
 
     def alive(self) -> bool:
+        """False once QEMU (``pid``) has exited; True when it cannot be told."""
         if self.pid is None:
             return True
         try:

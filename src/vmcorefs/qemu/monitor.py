@@ -88,7 +88,14 @@ class Monitor:
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None,
                       timeout: float | None = None) -> Any:
-        """Run a QMP command; map every failure to a :class:`QMPError`."""
+        """Run a QMP command and return its ``return`` value (JSON as Python).
+
+        ``timeout`` in seconds (default: the monitor's).  Raises
+        :class:`QMPError` when QEMU answers with an error (its ``desc``),
+        :class:`QMPTimeoutError` after ``timeout`` s without an answer,
+        :class:`QEMUGoneError` when the connection is lost (and on every
+        later call).
+        """
         timeout = self.timeout if timeout is None else timeout
         if self.gone:
             raise QEMUGoneError("QEMU has exited", command)
@@ -103,14 +110,19 @@ class Monitor:
             raise QEMUGoneError(f"monitor connection lost ({type(e).__name__})", command) from None
 
     async def hmp(self, command_line: str) -> str:
-        """Run an HMP command through QMP ``human-monitor-command``."""
+        """Run an HMP command line through QMP ``human-monitor-command``;
+        its text output.  Raises as :meth:`execute`, and :class:`QMPError`
+        when the answer is not text."""
         out = await self.execute("human-monitor-command", {"command-line": command_line})
         if not isinstance(out, str):
             raise QMPError("answer is not text", "human-monitor-command")
         return out
 
     async def gpa2hva(self, gpa: int) -> str:
-        """HMP ``gpa2hva`` for an integer address (never user text)."""
+        """HMP ``gpa2hva`` of guest-physical ``gpa`` (an integer, never user
+        text): QEMU's answer, parsed by
+        :func:`vmcorefs.core.memmap.parse_gpa2hva`.  Raises ``ValueError``
+        for an address outside ``[0, 2**64)``, else as :meth:`hmp`."""
         if not isinstance(gpa, int) or gpa < 0 or gpa >= 1 << 64:
             raise ValueError(f"bad guest-physical address {gpa!r}")
         return await self.hmp(f"gpa2hva {gpa:#x}")
@@ -137,7 +149,14 @@ class Monitor:
 
 async def connect(path: str, greeting_timeout: float = GREETING_TIMEOUT,
                   timeout: float = COMMAND_TIMEOUT) -> Monitor:
-    """Connect to the QMP unix socket at ``path`` and negotiate capabilities."""
+    """Connect to the QMP unix socket at ``path`` and negotiate capabilities.
+
+    ``greeting_timeout``: seconds to wait for QMP's greeting;
+    ``timeout``: seconds every later command may take.  Raises
+    :class:`UsageError` (no such socket, not a socket, nobody listening),
+    :class:`MonitorBusyError` (QEMU's monitor already has a client),
+    :class:`NotQMPError` (no QMP greeting from a non-QEMU process).
+    """
     check_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
