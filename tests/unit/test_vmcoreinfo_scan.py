@@ -19,7 +19,8 @@ from vmcorefs.core.memmap import GuestPhysBlock
 from vmcorefs.core.vmcoreinfo import PAGE, Found, NotFound
 from vmcorefs.errors import GuestMemoryError
 from vmcorefs.qemu.memory import ProcessMemory, Source
-from vmcorefs.qemu.scan import PM_PRESENT, GuestRAM, ScanLimits, find_vmcoreinfo, revalidate, zero_pfns
+from vmcorefs.qemu import scan as scan_module
+from vmcorefs.qemu.scan import HUGE, PM_PRESENT, GuestRAM, ScanLimits, find_vmcoreinfo, revalidate, zero_pfns
 
 SIZE = 64 << 20
 GPA = 0x100000  # the block starts above the first MiB, as pc.ram's second block does
@@ -207,3 +208,54 @@ def test_zero_pfns_are_known_as_root() -> None:
         pytest.skip("PFNs in /proc/self/pagemap need CAP_SYS_ADMIN")
     small, huge = zero_pfns()
     assert small > 0 and huge != small
+
+
+def _entries(*ents: int) -> bytes:
+    return b"".join(e.to_bytes(8, "little") for e in ents)
+
+
+def test_zero_page_entries() -> None:
+    """Present entries mapping the zero page, or the huge zero page from its
+    head on, hold no data; nothing else is taken for them."""
+    small, huge = 0x3B32, 0x18B000
+    soft_dirty = 1 << 55
+    ents = [0, PM_PRESENT | small, PM_PRESENT | 0x3B33, small, PM_PRESENT | soft_dirty | small,
+            *(PM_PRESENT | (huge + i) for i in range(512)), PM_PRESENT | (huge + 512),
+            PM_PRESENT | (huge + 5), PM_PRESENT | (small << 8), PM_PRESENT | (small << 16) | 0x55]
+    raw = _entries(*ents)
+    assert list(scan_module._zero_page_entries(raw, small, huge)) == [1, 4, *range(5, 517)]
+    assert list(scan_module._zero_page_entries(raw, small, 0)) == [1, 4]
+    assert list(scan_module._zero_page_entries(raw, 0, 0)) == []
+    # A huge zero page whose head is before the window: not recognised (read as data).
+    assert list(scan_module._zero_page_entries(_entries(*ents[6:]), small, huge)) == []
+
+
+def test_pagemap_kinds_of_our_own_memory() -> None:
+    """Untouched, written, zero-page and huge-zero-page memory of ours, as
+    GuestRAM sees it through /proc/self/pagemap."""
+    small, huge = zero_pfns()
+    if not small:
+        pytest.skip("PFNs hidden in /proc/self/pagemap (needs CAP_SYS_ADMIN)")
+    m = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        base = _address(m)
+        off = -base % HUGE  # a 2 MiB-aligned window of 4 MiB
+        m.madvise(mmap.MADV_NOHUGEPAGE, off, HUGE)
+        m.madvise(mmap.MADV_HUGEPAGE, off + HUGE, HUGE)
+        m[off + 5 * PAGE] = 1                 # written: data
+        _ = m[off + 7 * PAGE]                 # read: the zero page
+        _ = m[off + HUGE + 3 * PAGE]          # read in a THP region: the huge zero page (if THP allows)
+        block = GuestPhysBlock(0, 2 * HUGE, base + off, "pc.ram", "ram")
+        mem_fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
+        memory = ProcessMemory(os.getpid(), "procmem")
+        try:
+            with GuestRAM(memory, [Source(block, mem_fd, base + off, ExtentKind.PROCMEM, "/proc/self/mem")]) as ram:
+                runs = list(ram.populated(ram.sources[0]))
+                huge_mapped = _pagemap(base + off + HUGE, 1)[0] & ((1 << 55) - 1) == huge != 0
+                assert runs == [(5 * PAGE, PAGE, "resident")] + ([] if huge_mapped else [(HUGE, HUGE, "resident")])
+                assert ram.read_phys(5 * PAGE, 2) == b"\x01\0" and ram.read_phys(7 * PAGE, PAGE) == bytes(PAGE)
+        finally:
+            os.close(mem_fd)
+            memory.close()
+    finally:
+        m.close()

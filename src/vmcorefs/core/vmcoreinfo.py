@@ -193,27 +193,30 @@ def find_hits(buf: bytes | bytearray, gpa: int) -> list[Hit]:
     header with ``n_namesz`` 11, ``n_type`` 0, ``0 < n_descsz <= MAX_TEXT``
     and the name ``VMCOREINFO`` (note form).  Sorted by address.
 
-    Cost: one C-speed ``find`` per match of either magic, and each call
-    moves on by at least a page, so at most two per page whatever ``buf``
-    holds.  Raises ValueError when ``gpa`` is not page-aligned.
+    Only page starts are looked at: the first byte of every page (and the
+    first byte of the name) is picked out with one strided slice, and only
+    pages where it matches are compared in full -- a few milliseconds per
+    GiB, at most two comparisons per page whatever ``buf`` holds.  Raises
+    ValueError when ``gpa`` is not page-aligned.
     """
     if gpa % PAGE:
         raise ValueError(f"buffer address {gpa:#x} is not page-aligned")
     hits: list[Hit] = []
-    pos = 0
-    while (i := buf.find(TEXT_MAGIC, pos)) >= 0:
-        page = i - i % PAGE
-        if i == page:
-            hits.append(Hit(gpa + i, "text"))
-        pos = page + PAGE
-    pos = NOTE_NAME_OFFSET
-    while (i := buf.find(NOTE_NAME, pos)) >= 0:
-        page = i - i % PAGE
-        if i - page == NOTE_NAME_OFFSET:
+    starts = buf[0::PAGE]
+    i = starts.find(TEXT_MAGIC[:1])
+    while i >= 0:
+        if buf.startswith(TEXT_MAGIC, i * PAGE):
+            hits.append(Hit(gpa + i * PAGE, "text"))
+        i = starts.find(TEXT_MAGIC[:1], i + 1)
+    names = buf[NOTE_NAME_OFFSET::PAGE]
+    i = names.find(NOTE_NAME[:1])
+    while i >= 0:
+        page = i * PAGE
+        if buf.startswith(NOTE_NAME, page + NOTE_NAME_OFFSET):
             namesz, descsz, ntype = NHDR.unpack_from(buf, page)
             if namesz == len(NOTE_NAME) and ntype == 0 and 0 < descsz <= MAX_TEXT:
                 hits.append(Hit(gpa + page, "note"))
-        pos = page + NOTE_NAME_OFFSET + (PAGE if i - page >= NOTE_NAME_OFFSET else 0)
+        i = names.find(NOTE_NAME[:1], i + 1)
     hits.sort(key=lambda h: h.gpa)
     return hits
 

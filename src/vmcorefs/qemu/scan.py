@@ -33,7 +33,6 @@ tens of MiB of RAM.
 
 from __future__ import annotations
 
-import array
 import bisect
 import ctypes
 import errno
@@ -74,6 +73,8 @@ PAGEMAP_BATCH = 8192
 RESIDENT, SWAPPED = "resident", "swapped"
 #: Runs of resident (1) or swapped (2) pages in a :meth:`GuestRAM._kinds` map.
 _RUNS = re.compile(rb"\x01+|\x02+")
+#: Pagemap entry's top byte (bits 56..63) -> 1 present, 2 swapped, 0 neither.
+_KIND_OF_TOP_BYTE = bytes(1 if b & 0x80 else 2 if b & 0x40 else 0 for b in range(256))
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,33 @@ def zero_pfns() -> tuple[int, int]:
     small = _own_zero_pfn(PAGE, False)
     huge = _own_zero_pfn(HUGE, True)
     return small, (huge if huge != small else 0)
+
+
+def _zero_page_entries(raw: bytes, small: int, huge: int) -> Iterator[int]:
+    """Indexes of the present entries of pagemap bytes ``raw`` that map the
+    zero page ``small`` or the huge zero page ``huge`` (PFNs; 0 unknown).
+
+    Found at C speed: the low 6 bytes of an entry are PFN bits 0..47, so
+    the zero page and the head of the huge zero page are byte patterns; the
+    entries after a head that continue it are the rest of the huge page.
+    An entry missed (a huge zero page whose head is before ``raw``) only
+    costs a read of zeros QEMU already maps.
+    """
+    ents = memoryview(raw).cast("Q")
+    for pfn, span in ((small, 1), (huge, HUGE // PAGE)):
+        if not 0 < pfn < 1 << 48:
+            continue
+        needle = pfn.to_bytes(6, "little")
+        pos = raw.find(needle)
+        while pos >= 0:
+            if pos % 8:
+                pos = raw.find(needle, pos + 1)
+                continue
+            i = j = pos // 8
+            while j < min(i + span, len(ents)) and ents[j] & PM_PRESENT and ents[j] & PM_PFN_MASK == pfn + j - i:
+                yield j
+                j += 1
+            pos = raw.find(needle, 8 * max(j, i + 1))
 
 
 class GuestRAM:
@@ -181,14 +209,11 @@ class GuestRAM:
                 return None
             if len(raw) != 8 * n:
                 return None
-            ents = array.array("Q", raw)
-            out += bytes(
-                2 if not e & PM_PRESENT and e & PM_SWAPPED
-                else 0 if not e & PM_PRESENT
-                or (pfn := e & PM_PFN_MASK) and (pfn == small or huge <= pfn < huge + HUGE // PAGE)
-                else 1
-                for e in ents
-            )
+            # The top byte of each entry holds PM_PRESENT and PM_SWAPPED.
+            kinds = bytearray(raw[7::8].translate(_KIND_OF_TOP_BYTE))
+            for i in _zero_page_entries(raw, small, huge):
+                kinds[i] = 0  # present, but mapping a zero page: no data
+            out += kinds
         return bytes(out)
 
     def populated(self, src: Source) -> Iterator[tuple[int, int, str]]:
