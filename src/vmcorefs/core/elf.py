@@ -23,10 +23,11 @@ QEMU dump of the same instant.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, fields
-from typing import ClassVar, Self, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
-from vmcorefs.core.layout import PAGE_SIZE, SparseFile, align_up, memory
+from vmcorefs.core.cstruct import CStruct
+from vmcorefs.core.layout import SparseFile, align_up, memory
 from vmcorefs.core.paging import Run
 from vmcorefs.errors import FormatError
 
@@ -43,26 +44,7 @@ PN_XNUM = 0xFFFF
 SHT_NULL = 0
 
 @dataclass(frozen=True)
-class _Record:
-    """A C struct of ``<elf.h>`` as a named record (little-endian)."""
-
-    STRUCT: ClassVar[struct.Struct]
-
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(*(getattr(self, f.name) for f in fields(self)))
-
-    @classmethod
-    def unpack_from(cls, buffer: bytes | bytearray | memoryview, offset: int = 0) -> Self:
-        """Raises ``struct.error`` when ``buffer`` is too short."""
-        return cls(*cls.STRUCT.unpack_from(buffer, offset))
-
-    @classmethod
-    def size(cls) -> int:
-        return cls.STRUCT.size
-
-
-@dataclass(frozen=True)
-class Elf64_Ehdr(_Record):  # noqa: N801 (the spec's name)
+class Elf64_Ehdr(CStruct):  # noqa: N801 (the spec's name)
     STRUCT = struct.Struct("<16sHHIQQQIHHHHHH")
     e_ident: bytes
     e_type: int
@@ -81,28 +63,15 @@ class Elf64_Ehdr(_Record):  # noqa: N801 (the spec's name)
 
 
 @dataclass(frozen=True)
-class Elf32_Ehdr(_Record):  # noqa: N801
-    """Only parsed: QEMU dumps guests that are not in long mode as ELF32."""
+class Elf32_Ehdr(Elf64_Ehdr):  # noqa: N801
+    """Only parsed: QEMU dumps guests that are not in long mode as ELF32
+    (the same fields as Elf64_Ehdr, 32-bit addresses and offsets)."""
 
     STRUCT = struct.Struct("<16sHHIIIIIHHHHHH")
-    e_ident: bytes
-    e_type: int
-    e_machine: int
-    e_version: int
-    e_entry: int
-    e_phoff: int
-    e_shoff: int
-    e_flags: int
-    e_ehsize: int
-    e_phentsize: int
-    e_phnum: int
-    e_shentsize: int
-    e_shnum: int
-    e_shstrndx: int
 
 
 @dataclass(frozen=True)
-class Elf64_Phdr(_Record):  # noqa: N801
+class Elf64_Phdr(CStruct):  # noqa: N801
     STRUCT = struct.Struct("<IIQQQQQQ")
     p_type: int
     p_flags: int
@@ -115,7 +84,7 @@ class Elf64_Phdr(_Record):  # noqa: N801
 
 
 @dataclass(frozen=True)
-class Elf32_Phdr(_Record):  # noqa: N801
+class Elf32_Phdr(CStruct):  # noqa: N801
     """Only parsed (note the field order differs from Elf64_Phdr's)."""
 
     STRUCT = struct.Struct("<IIIIIIII")
@@ -130,7 +99,7 @@ class Elf32_Phdr(_Record):  # noqa: N801
 
 
 @dataclass(frozen=True)
-class Elf64_Shdr(_Record):  # noqa: N801
+class Elf64_Shdr(CStruct):  # noqa: N801
     STRUCT = struct.Struct("<IIQQQQIIQQ")
     sh_name: int
     sh_type: int
