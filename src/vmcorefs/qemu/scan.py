@@ -15,8 +15,9 @@ Only memory the host has populated is read, and never by faulting it in:
   (or swapped out); pages never touched, or mapped to the kernel's zero
   page (or huge zero page), are skipped.  The rest is read with ``pread``
   of ``/proc/PID/mem``, which maps nothing new into QEMU.  Without access to
-  the pagemap every page is read (QEMU's page tables then grow by the zero
-  pages mapped for untouched RAM).
+  the pagemap (it needs the same ptrace access as ``/proc/PID/mem``)
+  private RAM is not scanned: reading it blind would map the zero page into
+  QEMU for every page it never touched.
 
 Guest RAM is never mmapped.  Reads go in chunks of at most
 :attr:`ScanLimits.chunk` bytes of populated memory, in guest-physical
@@ -58,12 +59,13 @@ from vmcorefs.core.vmcoreinfo import (
     translator,
     validate,
 )
-from vmcorefs.errors import GuestMemoryError
+from vmcorefs.errors import GuestMemoryError, QEMUGoneError
 from vmcorefs.qemu.memory import ProcessMemory, Source, read_extent
 
 #: Pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
 PM_PRESENT = 1 << 63
 PM_SWAPPED = 1 << 62
+PM_MMAP_EXCLUSIVE = 1 << 56
 PM_PFN_MASK = (1 << 55) - 1
 HUGE = 2 << 20
 #: Pagemap entries read per system call (covers 32 MiB of QEMU's memory).
@@ -98,7 +100,7 @@ class ScanLimits:
 def _own_zero_pfn(size: int, huge: bool) -> int:
     """The PFN a read fault maps at an untouched private anonymous address
     of ours (the kernel's zero page, or huge zero page); 0 when unknown
-    (PFNs hidden without CAP_SYS_ADMIN, THP off)."""
+    (PFNs hidden without CAP_SYS_ADMIN, THP or its zero page off)."""
     m = mmap.mmap(-1, 2 * size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
     try:
@@ -113,7 +115,12 @@ def _own_zero_pfn(size: int, huge: bool) -> int:
         with open("/proc/self/pagemap", "rb", buffering=0) as f:
             raw = os.pread(f.fileno(), 8, (addr + off) // PAGE * 8)
         ent = int.from_bytes(raw, "little") if len(raw) == 8 else 0
-        return ent & PM_PFN_MASK if ent & PM_PRESENT else 0
+        pfn = ent & PM_PFN_MASK
+        # A page of our own (THP without its zero page) would be exclusively
+        # mapped, and reused by others once freed: never take it for a zero page.
+        if not ent & PM_PRESENT or ent & PM_MMAP_EXCLUSIVE or pfn % (size // PAGE):
+            return 0
+        return pfn
     except OSError:
         return 0
     finally:
@@ -168,7 +175,7 @@ class GuestRAM:
         self._pagemap: int | None = None
         self._pagemap_tried = False
         self._zero = zero_pfns()
-        #: True when private RAM had to be read without its pagemap.
+        #: True when private RAM was skipped: its pagemap could not be read.
         self.blind = False
 
     def close(self) -> None:
@@ -218,18 +225,23 @@ class GuestRAM:
 
     def populated(self, src: Source) -> Iterator[tuple[int, int, str]]:
         """``(offset in block, length, kind)`` runs of ``src``'s block that
-        hold data, in order; ``kind`` is :data:`RESIDENT` or :data:`SWAPPED`."""
+        hold data, in order; ``kind`` is :data:`RESIDENT` or :data:`SWAPPED`.
+        Private RAM whose pagemap cannot be read yields nothing (and sets
+        :attr:`blind`).  Runs end at least every 32 MiB."""
         size = src.block.size
         if src.method == "shared":
             yield from self._file_data(src)
             return
-        kinds = self._kinds(src.base, size // PAGE)
-        if kinds is None:
-            self.blind = True
-            yield 0, size, RESIDENT
-            return
-        for m in _RUNS.finditer(kinds):
-            yield m.start() * PAGE, (m.end() - m.start()) * PAGE, RESIDENT if kinds[m.start()] == 1 else SWAPPED
+        for first in range(0, size // PAGE, PAGEMAP_BATCH):
+            kinds = self._kinds(src.base + first * PAGE, min(PAGEMAP_BATCH, size // PAGE - first))
+            if kinds is None:
+                if not self.memory.alive():
+                    raise QEMUGoneError("QEMU has exited")
+                self.blind = True  # reading blind would fault in every untouched page: skip the block
+                return
+            for m in _RUNS.finditer(kinds):
+                kind = RESIDENT if kinds[m.start()] == 1 else SWAPPED
+                yield (first + m.start()) * PAGE, (m.end() - m.start()) * PAGE, kind
 
     def _file_data(self, src: Source) -> Iterator[tuple[int, int, str]]:
         """Data ranges of a shared backing file, by SEEK_DATA/SEEK_HOLE on a
@@ -375,7 +387,8 @@ def find_vmcoreinfo(memory: ProcessMemory, sources: Sequence[Source], cpus: Sequ
         if not finder.valid and not scan.stopped and limits.read_swapped:
             scan.run(SWAPPED)
         stats = scan.stats()
-        blind = " (private RAM read without its pagemap)" if ram.blind else ""
+        blind = (f" (private RAM skipped: /proc/{memory.pid}/pagemap cannot be read, and reading blind"
+                 " would fault in every page QEMU never touched)") if ram.blind else ""
         read = f"{stats.bytes_read >> 20} MiB" if stats.bytes_read >= 1 << 20 else f"{stats.bytes_read >> 10} KiB"
         return finder.result(stats, f"{read} of populated guest RAM{blind}")
 
@@ -405,5 +418,5 @@ def revalidate(found: Found, memory: ProcessMemory, sources: Sequence[Source],
         why = validate(c.fields, translator(ram.read_phys, roots, ram.phys_limit), ram.read_phys, ram.phys_limit)
         if why:
             return NotFound(f"VMCOREINFO copy at {found.gpa:#x} no longer matches the running kernel: {why}")
-    return replace(found, stats=ScanStats(bytes_read=len(c.text), seconds=time.monotonic() - started,
+    return replace(found, stats=ScanStats(bytes_read=COPY_SPAN, seconds=time.monotonic() - started,
                                           complete=False, stopped="revalidated"))
