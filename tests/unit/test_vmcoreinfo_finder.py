@@ -207,6 +207,7 @@ def _edit(text: str, key: str, value: str | None) -> str:
     ("SYMBOL(init_top_pgt)", f"{Kernel().stext + 0x20001a0 - 0x1a0:x}", "not mapped"),
     ("OFFSET(uts_namespace.name)", "4", "does not hold release"),
     ("OFFSET(uts_namespace.name)", "99999", "implausible"),
+    ("OFFSET(uts_namespace.name)", "-4", "implausible"),
     ("SYMBOL(init_top_pgt)", f"{Kernel().stext + 0x200000:x}", "own page-table root"),
     ("NUMBER(pgtable_l5_enabled)", "1", "own page-table root"),
     ("NUMBER(pgtable_l5_enabled)", "2", "neither 0 nor 1"),
@@ -251,7 +252,8 @@ def test_kernel_roots() -> None:
     cpus = [CPU(0x2A01000 | 0x800, in_kernel=False), CPU(0), CPU(0x2B4C000), CPU(0x2B4C000, 0x1000 | 0x6B0)]
     assert kernel_roots(cpus) == [
         (0x2B4C000, 4), (0x2B4C000, 5),       # kernel-mode vCPUs first
-        (0x2A01000, 4), (0x2A00000, 4),       # user CR3 under PTI, then its kernel PGD
+        (0x2A01000, 4),                       # user CR3 under PTI
+        (0x2A00000, 4),                       # last, PTI twins: its kernel PGD
     ]
     assert kernel_roots([CPU(0)]) == []
 

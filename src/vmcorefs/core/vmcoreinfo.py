@@ -360,9 +360,9 @@ def validate(fields: Mapping[str, str], translate: Translate, read_phys: ReadPhy
 
 
 def _uts_problem(read_phys: ReadPhys, pa: int, offsets: Sequence[int], release: str) -> str:
+    if not all(0 <= off < PAGE for off in offsets):
+        return f"OFFSET(uts_namespace.name)={offsets[0]} is implausible"
     span = max(offsets) + UTS_RELEASE + UTS_FIELD
-    if not 0 <= max(offsets) < PAGE:
-        return f"OFFSET(uts_namespace.name)={max(offsets)} is implausible"
     try:
         data = bytes(read_phys(pa, span)).ljust(span, b"\0")
     except GuestMemoryError as e:
@@ -482,18 +482,16 @@ class CPUState(Protocol):
 
 def kernel_roots(cpus: Iterable[CPUState]) -> list[tuple[int, int]]:
     """``(root, levels)`` page-table roots to validate against, from the
-    vCPUs' CR3/CR4: vCPUs in kernel mode first; each CR3 with the PTI user
-    bit set is followed by its kernel twin (the bit cleared).  Zero CR3s
-    (paging off) are left out; duplicates too."""
+    vCPUs' CR3/CR4: those of vCPUs in kernel mode first, then the others;
+    last, for each CR3 with the PTI user bit set, its kernel twin (the bit
+    cleared: a user-mode CR3 under PTI maps almost none of the kernel).
+    Zero CR3s (paging off) are left out; duplicates too."""
+    roots = [(cr3_to_root(c.cr3), 5 if c.cr4 & CR4_LA57 else 4)
+             for c in sorted(cpus, key=lambda c: not c.in_kernel) if c.cr3]
     out: list[tuple[int, int]] = []
-    for cpu in sorted(cpus, key=lambda c: not c.in_kernel):
-        if not cpu.cr3:
-            continue
-        root = cr3_to_root(cpu.cr3)
-        levels = 5 if cpu.cr4 & CR4_LA57 else 4
-        for r in (root, root & ~PTI_USER_PGD):
-            if r and (r, levels) not in out:
-                out.append((r, levels))
+    for root, levels in roots + [(r & ~PTI_USER_PGD, n) for r, n in roots if r & PTI_USER_PGD]:
+        if root and (root, levels) not in out:
+            out.append((root, levels))
     return out
 
 
