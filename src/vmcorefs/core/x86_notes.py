@@ -54,6 +54,9 @@ compatibility mode)
 ``rflags``
     QEMU prints ``cpu_compute_eflags()`` and stores ``env->eflags``; they are
     equal once the vCPU has left the TCG execution loop (paused guest).
+``cr[0]``, ``cr[4]``
+    Printed as 32 bits.  No CR0 bit above 31 exists; CR4 bit 32 (FRED, a
+    KVM-only feature in QEMU) would be lost.
 
 All input is bounded (:data:`MAX_TEXT`, :data:`MAX_CPUS`); anything that is
 not ``info registers -a`` text raises :class:`FormatError` naming the line.
