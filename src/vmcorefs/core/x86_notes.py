@@ -66,9 +66,10 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import ClassVar, Iterable, Sequence
 
+from vmcorefs.core.cstruct import CStruct
 from vmcorefs.errors import FormatError
 
 NT_PRSTATUS = 1
@@ -98,20 +99,7 @@ def elf_note(name: bytes, n_type: int, desc: bytes) -> bytes:
 # --- the C structs of target/i386/arch_dump.c, as named records -----------
 
 @dataclass(frozen=True)
-class _Packed:
-    """A little-endian C struct as a frozen record; fields in struct order."""
-
-    STRUCT: ClassVar[struct.Struct]
-
-    def values(self) -> list[int]:
-        return [getattr(self, f.name) for f in fields(self)]
-
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(*self.values())
-
-
-@dataclass(frozen=True)
-class QEMUCPUSegment(_Packed):
+class QEMUCPUSegment(CStruct):
     """``QEMUCPUSegment``: u32 selector, limit, flags, pad; u64 base (24 bytes)."""
 
     STRUCT = struct.Struct("<IIIIQ")
@@ -144,7 +132,7 @@ class QEMUCPUState:
     kernel_gs_base: int
     version: int = QEMUCPUSTATE_VERSION
 
-    SIZE: ClassVar[int] = _QEMU_HEAD.size + 10 * QEMUCPUSegment.STRUCT.size + _QEMU_TAIL.size
+    SIZE: ClassVar[int] = _QEMU_HEAD.size + 10 * QEMUCPUSegment.size() + _QEMU_TAIL.size
 
     def pack(self) -> bytes:
         head = _QEMU_HEAD.pack(self.version, self.SIZE, *(self.regs[n] for n in QEMU_CPUSTATE_REGS))
@@ -163,15 +151,15 @@ class QEMUCPUState:
         off = _QEMU_HEAD.size
         segments = {}
         for name in QEMU_CPUSTATE_SEGMENTS:
-            segments[name] = QEMUCPUSegment(*QEMUCPUSegment.STRUCT.unpack_from(desc, off))
-            off += QEMUCPUSegment.STRUCT.size
+            segments[name] = QEMUCPUSegment.unpack_from(desc, off)
+            off += QEMUCPUSegment.size()
         *cr, kgs = _QEMU_TAIL.unpack_from(desc, off)
         return cls(dict(zip(QEMU_CPUSTATE_REGS, regs)), segments,
                    (cr[0], cr[1], cr[2], cr[3], cr[4]), kgs, version)
 
 
 @dataclass(frozen=True)
-class X86_64UserRegs(_Packed):  # noqa: N801 (QEMU's/Linux's name)
+class X86_64UserRegs(CStruct):  # noqa: N801 (QEMU's/Linux's name)
     """``x86_64_user_regs_struct`` (Linux ``struct user_regs_struct``), 27 u64."""
 
     STRUCT = struct.Struct("<27Q")
@@ -205,7 +193,7 @@ class X86_64UserRegs(_Packed):  # noqa: N801 (QEMU's/Linux's name)
 
 
 @dataclass(frozen=True)
-class X86UserRegs(_Packed):
+class X86UserRegs(CStruct):
     """i386 ``x86_user_regs_struct`` (68 bytes; the ``__xs`` halves are 0)."""
 
     STRUCT = struct.Struct("<7I8H2I2H2I2H")
@@ -244,7 +232,7 @@ X86_PRSTATUS_PID = 24
 X86_PRSTATUS_REGS = 72
 
 
-def _prstatus(size: int, pid_off: int, regs_off: int, pid: int, regs: _Packed) -> bytes:
+def _prstatus(size: int, pid_off: int, regs_off: int, pid: int, regs: CStruct) -> bytes:
     buf = bytearray(size)
     struct.pack_into("<I", buf, pid_off, pid)
     packed = regs.pack()
