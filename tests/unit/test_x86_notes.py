@@ -141,6 +141,9 @@ def test_vmcoreinfo_note_and_arguments() -> None:
     cpus = parse_info_registers(sample("qemu72-x86-busy")[0])
     assert vmcoreinfo_note(b"OSRELEASE=6.1\n") == (
         b"\x0b\0\0\0\x0e\0\0\0\0\0\0\0VMCOREINFO\0\0OSRELEASE=6.1\n\0\0")
+    assert vmcoreinfo_note("OSRELEASE=6.1\n") == vmcoreinfo_note(b"OSRELEASE=6.1\n")
+    with pytest.raises(FormatError, match="not ASCII"):
+        vmcoreinfo_note("OSRELEASE=6.1\u00e9\n")
     with pytest.raises(FormatError, match="VMCOREINFO of"):
         build_x86_notes(cpus, b"x" * ((1 << 20) + 1))
     with pytest.raises(ValueError, match="one value per vCPU"):

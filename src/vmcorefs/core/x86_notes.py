@@ -557,20 +557,26 @@ def prstatus_desc(cpu: X86VCPU, x86_64: bool) -> bytes:
     return _prstatus(X86_PRSTATUS_SIZE, X86_PRSTATUS_PID, X86_PRSTATUS_REGS, pid, x86_user_regs(cpu))
 
 
-def vmcoreinfo_note(desc: bytes) -> bytes:
+def vmcoreinfo_note(desc: bytes | str) -> bytes:
     """The guest's ``VMCOREINFO`` note as Linux writes it (type 0) and QEMU
-    copies it: ``desc`` is the KEY=VALUE text exactly as the note's desc."""
+    copies it: ``desc`` is the KEY=VALUE text exactly as the note's desc
+    (a ``str`` must be ASCII, as Linux's is)."""
+    if isinstance(desc, str):
+        try:
+            desc = desc.encode("ascii")
+        except UnicodeEncodeError as e:
+            raise FormatError(f"VMCOREINFO text is not ASCII (at character {e.start})") from None
     if len(desc) > MAX_GUEST_NOTE:
         raise FormatError(f"VMCOREINFO of {len(desc)} bytes (QEMU's limit is {MAX_GUEST_NOTE})")
     return elf_note(b"VMCOREINFO", 0, desc)
 
 
-def build_x86_notes(cpus: Sequence[X86VCPU], vmcoreinfo: bytes | None = None, *, tcg: bool = True,
+def build_x86_notes(cpus: Sequence[X86VCPU], vmcoreinfo: bytes | str | None = None, *, tcg: bool = True,
                     kernel_gs_base: Sequence[int] | None = None) -> bytes:
     """PT_NOTE bytes of QEMU's x86 ``dump-guest-memory`` for these vCPUs.
 
     ``cpus`` in ``info registers -a`` order; ``vmcoreinfo`` the desc of the
-    guest's VMCOREINFO note (None: QEMU had none); ``tcg`` whether QEMU runs
+    guest's VMCOREINFO note, bytes or ASCII text (None: no note); ``tcg`` whether QEMU runs
     the guest with TCG (segment flags, see the module docstring);
     ``kernel_gs_base`` one value per vCPU when the caller knows them (else
     0).  The x86-64 prstatus is used when ``cpus[0]`` is in long mode, the

@@ -56,12 +56,12 @@ async def uses_tcg(monitor: Monitor) -> bool:
     return not (isinstance(answer, dict) and answer.get("enabled") is True)
 
 
-async def x86_notes(monitor: Monitor, vmcoreinfo: bytes | None, *, tcg: bool | None = None,
+async def x86_notes(monitor: Monitor, vmcoreinfo: bytes | str | None, *, tcg: bool | None = None,
                     kernel_gs_base: Sequence[int] | None = None) -> bytes:
     """The PT_NOTE bytes QEMU's ``dump-guest-memory paging=false`` would
     write now: per vCPU ``CORE``/NT_PRSTATUS, per vCPU ``QEMU``
     (QEMUCPUState), then ``VMCOREINFO`` when ``vmcoreinfo`` (the note's desc,
-    the guest's KEY=VALUE text) is given.
+    the guest's KEY=VALUE text, as bytes or ASCII ``str``) is given.
 
     ``tcg``: None asks QEMU (one more round trip, see :func:`uses_tcg`).
     ``kernel_gs_base``: per-vCPU values when the caller knows them, else 0.
