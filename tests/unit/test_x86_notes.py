@@ -126,6 +126,43 @@ def test_reset_sample_is_real_mode_with_unknown_high_halves() -> None:
     assert [c.halted for c in cpus] == [False, True]  # the AP waits for INIT-SIPI
 
 
+COMPAT = """
+CPU#0
+EAX=00000001 EBX=00000002 ECX=00000003 EDX=00000004
+ESI=00000005 EDI=00000006 EBP=00000007 ESP=ffffd000
+EIP=08049000 EFL=00000202 [-------] CPL=3 II=0 A20=1 SMM=0 HLT=0
+ES =002b 00000000 ffffffff 00cff300 DPL=3 DS   [-WA]
+CS =0023 00000000 ffffffff 00cffb00 DPL=3 CS32 [-RA]
+SS =002b 00000000 ffffffff 00cff300 DPL=3 DS   [-WA]
+DS =002b 00000000 ffffffff 00cff300 DPL=3 DS   [-WA]
+FS =0000 00000000 00000000 00000000
+GS =0063 f7f8a000 ffffffff 00d0f300 DPL=3 DS   [-WA]
+LDT=0000 00000000 00000000 00008200 DPL=0 LDT
+TR =0040 00003000 00004087 00008900 DPL=0 TSS64-avl
+GDT=     fffffe0000001000 0000007f
+IDT=     fffffe0000000000 00000fff
+CR0=80050033 CR2=00000000f7f8b000 CR3=0000000002926000 CR4=000006a0
+EFER=0000000000000d01
+"""
+
+
+def test_compatibility_mode_vcpu() -> None:
+    """A 32-bit process under a 64-bit kernel: QEMU prints 32-bit registers
+    and bases but 64-bit tables; the missing bits are named and written 0.
+    A TLS GS from the GDT (non-null selector) gets its base bits in flags.
+    The text is written by hand in QEMU's format (the test guest has no
+    32-bit program to capture), so this checks the parser, not QEMU."""
+    (cpu,) = parse_info_registers(COMPAT)
+    assert cpu.lma and not cpu.code64 and cpu.cpl == 3
+    assert {"r8", "rax[63:32]", "tr.base[63:32]", "kernel_gs_base"} <= set(cpu.unknown)
+    assert cpu.regs["rsp"] == 0xFFFFD000 and cpu.regs["r8"] == 0
+    state = qemu_cpu_state(cpu)
+    assert state.segments["gs"].flags == 0xF7D0F3F8  # base 0xf7f8a000: bits 24-31 f7, 16-23 f8
+    assert state.segments["fs"].flags == 0 and state.segments["cs"].flags == 0x00CFFB00
+    notes = parse_notes(build_x86_notes([cpu], None))
+    assert [len(n.desc) for n in notes] == [336, 440]  # x86-64 prstatus: the first vCPU is in long mode
+
+
 def test_qemu_cpu_state_round_trip() -> None:
     _, qemu_bytes, _, _ = sample("qemu100-x86-busy")
     for note in parse_notes(qemu_bytes):
