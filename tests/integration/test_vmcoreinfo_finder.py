@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from vmcorefs.core.notes import parse_notes, qemu_x86_cpu_states
+from vmcorefs.core.notes import parse_notes, qemu_x86_cpu_states, vmcoreinfo_text
 from vmcorefs.core.paging import START_KERNEL_MAP
 from vmcorefs.core.vmcoreinfo import Found, NotFound, parse_fields
-from vmcorefs.qemu.guest import Guest, Snapshot
+from vmcorefs.qemu.guest import Guest
 from vmcorefs.qemu.monitor import connect
 from vmcorefs.qemu.scan import ScanLimits, find_vmcoreinfo, revalidate
 from vmcorefs.testing import DEBIAN11, DEBIAN12, GuestSpec, KernelAssets, QemuGuest, require
@@ -39,20 +39,25 @@ DIRECT_MAP_STEP = 1 << 30
 
 @dataclass
 class Scan:
-    snapshot: Snapshot
+    #: QEMU's own VMCOREINFO note (None without the device).
+    qemu_vmcoreinfo: str | None
     result: Found | NotFound
     revalidated: Found | NotFound | None = None
 
 
 async def _scan(g: QemuGuest, limits: ScanLimits = ScanLimits(), previous: Found | None = None) -> Scan:
+    """The finder called directly on QEMU's blocks, sources and notes (not
+    through Guest.snapshot, which may add the VMCOREINFO it finds)."""
     monitor = await connect(g.qmp_path)
     guest = Guest(monitor)
     try:
-        snap = await guest.snapshot()
-        cpus = qemu_x86_cpu_states(parse_notes(snap.dump.notes))
-        result = find_vmcoreinfo(guest.memory, list(snap.sources), cpus, limits)
-        again = None if previous is None else revalidate(previous, guest.memory, list(snap.sources), cpus)
-        return Scan(snap, result, again)
+        blocks = await guest.ram_blocks()
+        notes = parse_notes((await guest.dump_info(blocks)).notes)
+        sources = guest.memory.sources(blocks)
+        cpus = qemu_x86_cpu_states(notes)
+        result = find_vmcoreinfo(guest.memory, sources, cpus, limits)
+        again = None if previous is None else revalidate(previous, guest.memory, sources, cpus)
+        return Scan(vmcoreinfo_text(notes), result, again)
     finally:
         guest.close()
         await monitor.close()
@@ -97,8 +102,8 @@ def published(request: pytest.FixtureRequest) -> Iterator[tuple[str, str, Scan]]
     kernel = KERNELS[request.param]
     with QemuGuest(GuestSpec(f"vci-{request.param}", kernel=kernel, vmcoreinfo=True)) as g:
         s = scan(g)
-        assert s.snapshot.vmcoreinfo is not None, "the guest did not publish VMCOREINFO"
-        yield request.param, s.snapshot.vmcoreinfo, s
+        assert s.qemu_vmcoreinfo is not None, "the guest did not publish VMCOREINFO"
+        yield request.param, s.qemu_vmcoreinfo, s
 
 
 def test_found_equals_qemus_note(published: tuple[str, str, Scan]) -> None:
@@ -121,7 +126,7 @@ def test_found_without_the_device(published: tuple[str, str, Scan], memory: str)
                              vmcoreinfo=False)) as g:
         s = scan(g)
         full = scan(g, ScanLimits(stop_at_pair=False))
-    assert s.snapshot.vmcoreinfo is None  # QEMU's notes have none
+    assert s.qemu_vmcoreinfo is None
     r = s.result
     assert isinstance(r, Found), r
     assert r.form == "note" and r.twin_gpa is not None
