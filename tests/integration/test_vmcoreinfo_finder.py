@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ from vmcorefs.core.notes import parse_notes, qemu_x86_cpu_states, vmcoreinfo_tex
 from vmcorefs.core.paging import START_KERNEL_MAP
 from vmcorefs.core.vmcoreinfo import Found, NotFound, parse_fields
 from vmcorefs.qemu.guest import Guest
+from vmcorefs.qemu.memory import parse_maps
 from vmcorefs.qemu.monitor import connect
 from vmcorefs.qemu.scan import ScanLimits, find_vmcoreinfo, revalidate
 from vmcorefs.testing import DEBIAN11, DEBIAN12, GuestSpec, KernelAssets, QemuGuest, require
@@ -170,6 +173,31 @@ def test_private_ram_scan_grows_nothing_in_qemu() -> None:
     print(f"\nprivate 1 GiB full scan: {r.stats}; QEMU before {before}, after {after}")
 
 
+def _plant(g: QemuGuest, text: str) -> tuple[int, int]:
+    """Write a note and a text copy of ``text`` into two pages of ``g``'s
+    memfd RAM that the guest never touched (holes: no guest data is lost);
+    the guest-physical addresses of the two copies."""
+    hva = g.gpa2hva(0)
+    with open(f"/proc/{g.pid}/maps") as f:
+        m = next(m for m in parse_maps(f.read()) if m.start <= hva < m.end)
+    fd = os.open(f"/proc/{g.pid}/map_files/{m.start:x}-{m.end:x}", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        base = m.offset + (hva - m.start)  # file offset of GPA 0
+        holes = []
+        off = base + (1 << 20)
+        while len(holes) < 2:
+            off = os.lseek(fd, off, os.SEEK_HOLE)
+            holes.append(off - base)
+            off += 4096
+        desc = text.encode()
+        note = struct.pack("<III", 11, len(desc), 0) + b"VMCOREINFO\0\0" + desc + bytes(-len(desc) % 4 + 12)
+        os.pwrite(fd, note, base + holes[0])
+        os.pwrite(fd, desc, base + holes[1])
+        return holes[0], holes[1]
+    finally:
+        os.close(fd)
+
+
 def test_revalidate_then_reset() -> None:
     """The result of a scan revalidates while the guest runs on; after a
     reset into a new boot (new KASLR offsets), the old result no longer
@@ -184,6 +212,9 @@ def test_revalidate_then_reset() -> None:
         g.qmp("system_reset")
         g.wait_ready()
         s = scan(g, previous=first)
+        with g.paused():
+            stale = _plant(g, first.text)
+            planted = asyncio.run(_scan(g, ScanLimits(stop_at_pair=False))).result
     new = s.result
     assert isinstance(new, Found), new
     assert boot_independent(new.text) == boot_independent(first.text)
@@ -192,3 +223,10 @@ def test_revalidate_then_reset() -> None:
     print(f"\nafter reset: old result -> {old if isinstance(old, NotFound) else 'still valid'};"
           f" new at {new.gpa:#x} KERNELOFFSET={parse_fields(new.text)['KERNELOFFSET']}"
           f" (was {parse_fields(first.text)['KERNELOFFSET']}); rejected: {new.rejected}")
+    # The previous boot's copies, planted in RAM, are seen and rejected.
+    assert isinstance(planted, Found) and (planted.text, planted.gpa) == (new.text, new.gpa), planted
+    if first.text != new.text:  # (the same KASLR offsets twice would make them the live text)
+        reasons = {r.gpa: r.reason for r in planted.rejected}
+        assert set(stale) <= set(reasons), (stale, planted.rejected)
+        assert all("not mapped" in reasons[a] or "another kernel's copy" in reasons[a] for a in stale), reasons
+    print(f"planted the first boot's copies at {stale[0]:#x}, {stale[1]:#x}: {planted.rejected}")
