@@ -26,6 +26,7 @@ SIZE = 64 << 20
 GPA = 0x100000  # the block starts above the first MiB, as pc.ram's second block does
 NOTE_AT, TEXT_AT = GPA + 0x10EA000, GPA + 0x188B000
 STALE_NOTE, STALE_TEXT = GPA + 0x400000, GPA + 0x401000
+STRADDLING = GPA + 0x600000  # a two-page note whose second page was never populated
 
 
 @dataclass
@@ -50,6 +51,9 @@ def _image(stale: bool = True) -> tuple[Image, str, int]:
     if stale:
         old = boot(img, Kernel(koff=0x1C00000, load=0x3000000))
         put_pair(img, old, STALE_NOTE, STALE_TEXT)
+        big = live.text + "".join(f"SYMBOL(padding_{i:04d})=ffffffff82000000\n" for i in range(120))
+        img.write(STRADDLING, note_bytes(big))
+        img.hole(STRADDLING + PAGE)
     return img, live.text, live.root
 
 
@@ -107,8 +111,9 @@ def test_finds_the_live_pair_reading_only_populated_pages(guest: Guest) -> None:
     r = find_vmcoreinfo(guest.memory, guest.sources, guest.cpus, ScanLimits(stop_at_pair=False, chunk=1 << 16))
     assert isinstance(r, Found), r
     assert (r.text, r.gpa, r.form, r.twin_gpa, r.others) == (guest.text, NOTE_AT, "note", TEXT_AT, ())
-    assert sorted(x.gpa for x in r.rejected) == [STALE_NOTE, STALE_TEXT]
-    assert r.stats.complete and r.stats.hits == 4
+    assert sorted(x.gpa for x in r.rejected) == [STALE_NOTE, STALE_TEXT, STRADDLING]
+    assert "shorter than n_descsz" in r.rejected[-1].reason
+    assert r.stats.complete and r.stats.hits == 5
     populated = guest.populated_pages() * PAGE
     assert r.stats.bytes_read == populated, (r.stats, populated)
     assert r.stats.bytes_read + r.stats.bytes_skipped == SIZE
