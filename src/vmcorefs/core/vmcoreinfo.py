@@ -52,9 +52,12 @@ grouped by text; a text held in both forms (what Linux keeps) beats one held
 only as a note, which beats one held only as text; among equals, the one
 whose first copy has the lowest guest-physical address.  The result names
 the note's address when there is one (what ``-device vmcoreinfo`` would have
-been told).  Different valid texts can only differ in keys that do not
-describe the running kernel's layout (they all passed the checks above), so
-the choice is a tie-break, not a guess; the others are reported.
+been told); the note's ``n_descsz`` also gives the text's exact length,
+which a text copy cut short by a hole at a line boundary would not.
+Different valid texts agree on everything checked above (release,
+``phys_base``, the symbols' places); they may differ elsewhere
+(``CRASHTIME``, a forged value), so the choice is a tie-break, and the
+others are reported.  :class:`Finder` ties the steps together.
 
 x86-64 only (the keys and ``__START_KERNEL_map`` are x86-64's).
 """
