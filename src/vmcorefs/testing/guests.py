@@ -20,10 +20,7 @@ QEMU (:class:`Qemu`, :meth:`Qemu.unpacked`) or another kernel
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -145,16 +142,6 @@ class Qemu:
     def environ(self) -> dict[str, str]:
         return {**os.environ, **dict(self.env)}
 
-    @functools.cached_property
-    def version(self) -> tuple[int, int, int]:
-        """(major, minor, micro) from ``--version``."""
-        out = subprocess.run([self.binary, "--version"], capture_output=True, text=True,
-                             env=self.environ(), check=True).stdout
-        m = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
-        if m is None:
-            raise RuntimeError(f"{self.binary} --version: no version in {out[:200]!r}")
-        return int(m[1]), int(m[2]), int(m[3])
-
 
 #: Debian 12's QEMU (7.2), on PATH.
 SYSTEM_QEMU = Qemu()
@@ -192,10 +179,6 @@ class GuestSpec:
     append: str = "console=ttyS0 panic=-1 printk.devkmsg=on"
     boot_timeout: float | None = None
     console: bool = False
-
-    def but(self, **changes: Any) -> GuestSpec:
-        """A copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
 
     @property
     def timeout(self) -> float:
@@ -297,14 +280,17 @@ class QemuGuest:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"QEMU exited ({self.proc.returncode}): {self.log()[-2000:]}")
+                raise RuntimeError(f"QEMU of guest {self.spec.name} exited ({self.proc.returncode}): "
+                                   f"{self.log()[-2000:]}; serial: {self._serial_tail()}")
             if self.serial.exists() and READY in self.serial.read_bytes():
                 if self.boot_s is None:
                     self.boot_s = time.monotonic() - self._t_start
                 return self
             time.sleep(0.1)
-        tail = self.serial.read_text(errors="replace")[-2000:] if self.serial.exists() else ""
-        raise TimeoutError(f"guest {self.spec.name} did not boot in {timeout:g} s; serial: {tail}")
+        raise TimeoutError(f"guest {self.spec.name} did not boot in {timeout:g} s; serial: {self._serial_tail()}")
+
+    def _serial_tail(self) -> str:
+        return self.serial.read_text(errors="replace")[-3000:] if self.serial.exists() else ""
 
     def __enter__(self) -> QemuGuest:
         try:
