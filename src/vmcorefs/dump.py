@@ -1,0 +1,538 @@
+"""``vmcorefs dump``: a point-in-time core file of a running guest.
+
+The file is what ``MNT/vmcore`` serves (the same :class:`~vmcorefs.live.LiveCore`
+opens ``vmcore`` and gives its layout and QEMU's notes), written once:
+
+* ``--format elf`` (default): ELF64 ``ET_CORE``, program headers at offset
+  64, the ``PT_LOAD`` set, bytes and notes of ``dump-guest-memory
+  paging=false`` of the same paused instant -- written **sparse**: only
+  pages that hold data are written, everything else is a file hole, so the
+  file's allocated size is about the guest's populated RAM.
+* ``--format kdump-zlib|kdump-lzo|kdump-snappy`` (QEMU's names): the
+  kdump-compressed format, made by ``makedumpfile -c|-l|-p`` from the sparse
+  ELF (written next to OUTPUT, removed after); ``--filter LEVEL`` is
+  makedumpfile's ``-d LEVEL`` (with ``elf`` too: ``makedumpfile -E``).
+  Page classification is makedumpfile's own.
+
+What is read, and how (never an mmap of guest RAM, nothing faulted in):
+shared backends (memfd, file) only in the ranges ``SEEK_DATA``/``SEEK_HOLE``
+report, private RAM only in pages ``/proc/PID/pagemap`` says hold data (not
+never-touched, not mapped to the zero page) -- both from
+:class:`vmcorefs.qemu.scan.GuestRAM`; bytes are ``pread`` (the shared
+file, ``/proc/PID/mem``) into a few reused 4 MiB buffers by one thread,
+while a second thread drops all-zero pages and ``pwrite``s the rest at
+their file offsets.  The kernel cannot ``copy_file_range`` from a memfd
+(QEMU's internal tmpfs) to another file system (EXDEV), and a splice would
+write the zero pages a guest keeps in touched memory; the read + zero test
+keeps the file sparser.  Memory use is bounded by the buffers (16 MiB).
+
+Consistency: the guest is paused from the snapshot (notes) to the last
+byte and resumed after, only if it was running (``LiveCore(freeze=True)``);
+``--live`` copies without pausing (a fuzzy image).  The output is written
+to a hidden temporary file in OUTPUT's directory and renamed at the end:
+on any failure or signal the guest is resumed and no partial file remains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import queue
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from vmcorefs.core.layout import PAGE_SIZE, SparseFile
+from vmcorefs.errors import AccessError, QEMUGoneError, UsageError, VmcorefsError
+from vmcorefs.live import LiveCore
+from vmcorefs.qemu.guest import Snapshot
+from vmcorefs.qemu.memory import ProcessMemory, Source
+from vmcorefs.qemu.scan import GuestRAM
+
+#: ``--format`` values, QEMU's ``dump-guest-memory`` format names.
+FORMATS = ("elf", "kdump-zlib", "kdump-lzo", "kdump-snappy")
+#: makedumpfile's compression option and its ``-v`` feature name per kdump format.
+KDUMP = {"kdump-zlib": ("-c", None), "kdump-lzo": ("-l", "lzo"), "kdump-snappy": ("-p", "snappy")}
+#: Bytes per read (and per buffer); ``BUFFERS`` of them exist at once.
+CHUNK = 4 << 20
+BUFFERS = 4
+#: makedumpfile's largest dump level (every page class filtered).
+MAX_LEVEL = 31
+_ZERO_CHUNK = bytes(CHUNK)
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+class DumpInterrupted(VmcorefsError):
+    """SIGINT or SIGTERM stopped a dump; exit 128 + the signal number."""
+
+    def __init__(self, signum: int, detail: str) -> None:
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; {detail}")
+
+
+class Progress(Protocol):
+    """Where the copy reports bytes done (a tqdm bar, or nothing)."""
+
+    def update(self, n: int) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Run:
+    """``length`` bytes of populated guest memory: ``delta`` bytes into
+    ``source``'s block, written at file offset ``offset``."""
+
+    offset: int
+    source: Source
+    delta: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a dump writes: the file's ``prefix`` (ELF header, program
+    headers, notes), ``size`` in bytes, and the populated ``runs``."""
+
+    prefix: bytes
+    size: int
+    runs: tuple[Run, ...]
+
+    @property
+    def populated(self) -> int:
+        """Bytes of guest memory to read (the runs)."""
+        return sum(r.length for r in self.runs)
+
+
+def plan(snap: Snapshot, layout: SparseFile, ram: GuestRAM) -> Plan:
+    """The populated runs of ``layout`` (a ``vmcore`` layout of ``snap``:
+    one guest-physical segment per block), in file order.
+
+    Costs a ``SEEK_DATA``/``SEEK_HOLE`` walk per shared block and 8 bytes of
+    ``/proc/PID/pagemap`` per page of private RAM.  Raises
+    :class:`AccessError` when private RAM's pagemap cannot be read (reading
+    it blind would fault in every page QEMU never touched),
+    :class:`QEMUGoneError`.
+    """
+    offsets = {seg.src: seg.offset for seg in layout.segments}
+    runs: list[Run] = []
+    for src in snap.sources:
+        base = offsets.get(src.block.gpa)
+        if base is None:
+            continue
+        for delta, length, _kind in ram.populated(src):
+            runs.append(Run(base + delta, src, delta, length))
+        if ram.blind:
+            raise AccessError(f"cannot read /proc/{ram.memory.pid}/pagemap of QEMU",
+                              "run as root or with CAP_SYS_PTRACE, or give the guest a shared memory backend")
+    runs.sort(key=lambda r: r.offset)
+    return Plan(layout.prefix, layout.size, tuple(runs))
+
+
+class _Watch:
+    """Tells whether to stop a copy: a signal arrived, or QEMU exited
+    (its pidfd is readable; a memfd outlives QEMU, so reads alone would
+    not tell)."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.signum = 0
+        self.stop = threading.Event()
+        self._poll: select.poll | None = None
+        self._pidfd = -1
+        if pid is not None:
+            with contextlib.suppress(OSError):
+                self._pidfd = os.pidfd_open(pid)
+                self._poll = select.poll()
+                self._poll.register(self._pidfd, select.POLLIN)
+
+    def qemu_exited(self) -> bool:
+        return self._poll is not None and bool(self._poll.poll(0))
+
+    def check(self) -> None:
+        """Raise :class:`QEMUGoneError` once QEMU exited; the caller checks ``stop``."""
+        if self.qemu_exited():
+            raise QEMUGoneError("QEMU exited during the dump")
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
+def _nonzero_pages(buf: bytearray, n: int) -> list[tuple[int, int]]:
+    """``(start, end)`` byte ranges of ``buf[:n]`` (a multiple of pages)
+    that are not all-zero pages, adjacent pages merged."""
+    if buf[:n] == _ZERO_CHUNK[:n]:
+        return []
+    out: list[tuple[int, int]] = []
+    start = -1
+    for pos in range(0, n, PAGE_SIZE):
+        if buf[pos:pos + PAGE_SIZE] == _ZERO_PAGE:
+            if start >= 0:
+                out.append((start, pos))
+                start = -1
+        elif start < 0:
+            start = pos
+    if start >= 0:
+        out.append((start, n))
+    return out
+
+
+def copy_runs(fd: int, p: Plan, ram: GuestRAM, watch: _Watch, progress: Progress) -> int:
+    """Write ``p`` into ``fd`` (an empty regular file): the prefix, the
+    populated runs minus their all-zero pages, holes elsewhere; the file
+    ends at ``p.size``.  Returns the bytes written.
+
+    One thread reads (``pread`` of the shared file or ``/proc/PID/mem``),
+    another tests pages and writes; ``BUFFERS`` buffers of ``CHUNK`` bytes.
+    Raises :class:`OSError` (ENOSPC...), :class:`QEMUGoneError`; returns
+    early (the caller checks ``watch.stop``) when asked to stop.
+    """
+    os.ftruncate(fd, p.size)
+    os.pwrite(fd, p.prefix, 0)
+    free: queue.Queue[bytearray] = queue.Queue()
+    for _ in range(BUFFERS):
+        free.put(bytearray(CHUNK))
+    full: queue.Queue[tuple[bytearray, int, int] | None] = queue.Queue()
+    failure: list[BaseException] = []
+    written = len(p.prefix)
+
+    def writer() -> None:
+        nonlocal written
+        while (item := full.get()) is not None:
+            buf, n, offset = item
+            try:
+                if not failure:
+                    view = memoryview(buf)
+                    for a, b in _nonzero_pages(buf, n):
+                        done = a
+                        while done < b:
+                            done += os.pwrite(fd, view[done:b], offset + done)
+                        written += b - a
+                    progress.update(n)
+            except BaseException as e:  # handed to the reader
+                failure.append(e)
+                watch.stop.set()
+            free.put(buf)
+
+    thread = threading.Thread(target=writer, name="vmcorefs-dump-writer", daemon=True)
+    thread.start()
+    try:
+        for run in p.runs:
+            for pos in range(0, run.length, CHUNK):
+                if watch.stop.is_set():
+                    return written
+                watch.check()
+                n = min(CHUNK, run.length - pos)
+                buf = free.get()
+                try:
+                    ram.read(run.source, run.delta + pos, memoryview(buf)[:n])
+                except BaseException:
+                    free.put(buf)
+                    raise
+                full.put((buf, n, run.offset + pos))
+    finally:
+        full.put(None)
+        thread.join()
+    if failure:
+        raise failure[0]
+    return written
+
+
+# -- output file -------------------------------------------------------------------
+
+
+def check_output(path: str, force: bool) -> str:
+    """``path`` made absolute, after the checks done before touching the
+    guest: not an existing file unless ``force`` (never a directory), its
+    directory exists and is writable.  Raises :class:`UsageError`."""
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a directory")
+    if os.path.lexists(path) and not force:
+        raise UsageError(f"{path}: already exists (--force to overwrite)")
+    if not os.path.isdir(directory):
+        raise UsageError(f"{directory}: directory does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"{directory}: not writable")
+    try:
+        st = os.statvfs(directory)
+    except OSError as e:
+        raise UsageError(f"{directory}: {e.strerror}") from None
+    if st.f_flag & os.ST_RDONLY:
+        raise UsageError(f"{directory}: read-only file system")
+    return path
+
+
+def check_space(directory: str, needed: int) -> None:
+    """Raise :class:`UsageError` unless ``directory``'s file system has
+    ``needed`` bytes free for us."""
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise UsageError(f"{directory}: not enough space: the dump needs up to {_size(needed)}"
+                         f" (the guest's populated RAM), {_size(free)} free")
+
+
+def allocated(path: str) -> int:
+    """Bytes the file system allocated for ``path``."""
+    return os.stat(path).st_blocks * 512
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} B"
+
+
+def _tempfile(directory: str, name: str) -> str:
+    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".vmcorefs-partial", dir=directory)
+    os.close(fd)
+    return path
+
+
+# -- makedumpfile --------------------------------------------------------------------
+
+
+def makedumpfile_args(fmt: str, level: int) -> list[str]:
+    """makedumpfile's options for ``fmt`` and dump ``level`` (checked: it
+    is installed, and built with the compression the format needs).
+    Raises :class:`UsageError`."""
+    exe = shutil.which("makedumpfile")
+    if exe is None:
+        raise UsageError(f"--format {fmt}" + (f" --filter {level}" if level else "")
+                         + " needs makedumpfile (apt install makedumpfile)")
+    if fmt == "elf":
+        return [exe, "-E", "-d", str(level)]
+    flag, feature = KDUMP[fmt]
+    if feature is not None:
+        out = subprocess.run([exe, "-v"], capture_output=True, text=True, check=False).stdout
+        if not re.search(rf"^{feature}\s+enabled", out, re.M):
+            version = out.split("\n", 1)[0].removeprefix("makedumpfile: ").strip()
+            raise UsageError(f"--format {fmt}: this makedumpfile ({version}) was built without {feature};"
+                             " use kdump-zlib" + ("" if feature == "lzo" else " or kdump-lzo"))
+    return [exe, flag, "-d", str(level)]
+
+
+def run_makedumpfile(args: list[str], elf: str, output: str, watch: _Watch) -> None:
+    """``makedumpfile ARGS ELF OUTPUT``; stopped at a signal.  Raises
+    :class:`VmcorefsError` with makedumpfile's last error line."""
+    proc = subprocess.Popen([*args, "--message-level", "4", elf, output], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while True:
+        try:
+            out, _ = proc.communicate(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            if watch.stop.is_set():
+                proc.kill()
+                proc.wait()
+                return
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+        why = next((ln for ln in reversed(lines) if "makedumpfile Failed" not in ln), "no output")
+        raise VmcorefsError(f"makedumpfile failed (exit {proc.returncode}): {why}")
+
+
+# -- the command ---------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """What the last line says: sizes in bytes, times in seconds; ``pause``
+    is None when the guest was not paused by the dump."""
+
+    output: str
+    size: int
+    allocated: int
+    populated: int
+    wall: float
+    pause: float | None
+    state: str
+
+    def line(self) -> str:
+        pause = (f"guest paused {self.pause:.3f} s" if self.pause is not None else
+                 "guest not paused (--live)" if self.state == "live" else f"guest was {self.state}, left so")
+        return (f"{self.output}: {_size(self.size)} ({self.size} bytes), {_size(self.allocated)} allocated,"
+                f" {self.wall:.2f} s, {pause}")
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """The ``dump`` subcommand on ``sub`` (cli's subparsers)."""
+    d: argparse.ArgumentParser = sub.add_parser(
+        "dump", help="write a point-in-time core file of the guest (sparse ELF or kdump-compressed)",
+        description="Write OUTPUT: the guest's core at one paused instant (ELF as dump-guest-memory"
+                    " paging=false, sparse; or kdump-compressed through makedumpfile).")
+    d.add_argument("qmp_socket", metavar="QMP_SOCKET", nargs="?",
+                   help="QEMU's QMP unix socket (-qmp unix:PATH,server=on); not with --domain")
+    d.add_argument("output", metavar="OUTPUT")
+    d.add_argument("--format", choices=FORMATS, default="elf",
+                   help="elf (default, sparse), or kdump-zlib|kdump-lzo|kdump-snappy (makedumpfile)")
+    d.add_argument("--filter", type=_level, default=0, metavar="LEVEL",
+                   help="makedumpfile's dump level (0-31, e.g. 31: drop zero, cache, user and free pages)")
+    d.add_argument("--live", action="store_true",
+                   help="copy without pausing the guest (a fuzzy image)")
+    d.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
+    d.add_argument("--memory", choices=("auto", "shared", "procmem"), default="auto",
+                   help="how to read guest RAM: shared backing file, /proc/PID/mem, or auto (default)")
+    d.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="how long a QMP command may take (default 10)")
+    d.add_argument("--debug", action="store_true")
+    return d
+
+
+def _level(text: str) -> int:
+    if not text.isdigit() or int(text) > MAX_LEVEL:
+        raise argparse.ArgumentTypeError(f"a dump level is 0-{MAX_LEVEL}: {text!r}")
+    return int(text)
+
+
+def _progress(quiet: bool, total: int, what: str) -> Progress:
+    if quiet or not sys.stderr.isatty():
+        return _NoProgress()
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    bar: Progress = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what,
+                         file=sys.stderr, dynamic_ncols=True, leave=False)
+    return bar
+
+
+OpenGuest = Callable[[argparse.Namespace], Any]
+
+
+async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
+    """``vmcorefs dump``: see the module docstring.  ``open_guest(args)``
+    returns ``(monitor, guest)`` (cli's QMP socket / libvirt opener).
+    Returns 0; raises :class:`UsageError` (exit 2) for bad input before the
+    guest is touched or when space is short, :class:`DumpInterrupted`
+    (130/143), other :class:`VmcorefsError` (1)."""
+    started = time.monotonic()
+    output = check_output(args.output, args.force)
+    directory = os.path.dirname(output)
+    filtering = args.format != "elf" or args.filter != 0
+    mdf = makedumpfile_args(args.format, args.filter) if filtering else []
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    copying = False
+    monitor, guest = await open_guest(args)
+    watch = _Watch(monitor.pid)
+
+    def on_signal(signum: int) -> None:
+        if not watch.signum:
+            watch.signum = signum
+            watch.stop.set()
+            if not copying and task is not None:
+                task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    partial: list[str] = []
+    pause: float | None = None
+    state = "live"
+    try:
+        core = LiveCore(guest, directory, freeze=not args.live, cache=False)
+        if args.live:
+            print("vmcorefs: --live: the guest runs during the copy; the image is fuzzy"
+                  " (memory of different instants)", file=sys.stderr)
+        else:
+            state = await guest.status()
+        t_pause = time.monotonic()
+        handle = await core.open("vmcore")
+        memory: ProcessMemory = guest.memory
+        try:
+            with GuestRAM(memory, handle.snap.sources) as ram:
+                p = plan(handle.snap, handle.layout, ram)
+                # Worst case: nothing compresses (kdump keeps the ELF beside it meanwhile).
+                need = (len(p.prefix) + p.populated) * (2 if filtering else 1) + (1 << 20)
+                check_space(directory, need)
+                elf = _tempfile(directory, os.path.basename(output))
+                partial.append(elf)
+                progress = _progress(args.quiet, p.populated, "copying" if not filtering else "copying (ELF)")
+                copying = True
+                try:
+                    fd = os.open(elf, os.O_WRONLY | os.O_CLOEXEC)
+                    try:
+                        await loop.run_in_executor(None, copy_runs, fd, p, ram, watch, progress)
+                    finally:
+                        os.close(fd)
+                finally:
+                    copying = False
+                    progress.close()
+        finally:
+            paused_by_us = core.paused_by_us
+            await asyncio.shield(core.release(handle))
+            if paused_by_us:
+                pause = time.monotonic() - t_pause
+        if not watch.stop.is_set() and filtering:
+            out_tmp = _tempfile(directory, os.path.basename(output))
+            partial.append(out_tmp)
+            os.unlink(out_tmp)  # makedumpfile refuses to overwrite
+            if not args.quiet and sys.stderr.isatty():
+                print(f"vmcorefs: makedumpfile {' '.join(mdf[1:])} ...", file=sys.stderr)
+            copying = True
+            await loop.run_in_executor(None, run_makedumpfile, mdf, elf, out_tmp, watch)
+            copying = False
+            os.unlink(elf)
+            elf = out_tmp
+        if watch.stop.is_set():
+            raise asyncio.CancelledError
+        os.rename(elf, output)
+        partial.clear()
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        if watch.signum:
+            raise DumpInterrupted(watch.signum, _cleanup(partial, core_state(args.live, state))) from None
+        raise
+    except QEMUGoneError as e:
+        raise QEMUGoneError(f"{e}; {_cleanup(partial, 'QEMU gone')}") from None
+    except OSError as e:
+        raise VmcorefsError(f"{output}: {e.strerror}; {_cleanup(partial, core_state(args.live, state))}") from None
+    finally:
+        for path in partial:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        watch.close()
+        guest.close()
+        await monitor.close()
+    if not args.quiet:
+        st = os.stat(output)
+        result = Result(output, st.st_size, st.st_blocks * 512, p.populated, time.monotonic() - started,
+                        pause, "live" if args.live else state)
+        print(result.line(), file=sys.stderr)
+    return 0
+
+
+def core_state(live: bool, state: str) -> str:
+    """What became of the guest, for an error line."""
+    if live:
+        return "the guest was not paused"
+    return "guest resumed" if state == "running" else f"guest left {state}"
+
+
+def _cleanup(partial: list[str], state: str) -> str:
+    for path in partial:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return f"{state}, partial file removed" if partial else state
