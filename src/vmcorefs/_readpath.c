@@ -36,7 +36,8 @@
  * zeros; an error that means QEMU has exited (ESRCH, or end of file on
  * /proc/PID/mem with the process gone) fails the read with EIO and reports
  * 'G' on the event descriptor.  When the kernel ends the connection
- * (unmount, abort) the device thread reports 'U' and stops.
+ * (unmount, abort) the device thread reports 'U' and stops.  libfuse's
+ * answer to FUSE_INIT is reported as 'R' (accepted) or 'I' (refused).
  *
  * The file is laid out like Linux's fs/proc/kcore.c, one concern per section:
  *
@@ -740,6 +741,8 @@ static int splice_reply(struct engine *e, struct fuse_out_header *oh, const stru
             r = splice_shared(e, &p);
             break;
         case EXT_PROCMEM: /* untouched, checked above */
+            r = splice_zeros(e, p.length);
+            break;
         case EXT_ZERO:
         default:
             warn_kind(e, p.kind);
@@ -898,13 +901,21 @@ static void limit_max_pages(struct engine *e, struct fuse_init_out *out)
         out->max_pages = (uint16_t)cap;
 }
 
-/* One message from pyfuse3, buf[0..n) (8-byte aligned), to the kernel; FUSE_INIT's reply adjusted. */
+/*
+ * One message from pyfuse3, buf[0..n) (8-byte aligned), to the kernel.
+ * The reply to FUSE_INIT is adjusted (limit_max_pages) and reported: 'R'
+ * when libfuse accepted the connection, 'I' when it refused it (it then
+ * ends its session by itself: the daemon must not look like it mounted).
+ */
 static void handle_reply(struct engine *e, unsigned char *buf, size_t n)
 {
     struct fuse_out_header *oh = (struct fuse_out_header *)buf;
-    if (n >= sizeof *oh + offsetof(struct fuse_init_out, max_pages) + sizeof(uint16_t) && oh->error == 0
-        && oh->unique && oh->unique == atomic_load(&e->init_unique))
-        limit_max_pages(e, (struct fuse_init_out *)(oh + 1));
+    unsigned long long init = atomic_load(&e->init_unique);
+    if (n >= sizeof *oh && init && oh->unique == init && atomic_compare_exchange_strong(&e->init_unique, &init, 0)) {
+        if (oh->error == 0 && n >= sizeof *oh + offsetof(struct fuse_init_out, max_pages) + sizeof(uint16_t))
+            limit_max_pages(e, (struct fuse_init_out *)(oh + 1));
+        emit(e, oh->error ? 'I' : 'R');
+    }
     struct iovec iov = {buf, n};
     write_all_dev(e, &iov, 1);
     atomic_fetch_add(&e->n_replies, 1);

@@ -19,7 +19,9 @@ kernel, into the reader's pages); ``/proc/PID/mem`` is ``pread`` and written
 :func:`vmcorefs.qemu.memory.read_into`.
 
 The engine reports on a pipe: ``U`` when the kernel ended the connection
-(unmount), ``G`` when a read found QEMU gone.
+(unmount), ``G`` when a read found QEMU gone, ``R`` / ``I`` when libfuse
+accepted / refused the kernel's ``FUSE_INIT`` (after a refusal libfuse
+ends its session by itself).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import errno
 import mmap
 import os
 import random
+import select
 import socket
 import struct
 import subprocess
@@ -120,6 +121,12 @@ class Rig:
         got_unique, error, data = self.reply()
         assert got_unique == unique
         return error, data
+
+    def event(self) -> bytes:
+        """The engine's next report (one byte; waits for it, a failure after 30 s)."""
+        readable, _, _ = select.select([self.events_r], [], [], 30)
+        assert readable, "no report from the engine"
+        return os.read(self.events_r, 1)
 
     def close(self) -> None:
         self.engine.stop()
@@ -231,6 +238,24 @@ def test_init_reply_max_pages_fits_the_pipe(rig: Rig) -> None:
     max_pages = INIT_OUT.unpack(data)[8]
     slots = rig.engine.stats()["pipe_bytes"] // 4096
     assert error == 0 and max_pages == min(256, slots - 1)
+    assert rig.event() == b"R"  # libfuse accepted the connection
+
+
+def test_refused_init_is_reported(rig: Rig) -> None:
+    """libfuse's error reply to FUSE_INIT reaches the kernel as it is and is reported ('I'),
+    once: a later message with the same unique is not an INIT reply."""
+    unique = rig.request(FUSE_INIT, b"\0" * 64, nodeid=0)
+    assert IN_HEADER.unpack_from(rig.app.recv(1 << 16))[1] == FUSE_INIT
+    for _ in range(2):
+        rig.app.send(OUT_HEADER.pack(OUT_HEADER.size, -errno.EPROTO, unique))
+        assert rig.reply() == (unique, -errno.EPROTO, b"")
+    assert rig.event() == b"I"
+    os.set_blocking(rig.events_r, False)
+    try:
+        with pytest.raises(BlockingIOError):
+            os.read(rig.events_r, 1)
+    finally:
+        os.set_blocking(rig.events_r, True)
 
 
 def test_gone_fails_reads_with_eio() -> None:
@@ -402,7 +427,7 @@ def _fallback_reads(deny: int) -> dict[str, int]:
         step = (r.engine.stats()["pipe_bytes"] // 4096 - 1) * 4096
         for off in [*range(0, size, step), 8192 + MEM + 4096 + MEM // 2, 4000]:
             assert r.read(1, off, step) == (0, model[off:off + step]), off
-        return r.engine.stats()
+        return dict(r.engine.stats())
     finally:
         r.close()
 
