@@ -151,6 +151,7 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     from vmcorefs import readpath
     from vmcorefs.fs import VmcoreFS
     from vmcorefs.live import MAX_AGE, LiveCore
+    from vmcorefs.watchdog import watch_freeze
     from vmcorefs.qemu.guest import Guest
     from vmcorefs.qemu.monitor import connect
 
@@ -164,6 +165,8 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     try:
         core = LiveCore(guest, mountpoint, freeze=args.freeze, cache=not args.direct,
                         max_age=args.max_age or MAX_AGE)
+        # --freeze: a watchdog process resumes the guest if this daemon dies with it paused.
+        watched = watch_freeze(core, monitor) if args.freeze else None
         core.set_initial(await guest.snapshot())
         fs = VmcoreFS(core, file_mode=args.mode)
         options = {"fsname=vmcorefs", "subtype=vmcorefs", "ro", "default_permissions", "noatime"}
@@ -224,6 +227,8 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
                 await core.thaw()
             except VmcorefsError as e:
                 log.warning("could not resume the guest: %s", e)
+            if watched is not None:
+                watched.close()
             pyfuse3.close(unmount=not kernel_ended)
             if native is not None:
                 loop.remove_reader(native.events)

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import stat
 import struct
-from typing import Any
+from typing import Any, Iterator
 
 import qemu.qmp
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, QMPClient
 
 from vmcorefs.errors import (
     MonitorBusyError,
@@ -126,6 +127,15 @@ class Monitor:
         if not isinstance(gpa, int) or gpa < 0 or gpa >= 1 << 64:
             raise ValueError(f"bad guest-physical address {gpa!r}")
         return await self.hmp(f"gpa2hva {gpa:#x}")
+
+    @contextlib.contextmanager
+    def listen(self, *names: str) -> Iterator[EventListener]:
+        """QMP events ``names`` (e.g. ``RESUME``) as they arrive, for the
+        ``with`` block: a qemu.qmp ``EventListener`` (``async for``,
+        ``clear()``)."""
+        listener = EventListener(names)
+        with self._client.listen(listener):
+            yield listener
 
     def send_fd(self, fd: int) -> None:
         """Pass ``fd`` to QEMU (SCM_RIGHTS); a following ``getfd`` names it.

@@ -1,0 +1,367 @@
+"""A guest left paused by a dead vmcorefs is resumed by a watchdog process.
+
+With ``--freeze`` the daemon pauses the guest while a guest-memory file is
+open and resumes it at the last close.  If the daemon dies without closing
+(SIGKILL, the OOM killer), nothing inside it can resume the guest.  A
+**watchdog** outside the daemon's process can:
+
+* the daemon spawns it (:func:`start`) as a fresh, small interpreter
+  (``python -m vmcorefs.watchdog KIND ARGS...``; standard library only: no
+  pyfuse3, no qemu.qmp, no asyncio) in its own session, so that signals
+  sent to the daemon or its process group do not reach it, with its
+  working directory at ``/`` (it pins no mount) and a pipe as stdin;
+* the daemon writes one byte on the pipe per change of responsibility:
+  :data:`PAUSED` (``P``) *before* it sends ``stop``, :data:`RESUMED`
+  (``R``) once its ``cont`` succeeded (or a ``stop`` failed, or the pause
+  stopped being its own);
+* when the pipe closes (the daemon exited, however it exited) the watchdog
+  looks at the last byte: ``P`` means the guest may still be paused by
+  vmcorefs, so it runs the resume action of the guest's kind
+  (:data:`RESUMERS`), then exits; anything else and it exits at once.
+
+The resume action for a QMP socket (:func:`resume_qmp`) connects to the
+monitor the daemon held (QEMU serves one QMP client per monitor and takes
+the next one once the daemon's descriptor is closed, which the kernel does
+when the daemon dies), asks ``query-status`` and sends ``cont`` only if the
+status is ``paused``.
+
+**Policy: whose pause is it?**  QEMU's ``query-status`` cannot say who
+paused a guest.  The daemon follows the ``RESUME`` events of its monitor
+(:class:`WatchedGuest`): once the guest was resumed by anyone while
+vmcorefs held it paused, the pause is no longer vmcorefs' -- a later
+``stop`` is someone else's -- so the daemon writes ``R``, and neither the
+watchdog nor the daemon's own last close resumes it.  What cannot be seen:
+a ``stop`` sent by someone else while vmcorefs already held the guest
+paused (QEMU emits no event for a ``stop`` of a paused guest); the
+watchdog then resumes the guest, as the daemon's last close would have.
+A guest that was already paused when vmcorefs first opened a file is never
+paused by vmcorefs (no ``P``) and so never resumed.  A guest in another
+stopped state (``guest-panicked``, ``io-error``, ``shutdown``, ...) is left
+alone: only ``paused`` is what vmcorefs' ``stop`` makes.
+
+Reused by anything that pauses a guest for a while (``vmcorefs mount
+--freeze``, a dump writer)::
+
+    with watching(monitor) as watchdog:          # None: no resume action for this kind
+        guest = WatchedGuest(guest, watchdog)    # pause()/resume() report to it
+        ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+#: The byte the daemon writes before it pauses the guest (the pause may be its own from now on).
+PAUSED = b"P"
+#: The byte the daemon writes once no pause of its own is in force.
+RESUMED = b"R"
+#: Seconds the watchdog tries to reach QEMU's monitor (QEMU greets the next
+#: client once it has noticed the daemon's connection close).
+RESUME_TIMEOUT = 10.0
+
+
+# -- the watchdog process (standard library only) ------------------------------
+
+def _qmp_exchange(sock: socket.socket, buf: bytearray, command: str | None, deadline: float) -> dict[str, Any]:
+    """Send ``command`` (None: just read the greeting) and return QEMU's
+    answer (``{"return": ...}``, ``{"error": ...}`` or the greeting),
+    skipping events.  Raises OSError (TimeoutError after ``deadline``)."""
+    if command is not None:
+        sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
+    while True:
+        while b"\n" not in buf:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionResetError(errno.ECONNRESET, "QEMU closed the monitor")
+            buf += data
+        line, _, rest = bytes(buf).partition(b"\n")
+        buf[:] = rest
+        msg = json.loads(line)
+        if isinstance(msg, dict) and ("QMP" in msg or "return" in msg or "error" in msg):
+            return msg
+
+
+def resume_qmp(path: str, timeout: float = RESUME_TIMEOUT) -> str:
+    """Resume the guest behind QMP socket ``path`` if ``query-status`` says
+    ``paused``; what was done, as one line.  Waits up to ``timeout`` seconds
+    for the monitor to greet (it is busy until QEMU notices the daemon's
+    connection close).  Raises OSError when QEMU cannot be reached."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            sock.connect(path)
+            buf = bytearray()
+            _qmp_exchange(sock, buf, None, deadline)
+            _qmp_exchange(sock, buf, "qmp_capabilities", deadline)
+            status = _qmp_exchange(sock, buf, "query-status", deadline).get("return", {}).get("status")
+            if status != "paused":
+                return f"guest left {status} (not paused)"
+            answer = _qmp_exchange(sock, buf, "cont", deadline)
+            if "error" in answer:
+                return f"cont failed: {answer['error'].get('desc', answer['error'])}"
+            return "guest resumed (cont)"
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise  # nobody listens: QEMU is gone
+        except ConnectionResetError:
+            # The monitor closed on us: try again while time is left.
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+        finally:
+            sock.close()
+
+
+#: Resume actions by guest kind: ``RESUMERS[kind](*args)`` resumes the guest
+#: if it is paused and says what it did.  The daemon chooses kind and args
+#: (:func:`action_for`).
+RESUMERS: dict[str, Callable[..., str]] = {
+    "qmp": resume_qmp,
+}
+
+
+def watch(fd: int, action: Sequence[str]) -> int:
+    """The watchdog: read the daemon's bytes on ``fd`` until EOF, then run
+    ``action`` (``[kind, *args]``) if the last byte was :data:`PAUSED`.
+    Exit status: 0, or 1 when the resume failed."""
+    last = b""
+    while True:
+        try:
+            data = os.read(fd, 64)
+        except InterruptedError:
+            continue
+        if not data:
+            break
+        last = data[-1:]
+    if last != PAUSED:
+        return 0
+    kind, *args = action
+    try:
+        what = RESUMERS[kind](*args)
+    except OSError as e:
+        print(f"vmcorefs watchdog: the daemon died with the guest paused; cannot resume it: {e}",
+              file=sys.stderr)
+        return 1
+    print(f"vmcorefs watchdog: the daemon died with the guest paused: {what}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m vmcorefs.watchdog KIND ARGS...``, the daemon's pipe on stdin."""
+    if not argv or argv[0] not in RESUMERS:
+        print(f"usage: python -m vmcorefs.watchdog {{{','.join(RESUMERS)}}} ARGS... (the daemon's pipe on stdin)",
+              file=sys.stderr)
+        return 2
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
+    return watch(0, argv)
+
+
+# -- the daemon's side --------------------------------------------------------
+
+class Watchdog:
+    """A running watchdog (:func:`start`), seen from the daemon.
+
+    :meth:`paused` / :meth:`resumed` tell it who is responsible for the
+    guest's pause; :meth:`close` lets it go (it exits, resuming the guest
+    first if the last word was :meth:`paused`).  Never raises: a watchdog
+    that died can only be logged.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], fd: int) -> None:
+        self.proc = proc
+        self._fd: int | None = fd
+        #: The last byte written (``b""`` before any).
+        self.last = b""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _write(self, byte: bytes) -> None:
+        if self._fd is None or byte == self.last:
+            return
+        try:
+            os.write(self._fd, byte)
+            self.last = byte
+        except OSError as e:  # the watchdog died (EPIPE): nothing to tell
+            print(f"vmcorefs: the --freeze watchdog (pid {self.pid}) is gone: {e.strerror}", file=sys.stderr)
+            self.close()
+
+    def paused(self) -> None:
+        """The guest is about to be paused by us: resume it if we die."""
+        self._write(PAUSED)
+
+    def resumed(self) -> None:
+        """No pause of ours is in force: leave the guest alone if we die."""
+        self._write(RESUMED)
+
+    def close(self) -> None:
+        """Close the pipe: the watchdog exits (after resuming a pause of ours)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def start(action: Sequence[str]) -> Watchdog:
+    """Spawn a watchdog that runs ``action`` (``[kind, *args]``, a key of
+    :data:`RESUMERS` and its arguments) if this process exits while it said
+    :meth:`Watchdog.paused`.  Raises OSError when it cannot be spawned."""
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "vmcorefs.watchdog", *action], stdin=r,
+                                stdout=subprocess.DEVNULL, cwd="/", start_new_session=True, close_fds=True)
+    except BaseException:
+        os.close(w)
+        raise
+    finally:
+        os.close(r)
+    return Watchdog(proc, w)
+
+
+def action_for(monitor: object) -> list[str] | None:
+    """The resume action for the guest behind ``monitor`` (``[kind, *args]``),
+    or None when this kind of guest has none."""
+    from vmcorefs.qemu.monitor import Monitor
+
+    if isinstance(monitor, Monitor):
+        return ["qmp", monitor.path]
+    return None
+
+
+@contextlib.contextmanager
+def watching(monitor: object) -> Iterator[Watchdog | None]:
+    """A watchdog for the guest behind ``monitor`` for the ``with`` block
+    (None when its kind has no resume action); closed at the end."""
+    action = action_for(monitor)
+    watchdog = start(action) if action is not None else None
+    try:
+        yield watchdog
+    finally:
+        if watchdog is not None:
+            watchdog.close()
+
+
+class WatchedGuest:
+    """A guest (:class:`vmcorefs.live.GuestControl`) whose :meth:`pause` and
+    :meth:`resume` are reported to a :class:`Watchdog`; everything else is
+    the wrapped guest's.
+
+    With a QMP monitor, the guest's ``RESUME`` events are followed (call
+    :meth:`follow_events` from the event loop): a resume by anyone while
+    our pause is in force ends it (see the module's policy), and our later
+    :meth:`resume` then leaves the guest alone.
+    """
+
+    def __init__(self, guest: Any, watchdog: Watchdog) -> None:
+        self.guest = guest
+        self.watchdog = watchdog
+        #: A pause of ours is in force.
+        self.ours = False
+        self._resuming = False
+        self._listener: Any = None
+        self._task: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.guest, name)
+
+    async def snapshot(self) -> Any:
+        return await self.guest.snapshot()
+
+    async def status(self) -> str:
+        return str(await self.guest.status())
+
+    async def pause(self) -> None:
+        """Pause (``P`` first, so a death in between is covered); ``R`` again
+        if QEMU refused (a timeout keeps ``P``: the stop may still happen)."""
+        from vmcorefs.errors import QMPTimeoutError
+
+        self.watchdog.paused()
+        try:
+            await self.guest.pause()
+        except QMPTimeoutError:
+            raise
+        except BaseException:
+            self.watchdog.resumed()
+            raise
+        if self._listener is not None:
+            self._listener.clear()  # events before our stop's answer are not news
+        self.ours = True
+
+    async def resume(self) -> None:
+        """Resume if the pause is still ours; ``R`` once done."""
+        if not self.ours:
+            self.watchdog.resumed()
+            return
+        self._resuming = True
+        try:
+            await self.guest.resume()
+        finally:
+            self._resuming = False
+        self.ours = False
+        self.watchdog.resumed()
+
+    async def follow_events(self) -> None:
+        """Follow the monitor's ``RESUME`` events until cancelled (nothing
+        when the guest's monitor has no QMP events, e.g. libvirt)."""
+        import logging
+
+        listen = getattr(getattr(self.guest, "monitor", None), "listen", None)
+        if listen is None:
+            return
+        with listen("RESUME") as listener:
+            self._listener = listener
+            async for _event in listener:
+                if self.ours and not self._resuming:
+                    self.ours = False
+                    self.watchdog.resumed()
+                    logging.getLogger(__name__).info(
+                        "--freeze: the guest was resumed by someone else; its pause is no longer ours")
+
+    def close(self) -> None:
+        """Stop following events and let the watchdog go (call after the
+        last resume: a pause still ours is then the watchdog's to undo)."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self.watchdog.close()
+
+
+def watch_freeze(core: Any, monitor: object) -> WatchedGuest | None:
+    """Put the guest of live core ``core`` (a :class:`vmcorefs.live.LiveCore`
+    under ``--freeze``) under a new watchdog and follow ``monitor``'s events
+    from the running event loop; None (logged) when the guest's kind has no
+    resume action or the watchdog cannot be spawned.  Close it with
+    :meth:`WatchedGuest.close`."""
+    import asyncio
+    import logging
+
+    log = logging.getLogger(__name__)
+    action = action_for(monitor)
+    if action is None:
+        log.warning("--freeze: no watchdog for this kind of guest; it stays paused if vmcorefs is killed")
+        return None
+    try:
+        watchdog = start(action)
+    except OSError as e:
+        log.warning("--freeze: cannot start the watchdog (%s); the guest stays paused if vmcorefs is killed", e)
+        return None
+    watched = WatchedGuest(core.guest, watchdog)
+    core.guest = watched
+    watched._task = asyncio.get_running_loop().create_task(watched.follow_events())
+    return watched
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,170 @@
+"""--freeze and a killed daemon: the watchdog (vmcorefs.watchdog) resumes a
+guest that vmcorefs paused, and only that, on real QEMU and real FUSE."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from vmcorefs.testing import Mount, QemuGuest, is_mounted, wait_for
+
+pytestmark = pytest.mark.integration
+
+#: Generous bound (seconds) for what should take well under 2 s: the host may be busy.
+BOUND = 10.0
+
+
+def _exited(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1].startswith(("Z", "X"))
+    except OSError:
+        return True
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().split(") ", 1)[1].split()[1])
+
+
+def _watchdog_of(daemon: int) -> int:
+    """The watchdog child of the vmcorefs daemon ``daemon``."""
+    found = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if b"vmcorefs.watchdog" in argv and _ppid(int(d)) == daemon:
+                found.append(int(d))
+        except (OSError, IndexError, ValueError):
+            continue
+    assert len(found) == 1, f"watchdogs of daemon {daemon}: {found}"
+    return found[0]
+
+
+def _vm_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def _kill_daemon(m: Mount) -> tuple[int, float]:
+    """SIGKILL the daemon's whole process group; (watchdog pid, time of the kill)."""
+    assert m.daemon_pid is not None
+    wd = _watchdog_of(m.daemon_pid)
+    t = time.monotonic()
+    os.killpg(os.getpgid(m.daemon_pid), signal.SIGKILL)
+    wait_for(lambda: _exited(m.daemon_pid or 0), BOUND, "daemon death")
+    return wd, t
+
+
+def _clear_dead_mount(m: Mount) -> None:
+    subprocess.run(["fusermount3", "-u", str(m.path)], check=True, capture_output=True)
+    assert not is_mounted(m.path)
+
+
+@pytest.fixture
+def g(memfd_guest: QemuGuest) -> Iterator[QemuGuest]:
+    """The memfd guest, left running whatever the test did to it."""
+    assert memfd_guest.status() == "running"
+    yield memfd_guest
+    if memfd_guest.status() != "running":
+        memfd_guest.qmp("cont")
+
+
+def test_sigkill_with_guest_frozen_resumes_it(g: QemuGuest) -> None:
+    with Mount(g, "--freeze") as m:
+        assert m.daemon_pid is not None
+        wd = _watchdog_of(m.daemon_pid)
+        # Its own session (a signal to the daemon's group misses it), tiny, no FUSE code.
+        assert os.getsid(wd) == wd != os.getsid(m.daemon_pid)
+        maps = Path(f"/proc/{wd}/maps").read_text()
+        assert "pyfuse3" not in maps and "_readpath" not in maps and "fuse" not in maps
+        rss = _vm_rss_kib(wd)
+        print(f"\nwatchdog RSS {rss} KiB (daemon {_vm_rss_kib(m.daemon_pid)} KiB)")
+        assert rss < 32 << 10
+        fd = os.open(m.vmcore, os.O_RDONLY)
+        assert g.status() == "paused"
+        _, t = _kill_daemon(m)
+        wait_for(lambda: g.status() == "running", BOUND, "guest resumed by the watchdog", interval=0.01)
+        print(f"guest running again {time.monotonic() - t:.3f} s after the SIGKILL")
+        wait_for(lambda: _exited(wd), BOUND, "watchdog exit")
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        _clear_dead_mount(m)
+
+
+def test_guest_paused_before_stays_paused(g: QemuGuest) -> None:
+    g.qmp("stop")
+    with Mount(g, "--freeze") as m:
+        fd = os.open(m.vmcore, os.O_RDONLY)
+        g.clear_events()
+        wd, _ = _kill_daemon(m)
+        wait_for(lambda: _exited(wd), BOUND, "watchdog exit")
+        assert g.status() == "paused"
+        assert not [e for e in g.events() if e["event"] == "RESUME"]
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        _clear_dead_mount(m)
+
+
+def test_normal_unmount_leaves_no_watchdog(g: QemuGuest) -> None:
+    with Mount(g, "--freeze") as m:
+        assert m.daemon_pid is not None
+        wd = _watchdog_of(m.daemon_pid)
+        with open(m.vmcore, "rb") as f:
+            assert g.status() == "paused"
+            assert f.read(4) == b"\x7fELF"
+        wait_for(lambda: g.status() == "running", BOUND, "resume at the last close")
+    wait_for(lambda: _exited(wd), BOUND, "watchdog exit after the unmount")
+    assert g.status() == "running"
+
+
+def test_no_watchdog_without_freeze(g: QemuGuest) -> None:
+    with Mount(g) as m:
+        assert m.daemon_pid is not None
+        with pytest.raises(AssertionError):
+            _watchdog_of(m.daemon_pid)
+
+
+def test_sigkill_without_freeze_in_force_leaves_guest_alone(g: QemuGuest) -> None:
+    """The last word was 'resumed': a pause by someone else after it is kept."""
+    with Mount(g, "--freeze") as m:
+        with open(m.vmcore, "rb") as f:
+            f.read(4)
+        wait_for(lambda: g.status() == "running", BOUND, "resume at the last close")
+        g.qmp("stop")  # the user's pause, not vmcorefs'
+        g.clear_events()
+        wd, _ = _kill_daemon(m)
+        wait_for(lambda: _exited(wd), BOUND, "watchdog exit")
+        assert g.status() == "paused"
+        assert not [e for e in g.events() if e["event"] == "RESUME"]
+        _clear_dead_mount(m)
+
+
+def test_user_resume_ends_our_pause(g: QemuGuest, tmp_path: Path) -> None:
+    """Resumed by someone else while frozen, then paused again by them: that
+    pause is theirs -- neither the watchdog nor the last close resumes it."""
+    log = tmp_path / "daemon.log"
+    with Mount(g, "--freeze", "--debug", "--log-file", str(log)) as m:
+        fd = os.open(m.vmcore, os.O_RDONLY)
+        assert g.status() == "paused"
+        g.qmp("cont")
+        wait_for(lambda: "pause is no longer ours" in log.read_text(), BOUND, "daemon saw the RESUME")
+        g.qmp("stop")
+        g.clear_events()
+        wd, _ = _kill_daemon(m)
+        wait_for(lambda: _exited(wd), BOUND, "watchdog exit")
+        assert g.status() == "paused"
+        assert not [e for e in g.events() if e["event"] == "RESUME"]
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        _clear_dead_mount(m)
