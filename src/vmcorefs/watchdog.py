@@ -95,7 +95,8 @@ def resume_qmp(path: str, timeout: float = RESUME_TIMEOUT) -> str:
     """Resume the guest behind QMP socket ``path`` if ``query-status`` says
     ``paused``; what was done, as one line.  Waits up to ``timeout`` seconds
     for the monitor to greet (it is busy until QEMU notices the daemon's
-    connection close).  Raises OSError when QEMU cannot be reached."""
+    connection close).  Raises OSError when QEMU listens but does not
+    answer in time."""
     deadline = time.monotonic() + timeout
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -113,7 +114,7 @@ def resume_qmp(path: str, timeout: float = RESUME_TIMEOUT) -> str:
                 return f"cont failed: {answer['error'].get('desc', answer['error'])}"
             return "guest resumed (cont)"
         except (FileNotFoundError, ConnectionRefusedError):
-            raise  # nobody listens: QEMU is gone
+            return "QEMU is gone (nothing to resume)"  # nobody listens on the socket
         except ConnectionResetError:
             # The monitor closed on us: try again while time is left.
             if time.monotonic() > deadline:
