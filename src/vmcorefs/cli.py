@@ -181,6 +181,7 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
             fs.on_first_request = lambda: _tune_readahead(mountpoint)
         loop = asyncio.get_running_loop()
         kernel_ended = False
+        init_refused = False
         native = None
 
         def on_gone(_core: LiveCore) -> None:
@@ -195,12 +196,17 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
         if args.reads != "python" and readpath.available():
 
             def on_event(code: str) -> None:
-                nonlocal kernel_ended
+                nonlocal kernel_ended, init_refused
                 if code == "U":  # unmounted: what libfuse would see as ENODEV
                     kernel_ended = True
                     pyfuse3.terminate()
                 elif code == "G":
                     core.guest_gone("QEMU has exited")
+                elif code == "R":  # libfuse accepted the kernel's FUSE_INIT: the mount answers
+                    ready()
+                elif code == "I":  # libfuse refused it and ends its session
+                    init_refused = True
+                    pyfuse3.terminate()
 
             try:
                 native = readpath.NativeReads.attach(monitor.pid, on_event)
@@ -216,7 +222,8 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
         pidfd = _watch_process(loop, monitor.pid, core)
         loop.add_signal_handler(signal.SIGINT, pyfuse3.terminate)
         loop.add_signal_handler(signal.SIGTERM, pyfuse3.terminate)
-        ready()
+        if native is None:
+            ready()  # the native path says so once libfuse has accepted FUSE_INIT (R)
         try:
             await pyfuse3.main(min_tasks=2, max_tasks=16)
         finally:
@@ -233,6 +240,9 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
             if native is not None:
                 loop.remove_reader(native.events)
                 native.stop()
+        if init_refused:
+            raise MountError(f"{mountpoint}: libfuse refused the kernel's FUSE_INIT (details with --debug);"
+                             " unmounted")
         if core.gone_reason is not None:
             raise QEMUGoneError(f"QEMU exited while mounted; {mountpoint} unmounted")
         return 0
