@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds test/demo guests from Debian's own packages:
 #   $VMCOREFS_CACHE/guest/vmlinuz           linux-image-cloud-amd64's kernel (this release)
-#   $VMCOREFS_CACHE/guest/initramfs.cpio.gz busybox + qemu_fw_cfg.ko + guest/init
+#   $VMCOREFS_CACHE/guest/initramfs.cpio.gz busybox + qemu_fw_cfg.ko (+ virtio-mem's modules) + guest/init
 #   $VMCOREFS_CACHE/guest/release           the kernel release string
 #   $VMCOREFS_CACHE/guest/vmlinux           its full debug vmlinux (--dbg)
 # and the same, with the debug vmlinux, for
@@ -68,6 +68,15 @@ build() {
   elif [ -f "$ko.xz" ]; then xz -dc "$ko.xz" > "$root/lib/modules/qemu_fw_cfg.ko"
   else echo "build-guest: no qemu_fw_cfg module in $deb" >&2; exit 1
   fi
+  # virtio-mem's driver and what it needs, in load order (init loads them
+  # when the guest has a virtio-mem device); a kernel may lack some.
+  local m
+  for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mem; do
+    ko=$tmp/k/lib/modules/$release/kernel/drivers/virtio/$m.ko
+    if [ -f "$ko" ]; then cp "$ko" "$root/lib/modules/"
+    elif [ -f "$ko.xz" ]; then xz -dc "$ko.xz" > "$root/lib/modules/$m.ko"
+    fi
+  done
   install -m 0755 "$here/guest/init" "$root/init"
   (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initramfs.cpio.gz.tmp"
   mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
