@@ -15,6 +15,11 @@ apt_packages=(
   python3-libkdumpfile              # libkdumpfile (system python3) for its test
   clang libclang-rt-14-dev          # the read path's fuzzer (libFuzzer) and sanitizers: make fuzz, make sanitize
   xz-utils                          # the 6.12 guest's compressed qemu_fw_cfg module
+  # --- libvirt: vmcorefs mount --domain (tests/integration/test_libvirt.py) ---
+  # libvirtd/virtlogd (the test starts them without systemd), virsh, and the
+  # headers the venv's libvirt-python (the [libvirt] extra) builds against.
+  libvirt-daemon-system libvirt-clients libvirt-dev
+  # --- end libvirt ---
   # Build dependencies of crash 9 (Debian unstable's source package, see
   # scripts/build-tools.sh), from this release's archive.
   dpkg-dev make g++ bison flex gawk texinfo binutils-dev zlib1g-dev libncurses-dev
@@ -35,11 +40,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # (Re)install when something is missing or the package's build inputs
 # changed: pyproject.toml, setup.py, or the native read path's C source.
-if ! "$venv/bin/python" -c 'import vmcorefs._readpath, pyfuse3, qemu.qmp, drgn, elftools, hypothesis, pytest' 2>/dev/null \
+if ! "$venv/bin/python" -c 'import vmcorefs._readpath, pyfuse3, qemu.qmp, drgn, elftools, hypothesis, pytest, libvirt' 2>/dev/null \
    || [ "$here/pyproject.toml" -nt "$venv/.installed" ] || [ "$here/setup.py" -nt "$venv/.installed" ] \
    || [ "$here/src/vmcorefs/_readpath.c" -nt "$venv/.installed" ]; then
   "$venv/bin/pip" install -q --upgrade pip >/dev/null
-  "$venv/bin/pip" install -q -e "$here[test]"
+  "$venv/bin/pip" install -q -e "$here[test,libvirt]"  # libvirt: the --domain binding
   touch "$venv/.installed"
 fi
 

@@ -29,6 +29,7 @@ Every error vmcorefs raises derives from :class:`VmcorefsError`
     +-- FormatError                    malformed data from QEMU or the guest
     +-- NoSuchFileError                a live core has no such file now (.name)
     +-- MountError                     the FUSE mount could not be made or taken over
+    +-- LibvirtError                   libvirtd unreachable, binding missing, a call refused (.call)
 
 ``VmcorefsError`` itself is never raised.
 """
@@ -37,6 +38,7 @@ from vmcorefs.errors import (
     AccessError,
     FormatError,
     GuestMemoryError,
+    LibvirtError,
     MonitorBusyError,
     MountError,
     NoSuchFileError,
@@ -54,6 +56,7 @@ __all__ = [
     "AccessError",
     "FormatError",
     "GuestMemoryError",
+    "LibvirtError",
     "MonitorBusyError",
     "MountError",
     "NoSuchFileError",

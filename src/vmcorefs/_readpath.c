@@ -423,6 +423,7 @@ static int read_mem_plain(struct engine *e, const struct extent *x, uint64_t src
 /* Pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst). */
 #define PM_PRESENT (1ull << 63)
 #define PM_SWAPPED (1ull << 62)
+#define PM_MMAP_EXCLUSIVE (1ull << 56)
 #define PM_MAX_PAGES (MAX_REPLY / PAGE + 1)
 #define PM_PFN(e) ((e) & ((1ull << 55) - 1))
 #define HUGE (2u << 20)
@@ -458,8 +459,12 @@ static uint64_t own_zero_pfn(size_t size, int huge)
         (void)c;
         int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
         uint64_t ent = 0;
+        /* A page of our own (THP with its huge zero page disabled allocates
+         * one) is exclusively mapped and reused by others once freed: never
+         * take it for a zero page, or guest RAM landing there later would be
+         * served as zeros. */
         if (fd >= 0 && pread(fd, &ent, sizeof ent, (off_t)((uintptr_t)p / PAGE * sizeof ent)) == sizeof ent
-            && (ent & PM_PRESENT))
+            && (ent & PM_PRESENT) && !(ent & PM_MMAP_EXCLUSIVE) && PM_PFN(ent) % (size / PAGE) == 0)
             pfn = PM_PFN(ent);
         if (fd >= 0)
             close(fd);

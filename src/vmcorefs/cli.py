@@ -22,10 +22,14 @@ import stat
 import sys
 import time
 import types
-from typing import Any, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Sequence
 
 from vmcorefs import __version__
 from vmcorefs.errors import MountError, QEMUGoneError, UsageError, VmcorefsError
+
+if TYPE_CHECKING:
+    from vmcorefs.qemu.guest import Guest
+    from vmcorefs.qemu.monitor import Monitor
 
 log = logging.getLogger("vmcorefs")
 READY_TIMEOUT = 120.0
@@ -43,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("mount", help="mount a guest's live core at MOUNTPOINT",
                        description="Mount MOUNTPOINT/vmcore (live ELF core), pmem and vmcoreinfo.")
-    m.add_argument("qmp_socket", metavar="QMP_SOCKET", help="QEMU's QMP unix socket (-qmp unix:PATH,server=on)")
+    m.add_argument("qmp_socket", metavar="QMP_SOCKET", nargs="?",
+                   help="QEMU's QMP unix socket (-qmp unix:PATH,server=on); not with --domain")
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
+    _libvirt_options(m)
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     m.add_argument("--freeze", action="store_true",
                    help="pause the guest while vmcore or pmem is open (resumed at the last close)")
@@ -70,12 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--log-file", metavar="FILE", help="daemon log file (default: none)")
 
     i = sub.add_parser("info", help="show what a mount of this guest would expose")
-    i.add_argument("qmp_socket", metavar="QMP_SOCKET")
+    i.add_argument("qmp_socket", metavar="QMP_SOCKET", nargs="?")
+    _libvirt_options(i)
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--memory", choices=("auto", "shared", "procmem"), default="auto")
     i.add_argument("--timeout", type=_positive, default=10.0, metavar="SECONDS")
     i.add_argument("--debug", action="store_true")
     return p
+
+
+def _libvirt_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--domain", metavar="NAME",
+                   help="a running libvirt domain (name, UUID or id) instead of QMP_SOCKET: QMP through"
+                        " libvirt's monitor passthrough (taints the domain 'custom-monitor')")
+    p.add_argument("--connect", metavar="URI", help="libvirt URI for --domain (default qemu:///system)")
 
 
 def _file_mode(text: str) -> int:
@@ -152,16 +166,13 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     from vmcorefs.fs import VmcoreFS
     from vmcorefs.live import MAX_AGE, LiveCore
     from vmcorefs.watchdog import watch_freeze
-    from vmcorefs.qemu.guest import Guest
-    from vmcorefs.qemu.monitor import connect
 
     if args.direct and args.max_age is not None:
         raise UsageError("--max-age applies to cached reads, not --direct")
     if args.reads == "native" and not readpath.available():
         raise UsageError(f"--reads native: the native read path is not built ({readpath.IMPORT_ERROR})")
     mountpoint = _check_mountpoint(args.mountpoint)
-    monitor = await connect(args.qmp_socket, timeout=args.timeout)
-    guest = Guest(monitor, args.memory)
+    monitor, guest = await _open_guest(args)
     try:
         core = LiveCore(guest, mountpoint, freeze=args.freeze, cache=not args.direct,
                         max_age=args.max_age or MAX_AGE)
@@ -289,12 +300,37 @@ def _watch_process(loop: asyncio.AbstractEventLoop, pid: int | None, core: Any) 
     return pidfd
 
 
-async def _info(args: argparse.Namespace) -> int:
-    from vmcorefs.qemu.guest import Guest
-    from vmcorefs.qemu.monitor import connect
+def _check_guest_args(args: argparse.Namespace) -> None:
+    """Exactly one guest: QMP_SOCKET, or ``--domain`` (with ``--connect``)."""
+    if args.domain is None and args.connect is not None:
+        raise UsageError("--connect needs --domain")
+    if args.domain is None and args.qmp_socket is None:
+        raise UsageError(f"give QMP_SOCKET or --domain NAME (see 'vmcorefs {args.command} --help')")
+    if args.domain is not None and args.qmp_socket is not None:
+        raise UsageError("give either QMP_SOCKET or --domain, not both")
 
-    monitor = await connect(args.qmp_socket, timeout=args.timeout)
-    guest = Guest(monitor, args.memory)
+
+async def _open_guest(args: argparse.Namespace) -> tuple[Monitor, Guest]:
+    """The monitor and guest that ``args`` name: a QMP socket, or a libvirt
+    domain (``--domain``, ``--connect``)."""
+    if args.domain is None:
+        from vmcorefs.qemu.guest import Guest as QMPGuest
+        from vmcorefs.qemu.monitor import connect
+
+        monitor = await connect(args.qmp_socket, timeout=args.timeout)
+        return monitor, QMPGuest(monitor, args.memory)
+    from vmcorefs.qemu import libvirt
+
+    lv_monitor = await libvirt.connect(args.connect or libvirt.DEFAULT_URI, args.domain, timeout=args.timeout)
+    try:
+        return lv_monitor, libvirt.LibvirtGuest(lv_monitor, args.memory)
+    except BaseException:
+        await lv_monitor.close()
+        raise
+
+
+async def _info(args: argparse.Namespace) -> int:
+    monitor, guest = await _open_guest(args)
     try:
         info = await guest.info()
     finally:
@@ -313,7 +349,10 @@ def _mib(n: int) -> str:
 
 def format_info(info: dict[str, Any]) -> str:
     lines = [
-        f"QMP socket   {info['qmp_socket']} (QEMU {info['qemu_version']}, pid {info['qemu_pid']})",
+        f"QMP socket   {info['qmp_socket']} (QEMU {info['qemu_version']}, pid {info['qemu_pid']})"
+        if "libvirt" not in info else
+        f"libvirt      {info['libvirt']['uri']} domain {info['libvirt']['domain']} {info['libvirt']['uuid']}"
+        f" (QEMU {info['qemu_version']}, pid {info['qemu_pid']})",
         f"guest        {info['arch']}, {info['status']}, {info['vcpus']} vCPU(s)",
         f"memory       {len(info['memory'])} block(s), {_mib(sum(m['size'] for m in info['memory']))}:",
     ]
@@ -438,6 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         args = build_parser().parse_args(argv)
+        _check_guest_args(args)
         if args.command == "mount":
             return _run_foreground(args, None) if args.foreground else _daemonize(args)
         _setup_logging(args.debug)

@@ -82,3 +82,12 @@ class NoSuchFileError(VmcorefsError):
 class MountError(VmcorefsError):
     """The FUSE mount could not be made or taken over (``/dev/fuse``, libfuse,
     the native read path)."""
+
+
+class LibvirtError(VmcorefsError):
+    """libvirt failed: libvirtd unreachable, the Python binding missing, an
+    API call refused; ``call`` names the libvirt call."""
+
+    def __init__(self, message: str, call: str | None = None) -> None:
+        self.call = call
+        super().__init__(f"libvirt {call}: {message}" if call else f"libvirt: {message}")

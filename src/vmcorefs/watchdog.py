@@ -124,11 +124,39 @@ def resume_qmp(path: str, timeout: float = RESUME_TIMEOUT) -> str:
             sock.close()
 
 
+def resume_libvirt(uri: str, uuid: str) -> str:
+    """Resume libvirt domain ``uuid`` of ``uri`` (``virDomainResume``) if
+    libvirt says it is paused; what was done, as one line.  The only action
+    that is not standard library: it imports libvirt-python when it runs.
+    Raises OSError when libvirt cannot be used."""
+    try:
+        import libvirt
+    except ImportError as e:
+        raise OSError(f"libvirt-python: {e}") from None
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        conn = libvirt.open(uri)
+        try:
+            dom = conn.lookupByUUIDString(uuid)
+            state = dom.state()[0]
+            if state != libvirt.VIR_DOMAIN_PAUSED:
+                return f"domain left in state {state} (not paused)"
+            dom.resume()
+            return "guest resumed (virDomainResume)"
+        finally:
+            conn.close()
+    except libvirt.libvirtError as e:
+        if e.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+            return f"the domain is gone (nothing to resume): {e}"
+        raise OSError(str(e)) from None
+
+
 #: Resume actions by guest kind: ``RESUMERS[kind](*args)`` resumes the guest
 #: if it is paused and says what it did.  The daemon chooses kind and args
 #: (:func:`action_for`).
 RESUMERS: dict[str, Callable[..., str]] = {
     "qmp": resume_qmp,
+    "libvirt": resume_libvirt,
 }
 
 
@@ -234,8 +262,11 @@ def start(action: Sequence[str]) -> Watchdog:
 def action_for(monitor: object) -> list[str] | None:
     """The resume action for the guest behind ``monitor`` (``[kind, *args]``),
     or None when this kind of guest has none."""
+    from vmcorefs.qemu.libvirt import LibvirtMonitor
     from vmcorefs.qemu.monitor import Monitor
 
+    if isinstance(monitor, LibvirtMonitor):
+        return ["libvirt", monitor.uri, monitor.uuid]
     if isinstance(monitor, Monitor):
         return ["qmp", monitor.path]
     return None

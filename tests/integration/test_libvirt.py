@@ -1,0 +1,391 @@
+"""``vmcorefs mount/info --domain`` on real libvirt domains (libvirtd, TCG, direct kernel boot).
+
+The fixture starts virtlogd and libvirtd when they are not running (and
+stops what it started), then two transient domains of 2 vCPUs and 256 MiB:
+libvirt's default private RAM, and memfd RAM shared with vmcorefs.  The
+oracle is libvirt's own dump job (``virsh dump --memory-only --format
+elf``) of the same paused domain.  vmcorefs never runs
+``dump-guest-memory`` itself under libvirt (libvirtd 9.0 crashes on the
+DUMP_COMPLETED event of a dump it did not start): every test checks that
+libvirtd still answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from vmcorefs.core.notes import Note, parse_notes
+
+from vmcorefs.testing import (
+    DEBIAN12,
+    DRGN_KALLSYMS,
+    daemon_pid,
+    is_mounted,
+    require,
+    run_vmcorefs,
+    unmount_and_wait,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+URI = "qemu:///system"
+READY = b"VMCOREFS-GUEST-READY"
+CHUNK = 1 << 20
+NT_PRSTATUS = 1
+
+
+def virsh(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, f"virsh {' '.join(args)}: {r.stderr.strip()}"
+    return r
+
+
+def libvirtd_answers() -> bool:
+    return virsh("list", check=False, timeout=30).returncode == 0
+
+
+def _pid_file(path: str) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path(path).read_text().split()[0])
+    return None
+
+
+@pytest.fixture(scope="module")
+def libvirtd() -> Iterator[None]:
+    """libvirtd (and virtlogd) answering on qemu:///system; started here
+    (without systemd) when needed and then stopped at the end."""
+    for tool in ("virsh", "libvirtd", "virtlogd"):
+        require(shutil.which(tool) is not None, f"{tool} missing (apt-get install libvirt-daemon-system)")
+    require(importlib.util.find_spec("libvirt") is not None, "libvirt-python missing (pip install vmcorefs[libvirt])")
+    require(DEBIAN12.missing() is None, DEBIAN12.missing() or "")
+    started: list[str] = []
+    if not libvirtd_answers():
+        os.makedirs("/var/log/libvirt", exist_ok=True)
+        if not os.path.exists("/run/libvirt/virtlogd-sock"):
+            subprocess.run(["virtlogd", "-d"], check=False)
+            started.append("/run/virtlogd.pid")
+        subprocess.run(["libvirtd", "-d"], check=False)
+        started.append("/run/libvirtd.pid")
+        try:
+            wait_for(libvirtd_answers, 60, "libvirtd answering", interval=0.5)
+        except AssertionError:
+            require(False, "cannot start libvirtd")
+    yield
+    for pid_file in reversed(started):
+        pid = _pid_file(pid_file)
+        if pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+
+
+@dataclass
+class Domain:
+    """A transient libvirt domain booted from the test kernel."""
+
+    name: str
+    uuid: str
+    dir: Path
+    memory: str
+
+    @property
+    def serial(self) -> Path:
+        return self.dir / "serial.log"
+
+    def state(self) -> str:
+        return virsh("domstate", self.name).stdout.strip()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        virsh("suspend", self.name)
+        try:
+            yield
+        finally:
+            virsh("resume", self.name)
+
+
+def _domain_xml(name: str, uid: str, directory: Path, memory: str, vmcoreinfo: bool) -> str:
+    backing = ("<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"
+               if memory == "memfd" else "")
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{uid}</uuid>
+  <memory unit='MiB'>256</memory>
+  <vcpu>2</vcpu>
+  {backing}
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{directory / 'vmlinuz'}</kernel>
+    <initrd>{directory / 'initramfs.cpio.gz'}</initrd>
+    <cmdline>console=ttyS0 panic=-1 printk.devkmsg=on</cmdline>
+  </os>
+  <features>{"<vmcoreinfo state='on'/>" if vmcoreinfo else ""}</features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <serial type='file'><source path='{directory / 'serial.log'}'/><target port='0'/></serial>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+    <video><model type='none'/></video>
+  </devices>
+</domain>
+"""
+
+
+def boot_domain(memory: str, vmcoreinfo: bool) -> Domain:
+    directory = Path(tempfile.mkdtemp(prefix=f"vmcorefs-libvirt-{memory}-"))
+    os.chmod(directory, 0o755)  # QEMU runs as libvirt-qemu
+    shutil.copy(DEBIAN12.kernel, directory / "vmlinuz")
+    shutil.copy(DEBIAN12.initramfs, directory / "initramfs.cpio.gz")
+    for f in ("vmlinuz", "initramfs.cpio.gz"):
+        os.chmod(directory / f, 0o644)
+    uid = str(uuid.uuid4())
+    dom = Domain(f"vmcorefs-test-{memory}-{os.getpid()}", uid, directory, memory)
+    (directory / "domain.xml").write_text(_domain_xml(dom.name, uid, directory, memory, vmcoreinfo))
+    virsh("create", str(directory / "domain.xml"))
+    try:
+        wait_for(lambda: dom.serial.exists() and READY in dom.serial.read_bytes(), 180, f"{dom.name} boot",
+                 interval=0.2)
+    except BaseException:
+        destroy(dom)
+        raise
+    return dom
+
+
+def destroy(dom: Domain) -> None:
+    virsh("destroy", dom.name, check=False)
+    shutil.rmtree(dom.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def private_domain(libvirtd: None) -> Iterator[Domain]:
+    dom = boot_domain("private", vmcoreinfo=False)
+    yield dom
+    destroy(dom)
+
+
+@pytest.fixture(scope="module")
+def memfd_domain(libvirtd: None) -> Iterator[Domain]:
+    dom = boot_domain("memfd", vmcoreinfo=True)
+    yield dom
+    destroy(dom)
+
+
+@pytest.fixture(params=["private", "memfd"])
+def domain(request: pytest.FixtureRequest) -> Iterator[Domain]:
+    dom: Domain = request.getfixturevalue(f"{request.param}_domain")
+    yield dom
+    assert libvirtd_answers(), "libvirtd stopped answering"
+
+
+class DomainMount:
+    """``vmcorefs mount --domain NAME [options] DIR`` for a ``with`` block."""
+
+    def __init__(self, dom: Domain, *options: str) -> None:
+        self.dom = dom
+        self.options = options
+        self.path = Path(tempfile.mkdtemp(prefix="vmcorefs-mnt-"))
+        self.daemon_pid: int | None = None
+
+    def __enter__(self) -> DomainMount:
+        r = run_vmcorefs("mount", "--connect", URI, "--domain", self.dom.name, *self.options, str(self.path),
+                         timeout=300)
+        if r.returncode != 0 or not is_mounted(self.path):
+            self.close()
+            raise RuntimeError(f"vmcorefs mount --domain failed ({r.returncode}): {r.stderr.strip()}")
+        self.daemon_pid = daemon_pid(self.path)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def vmcore(self) -> Path:
+        return self.path / "vmcore"
+
+    def close(self) -> None:
+        unmount_and_wait(self.path, self.daemon_pid)
+        self.daemon_pid = None
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
+
+
+def _loads(elf: ELFFile) -> list[tuple[int, int, int, int]]:
+    """(p_paddr, p_memsz, p_offset, p_vaddr) of every PT_LOAD."""
+    return [(s["p_paddr"], s["p_memsz"], s["p_offset"], s["p_vaddr"])
+            for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
+
+
+def _notes(f: BinaryIO, elf: ELFFile) -> list[Note]:
+    (seg,) = [s for s in elf.iter_segments() if s["p_type"] == "PT_NOTE"]
+    f.seek(seg["p_offset"])
+    return parse_notes(f.read(seg["p_filesz"]))
+
+
+def _compare_loads(ours: BinaryIO, theirs: BinaryIO) -> None:
+    """Same PT_LOAD set (p_paddr, p_memsz, p_vaddr) and every byte equal."""
+    lo, lt = _loads(ELFFile(ours)), _loads(ELFFile(theirs))
+    assert [(p, n, v) for p, n, _, v in lo] == [(p, n, v) for p, n, _, v in lt]
+    mismatches = []
+    for (paddr, size, off_o, _), (_, _, off_t, _) in zip(lo, lt):
+        for done in range(0, size, CHUNK):
+            n = min(CHUNK, size - done)
+            ours.seek(off_o + done)
+            theirs.seek(off_t + done)
+            a, b = ours.read(n), theirs.read(n)
+            assert len(a) == n
+            if a != b:
+                mismatches.append(hex(paddr + done))
+    assert mismatches == []
+
+
+def test_paused_vmcore_equals_libvirt_dump(domain: Domain, tmp_path: Path) -> None:
+    """With the domain paused (virsh suspend), vmcore's PT_LOADs equal libvirt's
+    own memory-only ELF dump byte for byte, and the vCPU registers
+    (CORE/NT_PRSTATUS notes) are the same; VMCOREINFO too when the domain
+    has the vmcoreinfo device."""
+    oracle = tmp_path / "libvirt.dump"
+    with DomainMount(domain) as m, domain.paused():
+        with open(m.vmcore, "rb") as ours:
+            virsh("dump", "--memory-only", "--format", "elf", domain.name, str(oracle))
+            assert domain.state() == "paused"
+            with open(oracle, "rb") as theirs:
+                e_ours, e_theirs = ELFFile(ours), ELFFile(theirs)
+                assert e_ours["e_machine"] == e_theirs["e_machine"] == "EM_X86_64"
+                assert e_ours["e_ident"] == e_theirs["e_ident"]
+                assert e_ours["e_flags"] == e_theirs["e_flags"]
+                n_ours, n_theirs = _notes(ours, e_ours), _notes(theirs, e_theirs)
+                prstatus = [n for n in n_theirs if n.name == "CORE" and n.type == NT_PRSTATUS]
+                assert len(prstatus) == 2
+                assert [n for n in n_ours if n.name == "CORE"] == prstatus
+                assert len([n for n in n_ours if n.name == "QEMU"]) == 2
+                theirs_vci = [n for n in n_theirs if n.name == "VMCOREINFO"]
+                (ours_vci,) = [n for n in n_ours if n.name == "VMCOREINFO"]  # from guest RAM
+                if theirs_vci:
+                    assert ours_vci == theirs_vci[0]
+                _compare_loads(ours, theirs)
+
+
+def test_drgn_kallsyms(domain: Domain) -> None:
+    """drgn without debuginfo (kallsyms through VMCOREINFO) on the live core."""
+    import sys
+
+    with DomainMount(domain) as m:
+        r = subprocess.run([sys.executable, "-c", DRGN_KALLSYMS, str(m.vmcore), "jiffies"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        banner = r.stdout.splitlines()[0]
+        assert banner.startswith("Linux version ") and DEBIAN12.release in banner
+
+
+def test_info(domain: Domain) -> None:
+    r = run_vmcorefs("info", "--domain", domain.name, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["libvirt"] == {"uri": URI, "domain": domain.name, "uuid": domain.uuid}
+    assert info["vcpus"] == 2 and info["status"] == "running"
+    assert info["vmcoreinfo"]["OSRELEASE"] == DEBIAN12.release
+    assert info["vmcoreinfo_origin"].startswith("guest RAM at GPA")
+    access = {m["access"] for m in info["memory"] if m["name"] == "pc.ram"}
+    assert access == ({"shared"} if domain.memory == "memfd" else {"procmem"})
+    # By UUID, and the human form.
+    r = run_vmcorefs("info", "--connect", URI, "--domain", domain.uuid)
+    assert r.returncode == 0, r.stderr
+    assert f"libvirt      {URI} domain {domain.name} {domain.uuid}" in r.stdout
+    # Passthrough taints the domain; libvirt logs it.
+    log = Path(f"/var/log/libvirt/qemu/{domain.name}.log")
+    assert "tainted: custom-monitor" in log.read_text(errors="replace")
+
+
+def test_freeze_through_libvirt(private_domain: Domain) -> None:
+    """--freeze: libvirt shows the domain paused while vmcore is open, running after."""
+    dom = private_domain
+    with DomainMount(dom, "--freeze") as m:
+        assert dom.state() == "running"
+        with open(m.vmcore, "rb") as f:
+            f.read(4096)
+            assert dom.state() == "paused"
+        wait_for(lambda: dom.state() == "running", 30, "domain running again")
+        # A domain paused by the user stays paused.
+        with dom.paused():
+            with open(m.vmcore, "rb") as f:
+                f.read(4096)
+            assert dom.state() == "paused"
+        assert dom.state() == "running"
+    assert libvirtd_answers()
+
+
+def test_freeze_watchdog_resumes_through_libvirt(private_domain: Domain) -> None:
+    """The daemon killed (SIGKILL of its session) while --freeze holds the
+    domain paused: its watchdog resumes the domain through libvirt."""
+    dom = private_domain
+    m = DomainMount(dom, "--freeze").__enter__()
+    try:
+        assert m.daemon_pid is not None
+        f = open(m.vmcore, "rb")
+        try:
+            f.read(4096)
+            assert dom.state() == "paused"
+            os.killpg(os.getpgid(m.daemon_pid), signal.SIGKILL)
+            wait_for(lambda: dom.state() == "running", 60, "domain resumed by the watchdog")
+        finally:
+            with contextlib.suppress(OSError):
+                f.close()
+    finally:
+        m.close()
+    assert libvirtd_answers()
+
+
+def test_bad_input(private_domain: Domain, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cases = [
+        (["info", "--domain", "no-such-domain-vmcorefs"], 2, "no domain 'no-such-domain-vmcorefs'"),
+        (["mount", "--domain", "no-such-domain-vmcorefs", str(mnt)], 2, "no domain"),
+        (["info", "--connect", "qemu:///nowhere", "--domain", "x"], 1, "cannot connect to qemu:///nowhere"),
+        (["info", "/tmp/x.sock", "--domain", private_domain.name], 2, "not both"),
+        (["info", "--connect", URI], 2, "--connect needs --domain"),
+        (["info"], 2, "give QMP_SOCKET or --domain"),
+        (["mount", "--domain", private_domain.name], 2, "MOUNTPOINT"),
+        (["mount", "--domain", private_domain.name, str(tmp_path / "nope")], 2, "mountpoint does not exist"),
+    ]
+    for args, code, text in cases:
+        r = run_vmcorefs(*args)
+        assert (r.returncode, r.stdout) == (code, ""), (args, r.stderr)
+        assert text in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+        assert not is_mounted(mnt)
+    assert libvirtd_answers()
+
+
+def test_domain_not_running(libvirtd: None, tmp_path: Path) -> None:
+    """A defined but inactive domain: exit 2, one line, nothing mounted."""
+    name = f"vmcorefs-test-inactive-{os.getpid()}"
+    xml = tmp_path / "inactive.xml"
+    xml.write_text(_domain_xml(name, str(uuid.uuid4()), tmp_path, "private", False))
+    virsh("define", str(xml))
+    try:
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        for args in (["info", "--domain", name], ["mount", "--domain", name, str(mnt)]):
+            r = run_vmcorefs(*args)
+            assert r.returncode == 2, r.stderr
+            assert "is not running" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not is_mounted(mnt)
+    finally:
+        virsh("undefine", name, check=False)
