@@ -144,7 +144,7 @@ class VmcoreFS(pyfuse3.Operations):
         if name is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         snap = await self.core.current()
-        at = self.core.attributes(self.core.file(name, snap), snap)
+        at = self.core.stat(name, snap)
         return self._attr(inode, at.size, at.mtime_ns)
 
     # -- FUSE operations --------------------------------------------------
@@ -177,7 +177,7 @@ class VmcoreFS(pyfuse3.Operations):
             inode = self.inodes[spec.name]
             if inode <= start_id:
                 continue
-            at = self.core.attributes(file, snap)
+            at = self.core.stat(spec.name, snap)
             if not pyfuse3.readdir_reply(token, spec.name.encode(), self._attr(inode, at.size, at.mtime_ns), inode):
                 break
 

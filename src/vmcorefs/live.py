@@ -262,6 +262,25 @@ class LiveCore:
             mtime = self.created_ns
         return Attributes(file.size, mtime)
 
+    def stat(self, name: str, snap: Snapshot) -> Attributes:
+        """``stat`` of file ``name``: :meth:`attributes` of its layout in
+        ``snap``, but never smaller than a layout still open.  The kernel
+        cuts every read of the file at the size it last saw, for all its
+        handles: a file that shrank since a handle was opened (kcore as the
+        guest's page tables change) or vanished (kcore and vmcoreinfo while
+        the guest reboots) must not cut reads of that handle short or fail
+        them.  Raises :class:`NoSuchFileError` when ``snap`` has no such
+        file and none is open."""
+        held = [h.layout.size for h in self.handles if h.spec.name == name]
+        try:
+            file = self.file(name, snap)
+        except NoSuchFileError:
+            if not held:
+                raise
+            file = SparseFile.text("")
+        at = self.attributes(file, snap)
+        return Attributes(max([at.size, *held]), at.mtime_ns)
+
     # -- handles ---------------------------------------------------------------
     async def open(self, name: str) -> Handle:
         """Open file ``name`` on a fresh snapshot.

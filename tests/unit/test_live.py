@@ -334,6 +334,29 @@ def test_staleness_and_attributes(guest: FakeGuest, clock: FakeClock) -> None:
     assert direct.attributes(snap.vmcore, snap).mtime_ns == int((clock.now - 3) * 1e9)
 
 
+def test_stat_never_smaller_than_an_open_layout(guest: FakeGuest, clock: FakeClock) -> None:
+    """The kernel cuts reads of every handle at the size stat last said: a
+    file that shrank or vanished (a reboot) keeps the size of what is open."""
+    async def go() -> None:
+        core = make(guest, clock)
+        big = await core.open("vmcore")
+        info = await core.open("vmcoreinfo")
+        guest.sizes = (1,)          # RAM shrinks...
+        guest.vmcoreinfo = None     # ...and the guest reboots: no VMCOREINFO yet
+        clock.now += 5
+        snap = await core.current()
+        assert snap.vmcore.size < big.layout.size
+        assert core.stat("vmcore", snap).size == big.layout.size
+        assert core.stat("vmcoreinfo", snap).size == info.layout.size
+        assert core.stat("pmem", snap).size == snap.pmem.size
+        await core.release(big)
+        await core.release(info)
+        assert core.stat("vmcore", snap).size == snap.vmcore.size
+        with pytest.raises(NoSuchFileError):
+            core.stat("vmcoreinfo", snap)
+    run(go())
+
+
 # -- QEMU gone --------------------------------------------------------------------------
 
 def test_qemu_gone_fails_opens_and_reads(guest: FakeGuest, clock: FakeClock) -> None:
