@@ -129,17 +129,24 @@ class DumpInfo:
     #: QEMU writes p_vaddr = p_paddr for paging=false dumps (7.2); older
     #: versions wrote 0.  True when the sample PT_LOAD had p_vaddr == p_paddr.
     vaddr_is_paddr: bool
+    #: The dump's PT_LOADs as ``(p_paddr, p_memsz)`` in bytes, in file
+    #: order: the guest-physical blocks QEMU dumps (only the plugged parts of
+    #: virtio-mem).  A dump filtered with ``begin``/``length`` lists only
+    #: that range; empty when the notes were not taken from a dump.
+    loads: tuple[tuple[int, int], ...] = ()
 
 
-def parse_qemu_dump(data: bytes) -> DumpInfo:
-    """Extract ELF identity and the PT_NOTE bytes from a QEMU dump's start.
+class _Truncated(FormatError):
+    """The data ends before the dump's headers and notes do."""
 
-    ``data`` must contain the ELF header, program headers and note data
-    (a dump of a 1-byte range is enough).  ELF32 dumps (guests not in long
-    mode) are accepted; their notes are kept verbatim.  Raises
-    :class:`FormatError` naming what is malformed.
-    """
-    if len(data) < EI_NIDENT or data[:4] != ELFMAG:
+
+def _qemu_dump_headers(data: bytes) -> tuple[Elf64_Ehdr, list[Elf64_Phdr | Elf32_Phdr], int]:
+    """ELF header, program headers and the offset where the last of the
+    headers and notes ends.  Raises :class:`_Truncated` when ``data`` is too
+    short to hold them, :class:`FormatError` when they are malformed."""
+    if len(data) < EI_NIDENT:
+        raise _Truncated("QEMU dump truncated in its ELF header")
+    if data[:4] != ELFMAG:
         raise FormatError("QEMU dump does not start with an ELF header")
     if data[EI_DATA] != ELFDATA2LSB:
         raise FormatError("QEMU dump is big-endian; only little-endian guests are supported")
@@ -153,35 +160,66 @@ def parse_qemu_dump(data: bytes) -> DumpInfo:
     else:
         raise FormatError(f"QEMU dump has unknown ELF class {cls}")
     if len(data) < ehdr_t.size():
-        raise FormatError("QEMU dump truncated in its ELF header")
+        raise _Truncated("QEMU dump truncated in its ELF header")
     ehdr = ehdr_t.unpack_from(data)
     if ehdr.e_type != ET_CORE:
         raise FormatError(f"QEMU dump has e_type {ehdr.e_type}, not ET_CORE")
     e_phnum = ehdr.e_phnum
+    end = ehdr_t.size()
     if e_phnum == PN_XNUM:
         # Real count in section header 0's sh_info.
-        if cls != ELFCLASS64 or ehdr.e_shoff + Elf64_Shdr.size() > len(data):
+        if cls != ELFCLASS64:
             raise FormatError("QEMU dump uses PN_XNUM without a readable section header")
+        end = max(end, ehdr.e_shoff + Elf64_Shdr.size())
+        if end > len(data):
+            raise _Truncated("QEMU dump uses PN_XNUM without a readable section header")
         e_phnum = Elf64_Shdr.unpack_from(data, ehdr.e_shoff).sh_info
     phsize = phdr_t.size()
-    if ehdr.e_phentsize != phsize or e_phnum < 1 or ehdr.e_phoff + e_phnum * phsize > len(data):
+    if ehdr.e_phentsize != phsize or e_phnum < 1:
         raise FormatError("QEMU dump program headers are truncated or malformed")
-    notes = b""
-    vaddr_is_paddr = True
-    found_note = found_load = False
-    for i in range(e_phnum):
-        ph = phdr_t.unpack_from(data, ehdr.e_phoff + i * phsize)
-        if ph.p_type == PT_NOTE and not found_note:
-            if ph.p_filesz > MAX_NOTES_SIZE or ph.p_offset + ph.p_filesz > len(data):
-                raise FormatError(f"QEMU dump PT_NOTE ({ph.p_filesz} bytes at {ph.p_offset:#x}) is out of bounds")
-            notes = bytes(data[ph.p_offset:ph.p_offset + ph.p_filesz])
-            found_note = True
-        elif ph.p_type == PT_LOAD and not found_load:
-            vaddr_is_paddr = ph.p_vaddr == ph.p_paddr
-            found_load = True
-    if not found_note:
+    end = max(end, ehdr.e_phoff + e_phnum * phsize)
+    if end > len(data):
+        raise _Truncated("QEMU dump program headers are truncated or malformed")
+    phdrs = [phdr_t.unpack_from(data, ehdr.e_phoff + i * phsize) for i in range(e_phnum)]
+    note = next((ph for ph in phdrs if ph.p_type == PT_NOTE), None)
+    if note is None:
         raise FormatError("QEMU dump has no PT_NOTE")
-    return DumpInfo(bytes(ehdr.e_ident), ehdr.e_machine, ehdr.e_flags, notes, vaddr_is_paddr)
+    if note.p_filesz > MAX_NOTES_SIZE:
+        raise FormatError(f"QEMU dump PT_NOTE ({note.p_filesz} bytes at {note.p_offset:#x}) is out of bounds")
+    end = max(end, note.p_offset + note.p_filesz)
+    if end > len(data):
+        raise _Truncated(f"QEMU dump PT_NOTE ({note.p_filesz} bytes at {note.p_offset:#x}) is out of bounds")
+    return ehdr, phdrs, end
+
+
+def qemu_dump_headers_end(data: bytes) -> int | None:
+    """How many bytes of a QEMU dump's start hold its ELF header, section
+    header 0 (``PN_XNUM``), program headers and notes -- all that
+    :func:`parse_qemu_dump` needs -- or None when ``data`` (the dump's first
+    bytes) is too short to tell.  Raises :class:`FormatError` as
+    :func:`parse_qemu_dump` for malformed headers."""
+    try:
+        return _qemu_dump_headers(data)[2]
+    except _Truncated:
+        return None
+
+
+def parse_qemu_dump(data: bytes) -> DumpInfo:
+    """Extract ELF identity, the PT_NOTE bytes and the PT_LOADs from a QEMU dump's start.
+
+    ``data`` must contain the ELF header, program headers and note data
+    (a dump of a 1-byte range is enough; :func:`qemu_dump_headers_end`
+    says how much).  ELF32 dumps (guests not in long mode) are accepted;
+    their notes are kept verbatim.  Raises :class:`FormatError` naming what
+    is malformed or truncated.
+    """
+    ehdr, phdrs, _ = _qemu_dump_headers(data)
+    note = next(ph for ph in phdrs if ph.p_type == PT_NOTE)
+    loads = [ph for ph in phdrs if ph.p_type == PT_LOAD]
+    vaddr_is_paddr = not loads or loads[0].p_vaddr == loads[0].p_paddr
+    return DumpInfo(bytes(ehdr.e_ident), ehdr.e_machine, ehdr.e_flags,
+                    bytes(data[note.p_offset:note.p_offset + note.p_filesz]), vaddr_is_paddr,
+                    tuple((ph.p_paddr, ph.p_memsz) for ph in loads))
 
 
 def build_vmcore(info: DumpInfo, loads: Sequence[Run]) -> SparseFile:

@@ -21,8 +21,10 @@ address from HMP ``gpa2hva``.
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 from vmcorefs.errors import FormatError
 
@@ -171,3 +173,79 @@ def parse_gpa2hva(text: str) -> int:
     if not m:
         raise FormatError(text.strip()[:200] or "empty gpa2hva answer")
     return int(m.group("hva"), 16)
+
+
+def dumped_blocks(blocks: list[GuestPhysBlock], loads: Sequence[tuple[int, int]]) -> list[GuestPhysBlock]:
+    """The blocks QEMU's dump actually wrote: ``loads`` (its PT_LOADs,
+    ``(p_paddr, p_memsz)``) placed in ``blocks`` (from ``info mtree -f``).
+
+    ``info mtree -f`` shows a sparse region -- virtio-mem, whose RAM discard
+    manager knows which blocks the guest has plugged -- whole, while the dump
+    (QEMU ``guest_phys_blocks_region_add``) keeps only its populated parts.
+    Each load becomes one block with the ``hva``, ``name`` and ``kind`` of the
+    block holding it; blocks without a load are left out.  Sorted by ``gpa``.
+    Raises :class:`FormatError` when a load lies in no single block (the map
+    changed between the two answers, e.g. a DIMM was plugged).
+    """
+    starts = [b.gpa for b in blocks]
+    out: list[GuestPhysBlock] = []
+    for paddr, size in sorted(loads):
+        i = bisect.bisect_right(starts, paddr) - 1
+        if size <= 0 or i < 0 or paddr + size > blocks[i].end:
+            raise FormatError(f"QEMU's dump has a PT_LOAD [{paddr:#x}, {paddr + size:#x}) outside the memory map")
+        b = blocks[i]
+        out.append(GuestPhysBlock(paddr, size, b.hva + (paddr - b.gpa), b.name, b.kind))
+    return out
+
+
+@dataclass(frozen=True)
+class VirtioMem:
+    """A virtio-mem device as QMP ``query-memory-devices`` describes it:
+    ``memaddr`` (guest-physical start), ``size`` (bytes plugged now),
+    ``max_size`` (bytes of its region), ``block_size`` (plug granularity)."""
+
+    id: str
+    memaddr: int
+    size: int
+    max_size: int
+    block_size: int
+
+    @property
+    def end(self) -> int:
+        return self.memaddr + self.max_size
+
+
+def parse_virtio_mem(devices: Any) -> list[VirtioMem]:
+    """The virtio-mem devices of a ``query-memory-devices`` answer (a list of
+    ``{"type": ..., "data": {...}}``).  Raises :class:`FormatError` when one
+    lacks a field or its numbers are not integers."""
+    out: list[VirtioMem] = []
+    if not isinstance(devices, list):
+        raise FormatError("query-memory-devices did not return a list")
+    for dev in devices:
+        if not isinstance(dev, dict) or dev.get("type") != "virtio-mem":
+            continue
+        data = dev.get("data")
+        data = data if isinstance(data, dict) else {}
+        fields = [data.get(k) for k in ("memaddr", "size", "max-size", "block-size")]
+        numbers = [v for v in fields if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+        if len(numbers) != len(fields):
+            raise FormatError(f"query-memory-devices: malformed virtio-mem entry {str(dev)[:200]}")
+        out.append(VirtioMem(str(data.get("id", "")), *numbers))
+    return out
+
+
+def clip_virtio_mem(blocks: list[GuestPhysBlock], devices: Sequence[VirtioMem]) -> tuple[list[GuestPhysBlock], list[VirtioMem]]:
+    """``blocks`` without the virtio-mem regions that hold nothing, when the
+    plugged blocks cannot be asked of QEMU's dump (a libvirt domain).
+
+    ``query-memory-devices`` gives a device's plugged *size*, not which
+    blocks: a device with nothing plugged is left out (exact), a fully
+    plugged one kept whole (exact); a partly plugged one is kept whole --
+    its unplugged blocks read as zeros.  Returns the blocks and the partly
+    plugged devices (where the map is larger than QEMU's dump).
+    """
+    empty = [d for d in devices if d.size == 0]
+    partial = [d for d in devices if 0 < d.size < d.max_size]
+    kept = [b for b in blocks if not any(d.memaddr <= b.gpa and b.end <= d.end for d in empty)]
+    return kept, partial

@@ -1,17 +1,22 @@
 """A QEMU guest as vmcorefs sees it: memory map, notes, run state.
 
 :meth:`Guest.snapshot` is the one place where a layout is computed (at each
-``open()``): ``info mtree -f`` and ``gpa2hva`` give the blocks QEMU's dump
-would write, ``/proc/PID/maps`` says how to read them, and a
-``dump-guest-memory`` of one byte (``paging=false``, ``begin``/``length``)
-into a memfd passed with ``getfd`` gives QEMU's own notes for this instant
-(vCPU registers, VMCOREINFO) and its ELF identity.  Reads never need QMP.
+``open()``): ``info mtree -f`` and ``gpa2hva`` give the guest-physical RAM and
+where QEMU maps it, ``/proc/PID/maps`` says how to read it, and the start
+of a ``dump-guest-memory`` (``paging=false``) into a pipe passed with
+``getfd`` gives QEMU's own notes for this instant (vCPU registers,
+VMCOREINFO), its ELF identity and its PT_LOADs -- the blocks it dumps,
+which leave out what virtio-mem has not plugged.  The pipe is closed once
+the headers and notes are read: QEMU's next write fails and the dump ends
+(the guest resumes if it was running).  Reads never need QMP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
+import fcntl
 import logging
 import os
 import time
@@ -19,15 +24,18 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Callable, Iterator
 
-from vmcorefs.core.elf import DumpInfo, build_pmem, build_vmcore, parse_qemu_dump
+from vmcorefs.core.elf import DumpInfo, build_pmem, build_vmcore, parse_qemu_dump, qemu_dump_headers_end
 from vmcorefs.core.kcore import kernel_view, page_table_root
 from vmcorefs.core.layout import Extent, SparseFile
 from vmcorefs.core.memmap import (
     FlatRange,
     GuestPhysBlock,
+    clip_virtio_mem,
+    dumped_blocks,
     guest_phys_blocks,
     parse_gpa2hva,
     parse_mtree_flat,
+    parse_virtio_mem,
 )
 from vmcorefs.core.notes import (
     count_cpus,
@@ -37,7 +45,7 @@ from vmcorefs.core.notes import (
     vmcoreinfo_text,
 )
 from vmcorefs.core.paging import Run
-from vmcorefs.errors import FormatError, GuestMemoryError, QMPError
+from vmcorefs.errors import FormatError, GuestMemoryError, QEMUGoneError, QMPError, QMPTimeoutError
 from vmcorefs.core.vmcoreinfo import Found, NotFound
 from vmcorefs.core.x86_notes import vmcoreinfo_note
 from vmcorefs.qemu.memory import ProcessMemory, Source, read_extent
@@ -47,8 +55,12 @@ from vmcorefs.qemu.monitor import Monitor
 log = logging.getLogger(__name__)
 
 NOTES_FDNAME = "vmcorefs-notes"
-#: Bound on what we read back of the 1-byte dump (headers + notes + 1 byte).
+#: Bound on what we read of QEMU's dump (its headers and notes).
 MAX_SAMPLE_DUMP = 80 << 20
+#: Capacity of the dump's pipe (the minimum, one page): when its headers and
+#: notes have been read and the pipe closed, QEMU has read at most this much
+#: (plus a page being copied) of the first block's RAM.
+DUMP_PIPE_SIZE = 4096
 #: Seconds before a VMCOREINFO scan that found nothing is tried again.
 RESCAN_AFTER = 10.0
 
@@ -121,11 +133,11 @@ class Snapshot:
     @cached_property
     def _kcore(self) -> SparseFile | FormatError:
         try:
-            root, levels = page_table_root(self.vmcoreinfo_fields, qemu_x86_cpu_states(parse_notes(self.dump.notes)))
+            root = page_table_root(self.vmcoreinfo_fields, self.dump)
         except FormatError as e:
             log.info("no kcore: %s", e)
             return e
-        view = kernel_view(self.read_phys, self.dump, root, levels, [(b.gpa, b.size) for b in self.blocks])
+        view = kernel_view(self.read_phys, self.dump, root, [(b.gpa, b.size) for b in self.blocks])
         if view.truncated:
             log.warning("kcore: page-table walk stopped at its bounds (%d PT_LOADs)",
                         len(view.file.segments))
@@ -186,6 +198,49 @@ class Snapshot:
         return bytes(buf)
 
 
+async def _read_dump_start(r: int, command: asyncio.Future[Any]) -> bytes | None:
+    """The first bytes of the dump QEMU writes into the pipe whose
+    (non-blocking) read end is ``r``, up to the end of its notes; None when
+    ``command`` (the dump) ended first without writing that much.  Raises
+    :class:`FormatError` for malformed headers, or more than
+    ``MAX_SAMPLE_DUMP`` bytes of them."""
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    have: asyncio.Future[bool] = loop.create_future()
+
+    def readable() -> None:
+        while not have.done():
+            try:
+                chunk = os.read(r, 1 << 16)
+            except BlockingIOError:
+                return
+            buf.extend(chunk)
+            try:
+                end = qemu_dump_headers_end(bytes(buf))
+            except FormatError as e:
+                have.set_exception(e)
+                return
+            if end is not None and len(buf) >= end:
+                have.set_result(True)
+            elif not chunk:
+                have.set_result(False)  # QEMU closed the pipe: the dump ended
+            elif len(buf) > MAX_SAMPLE_DUMP:
+                have.set_exception(FormatError(f"QEMU's dump headers and notes exceed {MAX_SAMPLE_DUMP} bytes"))
+
+    loop.add_reader(r, readable)
+    try:
+        await asyncio.wait({have, command}, return_when=asyncio.FIRST_COMPLETED)
+        if not have.done():
+            readable()  # the dump ended first: what did it write?
+    finally:
+        loop.remove_reader(r)
+    if not have.done():
+        have.cancel()
+        return None
+    end = qemu_dump_headers_end(bytes(buf)) if have.result() else None
+    return None if end is None else bytes(buf[:end])
+
+
 class Guest:
     """The running QEMU behind a QMP monitor."""
 
@@ -222,53 +277,100 @@ class Guest:
         return guest_phys_blocks(pairs)
 
     async def dump_info(self, blocks: list[GuestPhysBlock]) -> DumpInfo:
-        """QEMU's ELF identity and notes, from a dump of one byte of RAM.
+        """QEMU's ELF identity, notes and PT_LOADs, from the start of its dump.
 
-        One ``getfd`` (a memfd passed over the socket) and one
-        ``dump-guest-memory`` of the first byte of ``blocks[0]``
-        (``paging=false``), read back from the memfd (a few KiB per vCPU;
-        about 2 ms).  Raises :class:`QMPError` (no RAM, the dump failed),
-        :class:`~vmcorefs.errors.QEMUGoneError`, :class:`FormatError` for
-        a malformed or oversized dump.
+        One ``getfd`` (a pipe's write end passed over the socket) and one
+        ``dump-guest-memory`` (``paging=false``) whose ELF header, program
+        headers and notes (a few KiB per vCPU) are read as QEMU writes them;
+        then the pipe is closed and QEMU's dump fails on its next write
+        (``Broken pipe``), having read at most ``DUMP_PIPE_SIZE`` bytes of
+        guest RAM (about 2 ms in all).  QEMU stops a running guest for the
+        dump and resumes it after.  ``blocks`` (from :meth:`ram_blocks`)
+        must not be empty.  Raises :class:`QMPError` (no RAM, the dump
+        failed before its notes), :class:`~vmcorefs.errors.QEMUGoneError`,
+        :class:`FormatError` for malformed or oversized headers.
         """
         if not blocks:
             raise QMPError("the guest has no RAM to dump", "dump-guest-memory")
         async with self._dump_lock:
-            fd = os.memfd_create("vmcorefs-notes", os.MFD_CLOEXEC)
+            r, w = os.pipe2(os.O_CLOEXEC)
+            data: bytes | None = None
             try:
-                self.monitor.send_fd(fd)
-                await self.monitor.execute("getfd", {"fdname": NOTES_FDNAME})
-                await self.monitor.execute("dump-guest-memory", {
-                    "paging": False, "protocol": f"fd:{NOTES_FDNAME}",
-                    "begin": blocks[0].gpa, "length": 1,
-                })
-                size = os.fstat(fd).st_size
-                if size > MAX_SAMPLE_DUMP:
-                    raise FormatError(f"QEMU's 1-byte dump is {size} bytes")
-                data = os.pread(fd, size, 0)
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, DUMP_PIPE_SIZE)
+                os.set_blocking(r, False)
+                try:
+                    self.monitor.send_fd(w)
+                    await self.monitor.execute("getfd", {"fdname": NOTES_FDNAME})
+                finally:
+                    os.close(w)
+                command = asyncio.ensure_future(self.monitor.execute(
+                    "dump-guest-memory", {"paging": False, "protocol": f"fd:{NOTES_FDNAME}"}))
+                try:
+                    data = await _read_dump_start(r, command)
+                finally:
+                    os.close(r)  # QEMU's next write fails: the dump ends
+                    r = -1
+                    # Its answer (an error when we stopped it) comes once QEMU
+                    # has resumed the guest; the next dump would be refused before.
+                    await asyncio.wait({command})
             finally:
-                os.close(fd)
+                if r >= 0:
+                    os.close(r)
+            if data is None:
+                command.result()  # QEMU's own error (a dump in progress, a migration, ...)
+                raise QMPError("QEMU's dump ended before its notes", "dump-guest-memory")
+            failure = command.exception()
+            if isinstance(failure, (QEMUGoneError, QMPTimeoutError)):
+                raise failure
         return parse_qemu_dump(data)
 
     async def snapshot(self) -> Snapshot:
         """The current layout of ``vmcore``, ``pmem`` and ``kcore``.
 
         Costs one ``info mtree -f``, one HMP ``gpa2hva`` per dumped range, a
-        read of ``/proc/PID/maps``, and one ``dump-guest-memory`` of a single
-        byte (a few ms in all).  Raises :class:`QMPError` (and its
+        read of ``/proc/PID/maps``, and the headers and notes of one
+        ``dump-guest-memory`` (a few ms in all; :meth:`dump_info`).  Raises :class:`QMPError` (and its
         subclasses: :class:`~vmcorefs.errors.QMPTimeoutError`,
         :class:`~vmcorefs.errors.QEMUGoneError`), :class:`FormatError` for
         output it cannot parse, :class:`~vmcorefs.errors.AccessError` when
         guest memory cannot be reached.
         """
-        blocks = await self.ram_blocks()
-        dump = await self.dump_info(blocks)
+        for attempt in range(2):
+            blocks = await self.ram_blocks()
+            dump = await self.dump_info(blocks)
+            try:
+                blocks = await self._populated(blocks, dump)
+                break
+            except FormatError:
+                if attempt:
+                    raise  # the map moved under both tries
         sources = self.memory.sources(blocks)
         origin = None
         if vmcoreinfo_text(parse_notes(dump.notes)) is None:
             dump, origin = await asyncio.get_running_loop().run_in_executor(
                 None, self._vmcoreinfo_from_ram, dump, sources)
         return Snapshot.build(blocks, sources, dump, self.memory.alive, vmcoreinfo_origin=origin)
+
+    async def _populated(self, blocks: list[GuestPhysBlock], dump: DumpInfo) -> list[GuestPhysBlock]:
+        """``blocks`` (``info mtree -f``) reduced to what QEMU's dump holds:
+        its PT_LOADs when ``dump`` came from QEMU; else (notes built without
+        a dump: libvirt) without the virtio-mem devices that have nothing
+        plugged, per ``query-memory-devices`` (:func:`clip_virtio_mem`; a
+        partly plugged device stays whole).  Raises :class:`FormatError`
+        when a PT_LOAD lies outside ``blocks``."""
+        if dump.loads:
+            return dumped_blocks(blocks, dump.loads)
+        try:
+            devices = parse_virtio_mem(await self.monitor.execute("query-memory-devices"))
+        except (QMPError, FormatError) as e:
+            log.info("query-memory-devices: %s", e)
+            return blocks
+        kept, partial = clip_virtio_mem(blocks, devices)
+        for d in partial:
+            log.info("virtio-mem %s: %d of %d bytes plugged, which blocks is not known without a dump;"
+                     " its whole region is listed", d.id, d.size, d.max_size)
+        return kept
 
     def _vmcoreinfo_from_ram(self, dump: DumpInfo, sources: list[Source]) -> tuple[DumpInfo, str]:
         """``dump`` with the guest's VMCOREINFO note appended (as QEMU's
