@@ -9,7 +9,11 @@
 #   --backports  bookworm-backports' cloud kernel (6.12) in
 #                $VMCOREFS_CACHE/guest-backports; it needs QEMU 10 under TCG
 #                (QEMU 7.2's qemu64 CPU panics it early): scripts/build-tools.sh
-# both fetched through private apt directories (scripts/private-apt.sh), so
+#   --arm64      Debian 12's linux-image-cloud-arm64 (+ its debug vmlinux) and
+#                busybox-static:arm64 in $VMCOREFS_CACHE/guest-arm64, for
+#                qemu-system-aarch64 -M virt (arm64 packages unpacked with
+#                dpkg -x, never installed)
+# all fetched through private apt directories (scripts/private-apt.sh), so
 # the system's apt configuration is left untouched.
 # The cache lives outside the clone so CI runs and sessions reuse downloads.
 set -euo pipefail
@@ -17,13 +21,14 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cache=${VMCOREFS_CACHE:-/var/cache/vmcorefs}
 # shellcheck source=scripts/private-apt.sh
 . "$here/scripts/private-apt.sh"
-want_dbg=0 want_old=0 want_backports=0
+want_dbg=0 want_old=0 want_backports=0 want_arm64=0
 for a in "$@"; do
   case $a in
     --dbg) want_dbg=1 ;;
     --old) want_old=1 ;;
     --backports) want_backports=1 ;;
-    *) echo "usage: $0 [--dbg] [--old] [--backports]" >&2; exit 2 ;;
+    --arm64) want_arm64=1 ;;
+    *) echo "usage: $0 [--dbg] [--old] [--backports] [--arm64]" >&2; exit 2 ;;
   esac
 done
 
@@ -36,7 +41,10 @@ fetch_deb() {
     || { echo "build-guest: cannot download $pkg" >&2; exit 1; }
 }
 
-# build OUT [apt options...]: kernel + initramfs of linux-image-cloud-amd64.
+# The guest's Debian architecture and its busybox (--arm64 sets both).
+karch=amd64 busybox=/bin/busybox
+
+# build OUT [apt options...]: kernel + initramfs of linux-image-cloud-$karch.
 build() {
   local out=$1; shift
   local apt=("$@")
@@ -45,10 +53,10 @@ build() {
      && [ "$out/initramfs.cpio.gz" -nt "$0" ]; then
     return
   fi
-  apt-cache "${apt[@]}" show linux-image-cloud-amd64 >/dev/null 2>&1 || apt-get "${apt[@]}" update -qq
+  apt-cache "${apt[@]}" show "linux-image-cloud-$karch" >/dev/null 2>&1 || apt-get "${apt[@]}" update -qq
   local pkg
-  pkg=$(apt-cache "${apt[@]}" depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-  [ -n "$pkg" ] || { echo "build-guest: cannot resolve linux-image-cloud-amd64" >&2; exit 1; }
+  pkg=$(apt-cache "${apt[@]}" depends "linux-image-cloud-$karch" | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  [ -n "$pkg" ] || { echo "build-guest: cannot resolve linux-image-cloud-$karch" >&2; exit 1; }
   local release=${pkg#linux-image-}
   fetch_deb "$pkg" "${apt[@]}"
   local deb tmp
@@ -60,7 +68,7 @@ build() {
   mv "$out/vmlinuz.tmp" "$out/vmlinuz"
   local root=$tmp/root
   mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules}
-  cp /bin/busybox "$root/bin/busybox"
+  cp "$busybox" "$root/bin/busybox"
   ln -s busybox "$root/bin/sh"
   # busybox's insmod takes an uncompressed module only.
   local ko=$tmp/k/lib/modules/$release/kernel/drivers/firmware/qemu_fw_cfg.ko
@@ -118,4 +126,24 @@ if [ $want_backports = 1 ]; then
   build "$cache/guest-backports" "${APT_OPTS[@]}"
   dbg "$cache/guest-backports" "${APT_OPTS[@]}"
 fi
+# --- arm64 guest (issue 14) ---
+if [ $want_arm64 = 1 ]; then
+  # A private apt directory of arm64 lists: packages are only downloaded
+  # and unpacked (dpkg -x), nothing arm64 is installed on the host.
+  private_apt bookworm-arm64 deb bookworm bookworm-updates
+  arm64=("${APT_OPTS[@]}" -o APT::Architecture=arm64 -o APT::Architectures=arm64)
+  [ -n "$(ls "$PRIVATE_APT_DIR/lists/"*binary-arm64_Packages* 2>/dev/null)" ] \
+    || apt-get "${arm64[@]}" update -qq
+  mkdir -p "$cache/debs"
+  ls "$cache/debs/busybox-static_"*_arm64.deb >/dev/null 2>&1 \
+    || (cd "$cache/debs" && apt-get -qq -o APT::Sandbox::User=root "${arm64[@]}" download busybox-static) \
+    || { echo "build-guest: cannot download busybox-static:arm64" >&2; exit 1; }
+  bbtmp=$(mktemp -d)
+  dpkg -x "$(ls "$cache/debs/busybox-static_"*_arm64.deb | tail -n 1)" "$bbtmp"
+  karch=arm64 busybox=$bbtmp/bin/busybox
+  build "$cache/guest-arm64" "${arm64[@]}"
+  dbg "$cache/guest-arm64" "${arm64[@]}"
+  rm -rf "$bbtmp"
+fi
+# --- end arm64 guest ---
 exit 0

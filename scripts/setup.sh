@@ -20,6 +20,9 @@ apt_packages=(
   # headers the venv's libvirt-python (the [libvirt] extra) builds against.
   libvirt-daemon-system libvirt-clients libvirt-dev
   # --- end libvirt ---
+  # --- arm64 guests (issue 14): qemu-system-aarch64 and gdb for the arm64 kcore ---
+  qemu-system-arm gdb-multiarch
+  # --- end arm64 ---
   # Build dependencies of crash 9 (Debian unstable's source package, see
   # scripts/build-tools.sh), from this release's archive.
   dpkg-dev make g++ bison flex gawk texinfo binutils-dev zlib1g-dev libncurses-dev
@@ -54,4 +57,5 @@ fi
 # --dbg: the guest kernel's full debug vmlinux (crash, gdb and drgn tests);
 # --old: Debian 11's kernel (5.10) too, which crash 8.0.2 fully understands;
 # --backports: bookworm-backports' 6.12, run on QEMU 10.
-"$here/scripts/build-guest.sh" --dbg --old --backports
+# --arm64: Debian 12's arm64 cloud kernel (+ debug vmlinux) and busybox for -M virt.
+"$here/scripts/build-guest.sh" --dbg --old --backports --arm64
