@@ -6,8 +6,8 @@ open and resumes it at the last close.  If the daemon dies without closing
 **watchdog** outside the daemon's process can:
 
 * the daemon spawns it (:func:`start`) as a fresh, small interpreter
-  (``python -m vmcorefs.watchdog KIND ARGS...``; standard library only: no
-  pyfuse3, no qemu.qmp, no asyncio) in its own session, so that signals
+  running this file (``python -I .../vmcorefs/watchdog.py KIND ARGS...``;
+  standard library only: no pyfuse3, no qemu.qmp, no asyncio) in its own session, so that signals
   sent to the daemon or its process group do not reach it, with its
   working directory at ``/`` (it pins no mount) and a pipe as stdin;
 * the daemon writes one byte on the pipe per change of responsibility:
@@ -187,9 +187,9 @@ def watch(fd: int, action: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -m vmcorefs.watchdog KIND ARGS...``, the daemon's pipe on stdin."""
+    """``python watchdog.py KIND ARGS...``, the daemon's pipe on stdin."""
     if not argv or argv[0] not in RESUMERS:
-        print(f"usage: python -m vmcorefs.watchdog {{{','.join(RESUMERS)}}} ARGS... (the daemon's pipe on stdin)",
+        print(f"usage: python watchdog.py {{{','.join(RESUMERS)}}} ARGS... (the daemon's pipe on stdin)",
               file=sys.stderr)
         return 2
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
@@ -249,7 +249,8 @@ def start(action: Sequence[str]) -> Watchdog:
     :meth:`Watchdog.paused`.  Raises OSError when it cannot be spawned."""
     r, w = os.pipe()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "vmcorefs.watchdog", *action], stdin=r,
+        # The file, isolated (-I): no import of vmcorefs or site, whatever the caller's sys.path.
+        proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), *action], stdin=r,
                                 stdout=subprocess.DEVNULL, cwd="/", start_new_session=True, close_fds=True)
     except BaseException:
         os.close(w)

@@ -43,7 +43,7 @@ def _watchdog_of(daemon: int) -> int:
         try:
             with open(f"/proc/{d}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-            if b"vmcorefs.watchdog" in argv and _ppid(int(d)) == daemon:
+            if any(a.endswith(b"vmcorefs/watchdog.py") for a in argv) and _ppid(int(d)) == daemon:
                 found.append(int(d))
         except (OSError, IndexError, ValueError):
             continue
