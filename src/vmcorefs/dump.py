@@ -272,14 +272,14 @@ def check_output(path: str, force: bool) -> str:
         raise UsageError(f"{path}: already exists (--force to overwrite)")
     if not os.path.isdir(directory):
         raise UsageError(f"{directory}: directory does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise UsageError(f"{directory}: not writable")
     try:
         st = os.statvfs(directory)
     except OSError as e:
         raise UsageError(f"{directory}: {e.strerror}") from None
     if st.f_flag & os.ST_RDONLY:
         raise UsageError(f"{directory}: read-only file system")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"{directory}: not writable")
     return path
 
 

@@ -1,0 +1,389 @@
+"""``vmcorefs dump``: byte-identity with QEMU's own dump, sparseness, the
+tools that read the file, the kdump formats, and every failure case leaving
+the guest as it was and no partial file."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from vmcorefs.testing import (
+    DEBIAN12,
+    GuestSpec,
+    QemuGuest,
+    require,
+    run_vmcorefs,
+    spawn_vmcorefs,
+    wait_for,
+)
+from vmcorefs.testing.tools import drgn_tasks, run_crash
+
+pytestmark = pytest.mark.integration
+CHUNK = 4 << 20
+SUMMARY = re.compile(r": [\d.]+ \w+ \((\d+) bytes\), [\d.]+ \w+ allocated, [\d.]+ s, (.*)$")
+
+
+def _dump(guest: QemuGuest, out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return run_vmcorefs("dump", guest.qmp_path, str(out), *args, timeout=timeout)
+
+
+def _one_line(r: subprocess.CompletedProcess[str]) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vmcorefs: "), r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def _no_partial(directory: Path) -> None:
+    assert [p.name for p in directory.iterdir() if "vmcorefs-partial" in p.name] == []
+
+
+def _segments(elf: ELFFile) -> list[tuple[str, int, int, int, int, int]]:
+    """(type, p_paddr, p_vaddr, p_memsz, p_offset, p_filesz) of every program header."""
+    return [(s["p_type"], s["p_paddr"], s["p_vaddr"], s["p_memsz"], s["p_offset"], s["p_filesz"])
+            for s in elf.iter_segments()]
+
+
+def assert_same_core(ours: Path, theirs: Path) -> None:
+    """``ours`` has QEMU's dump's program headers (but file offsets), its
+    notes, and every PT_LOAD byte; headers at offset 64; sparse."""
+    with open(ours, "rb") as a, open(theirs, "rb") as b:
+        ea, eb = ELFFile(a), ELFFile(b)
+        assert ea["e_phoff"] == 64 and ea["e_type"] == "ET_CORE" and ea.elfclass == 64
+        assert ea["e_machine"] == eb["e_machine"]
+        sa, sb = _segments(ea), _segments(eb)
+        assert [s[:4] for s in sa] == [s[:4] for s in sb]
+        assert sa[0][0] == "PT_NOTE" and all(s[0] == "PT_LOAD" for s in sa[1:])
+        for (kind, paddr, _, _, off_a, size), (_, _, _, _, off_b, size_b) in zip(sa, sb):
+            assert size == size_b
+            assert kind == "PT_NOTE" or off_a % 4096 == 0
+            for done in range(0, size, CHUNK):
+                n = min(CHUNK, size - done)
+                a.seek(off_a + done)
+                b.seek(off_b + done)
+                assert a.read(n) == b.read(n), f"{kind} differs at paddr {paddr + done:#x}"
+        assert os.fstat(a.fileno()).st_size == sa[-1][4] + sa[-1][5]
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def populated_bytes(guest: QemuGuest) -> int:
+    """Bytes of guest RAM the host holds for QEMU (Rss of its RAM mappings)
+    as an upper bound of what a sparse dump may allocate."""
+    total = 0
+    with open(f"/proc/{guest.pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Rss:"):
+                total = int(line.split()[1]) * 1024
+    return total
+
+
+def test_paused_dump_equals_qemu_dump_and_stays_paused(guest: QemuGuest, tmp_path: Path) -> None:
+    """A guest paused by the caller: the dump leaves it paused, equals
+    QEMU's dump-guest-memory of the same instant, and is sparse."""
+    ours, oracle = tmp_path / "ours.elf", tmp_path / "qemu.elf"
+    with guest.paused():
+        r = _dump(guest, ours)
+        assert r.returncode == 0, r.stderr
+        assert guest.status() == "paused"
+        guest.dump(oracle)
+    m = SUMMARY.search(r.stderr)
+    assert m and m[2] == "guest was paused, left so", r.stderr
+    assert int(m[1]) == os.path.getsize(ours)
+    assert_same_core(ours, oracle)
+    assert allocated(ours) < os.path.getsize(ours) // 2
+    assert allocated(ours) <= populated_bytes(guest) + (1 << 20)
+    _no_partial(tmp_path)
+
+
+def test_running_guest_paused_then_resumed_tools_open_it(memfd_guest: QemuGuest, tmp_path: Path) -> None:
+    """A running guest is paused for the copy and resumed after (pause time
+    printed); drgn with debuginfo, makedumpfile and crash open the file."""
+    out = tmp_path / "vm.elf"
+    memfd_guest.clear_events()
+    r = _dump(memfd_guest, out)
+    assert r.returncode == 0, r.stderr
+    assert memfd_guest.status() == "running"
+    names = [e["event"] for e in memfd_guest.events()]
+    assert "STOP" in names and "RESUME" in names
+    m = SUMMARY.search(r.stderr)
+    assert m and re.fullmatch(r"guest paused [\d.]+ s", m[2]), r.stderr
+    require(DEBIAN12.vmlinux.exists(), "no debug vmlinux (scripts/build-guest.sh --dbg)")
+    tasks = drgn_tasks(out, DEBIAN12.vmlinux)
+    assert tasks.release == memfd_guest.release and tasks.tasks > 10
+    require(shutil.which("makedumpfile") is not None, "makedumpfile not installed")
+    mk = subprocess.run(["makedumpfile", "-c", "-d", "31", str(out), str(tmp_path / "vm.kdump")],
+                        capture_output=True, text=True, timeout=300)
+    assert mk.returncode == 0, mk.stdout + mk.stderr
+    text = run_crash(DEBIAN12.vmlinux, out, "sys")
+    assert re.search(rf"RELEASE: {re.escape(memfd_guest.release)}", text), text
+
+
+def test_dump_numa_above_4g(tmp_path: Path) -> None:
+    """RAM split around the 4 GiB hole over two NUMA backends (memfd and
+    private): equal to QEMU's dump of the same paused instant."""
+    spec = GuestSpec("numa", mib=3584, memory="none",
+                     extra=("-m", "3584M",
+                            "-object", "memory-backend-memfd,id=m0,size=2G,share=on",
+                            "-object", "memory-backend-ram,id=m1,size=1536M",
+                            "-numa", "node,memdev=m0", "-numa", "node,memdev=m1"))
+    ours = tmp_path / "ours.elf"
+    oracle = Path("/dev/shm") / f"vmcorefs-test-{os.getpid()}.dump"
+    with QemuGuest(spec) as g:
+        try:
+            with g.paused():
+                r = _dump(g, ours)
+                assert r.returncode == 0, r.stderr
+                g.dump(oracle)
+            with open(ours, "rb") as f:
+                assert any(s[1] >= 1 << 32 for s in _segments(ELFFile(f))), "no RAM above 4 GiB"
+            assert_same_core(ours, oracle)
+            assert allocated(ours) < os.path.getsize(ours) // 4
+        finally:
+            oracle.unlink(missing_ok=True)
+
+
+DRGN_PAGES = r"""
+import sys, drgn
+a, b = drgn.Program(), drgn.Program()
+a.set_core_dump(sys.argv[1]); b.set_core_dump(sys.argv[2])
+bad = 0
+for start, size in [(int(x, 0), int(y, 0)) for x, y in (r.split(":") for r in sys.argv[3:])]:
+    try:
+        a.read(start, 1, True)
+    except drgn.FaultError as e:
+        print("outside", hex(start), e)
+        continue
+    for addr in range(start, start + size, 1 << 20):
+        n = min(1 << 20, start + size - addr)
+        if a.read(addr, n, True) != b.read(addr, n, True):
+            bad += 1
+            print("differs", hex(addr))
+print("compared", bad)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["kdump-zlib", "kdump-lzo"])
+def test_kdump_formats_pages_equal_guest(memfd_guest: QemuGuest, tmp_path: Path, fmt: str) -> None:
+    """kdump-compressed output (makedumpfile, no filtering): drgn reads the
+    same physical pages as in QEMU's ELF dump of the same paused instant;
+    crash opens it; it is smaller than the populated RAM."""
+    out, oracle = tmp_path / f"vm.{fmt}", tmp_path / "qemu.elf"
+    with memfd_guest.paused():
+        r = _dump(memfd_guest, out, "--format", fmt)
+        if r.returncode == 2 and "was built without" in r.stderr:
+            require(False, _one_line(r))
+        assert r.returncode == 0, r.stderr
+        memfd_guest.dump(oracle)
+    with open(out, "rb") as f:
+        assert f.read(8) == b"KDUMP   "
+    with open(oracle, "rb") as f:
+        ranges = [f"{s[1]:#x}:{s[3]:#x}" for s in _segments(ELFFile(f)) if s[0] == "PT_LOAD"]
+    p = subprocess.run([sys.executable, "-c", DRGN_PAGES, str(out), str(oracle), *ranges],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().endswith("compared 0"), p.stdout[-2000:]
+    # kdump files cover PFNs up to the last RAM page: the BIOS ROM below 4 GiB is not in them.
+    outside = [int(x, 16) for x in re.findall(r"^outside (0x[0-9a-f]+)", p.stdout, re.M)]
+    assert all(0xfff00000 <= x < 1 << 32 for x in outside), p.stdout
+    _no_partial(tmp_path)
+    require(DEBIAN12.vmlinux.exists(), "no debug vmlinux (scripts/build-guest.sh --dbg)")
+    text = run_crash(DEBIAN12.vmlinux, out, "sys")
+    assert re.search(rf"RELEASE: {re.escape(memfd_guest.release)}", text), text
+
+
+def test_kdump_snappy_needs_makedumpfile_with_snappy(memfd_guest: QemuGuest, tmp_path: Path) -> None:
+    """kdump-snappy works when makedumpfile has snappy; otherwise one line,
+    exit 2, before the guest is touched."""
+    require(shutil.which("makedumpfile") is not None, "makedumpfile not installed")
+    has = re.search(r"^snappy\s+enabled", subprocess.run(["makedumpfile", "-v"], capture_output=True,
+                                                         text=True).stdout, re.M)
+    out = tmp_path / "vm.kdump"
+    memfd_guest.clear_events()
+    r = _dump(memfd_guest, out, "--format", "kdump-snappy")
+    if has:
+        assert r.returncode == 0, r.stderr
+    else:
+        assert r.returncode == 2 and "built without snappy" in _one_line(r)
+        assert not out.exists()
+        assert [e for e in memfd_guest.events() if e["event"] == "STOP"] == []
+    _no_partial(tmp_path)
+
+
+def test_filter_31(memfd_guest: QemuGuest, tmp_path: Path) -> None:
+    """--filter 31 (zero, cache, user and free pages dropped by makedumpfile):
+    an ELF that drgn opens, much smaller than the unfiltered one."""
+    out, full = tmp_path / "f31.elf", tmp_path / "full.elf"
+    assert _dump(memfd_guest, full).returncode == 0
+    r = _dump(memfd_guest, out, "--filter", "31")
+    assert r.returncode == 0, r.stderr
+    assert allocated(out) < allocated(full)
+    require(DEBIAN12.vmlinux.exists(), "no debug vmlinux (scripts/build-guest.sh --dbg)")
+    assert drgn_tasks(out, DEBIAN12.vmlinux).release == memfd_guest.release
+
+
+def test_live_dump_of_busy_guest_says_fuzzy(tmp_path: Path) -> None:
+    """--live never pauses a guest that is busy (a shell loop on a vCPU and
+    kernel messages); the file is complete and says so on stderr."""
+    with QemuGuest(GuestSpec("busy", console=True)) as g:
+        g.send_console(b"while :; do echo $((i=i+1)) > /dev/null; done &\n")
+        time.sleep(1)
+        g.clear_events()
+        out = tmp_path / "live.elf"
+        r = _dump(g, out, "--live")
+        assert r.returncode == 0, r.stderr
+        assert "fuzzy" in r.stderr and "guest not paused (--live)" in r.stderr
+        # At most one STOP: QEMU's own 1-byte dump for the notes (milliseconds).
+        assert [e["event"] for e in g.events() if e["event"] == "STOP"] in ([], ["STOP"])
+        assert g.status() == "running"
+        with open(out, "rb") as f:
+            loads = [s for s in _segments(ELFFile(f)) if s[0] == "PT_LOAD"]
+        assert sum(s[3] for s in loads) >= g.mem_mb << 20
+        assert allocated(out) < os.path.getsize(out) // 2
+
+
+# -- bad input: one line, exit 2, guest untouched, no file ---------------------------
+
+
+def _untouched(guest: QemuGuest, r: subprocess.CompletedProcess[str], directory: Path) -> str:
+    line = _one_line(r)
+    assert r.returncode == 2, r.stderr
+    assert guest.status() == "running"
+    assert [e for e in guest.events() if e["event"] == "STOP"] == []
+    _no_partial(directory)
+    return line
+
+
+def test_output_exists_refused_unless_force(memfd_guest: QemuGuest, tmp_path: Path) -> None:
+    out = tmp_path / "vm.elf"
+    out.write_text("keep me")
+    memfd_guest.clear_events()
+    assert "already exists" in _untouched(memfd_guest, _dump(memfd_guest, out), tmp_path)
+    assert out.read_text() == "keep me"
+    r = _dump(memfd_guest, out, "--force")
+    assert r.returncode == 0, r.stderr
+    with open(out, "rb") as f:
+        assert f.read(4) == b"\x7fELF"
+
+
+def test_bad_outputs_and_format(memfd_guest: QemuGuest, tmp_path: Path) -> None:
+    memfd_guest.clear_events()
+    assert "does not exist" in _untouched(memfd_guest, _dump(memfd_guest, tmp_path / "no" / "vm.elf"), tmp_path)
+    assert "invalid choice" in _untouched(memfd_guest, _dump(memfd_guest, tmp_path / "x", "--format", "bogus"),
+                                          tmp_path)
+    assert "dump level" in _untouched(memfd_guest, _dump(memfd_guest, tmp_path / "x", "--filter", "32"), tmp_path)
+    assert "is a directory" in _untouched(memfd_guest, _dump(memfd_guest, tmp_path), tmp_path)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs (root only)."""
+    require(os.geteuid() == 0, "mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_not_enough_space(guest: QemuGuest, small_tmpfs: Path) -> None:
+    """Space is checked inside the pause, before the first byte: one line
+    saying how much is needed, exit 2, the guest resumed, no file."""
+    guest.clear_events()
+    r = _dump(guest, small_tmpfs / "vm.elf")
+    line = _one_line(r)
+    assert r.returncode == 2 and "not enough space" in line and "needs" in line, r.stderr
+    assert guest.status() == "running"
+    assert list(small_tmpfs.iterdir()) == []
+
+
+def test_read_only_directory(memfd_guest: QemuGuest, small_tmpfs: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    memfd_guest.clear_events()
+    assert "read-only" in _untouched(memfd_guest, _dump(memfd_guest, small_tmpfs / "vm.elf"), small_tmpfs)
+
+
+# -- interrupted copies -----------------------------------------------------------------
+
+#: Bytes of non-zero RAM of the unbooted guest below (long enough a copy to interrupt).
+BIG = 1 << 30
+
+
+@pytest.fixture
+def filled_guest(tmp_path: Path) -> Iterator[QemuGuest]:
+    """A QEMU that never starts its vCPUs (-S, no TCG load) whose 1 GiB of
+    RAM is a shared file on /dev/shm filled with non-zero bytes: every page
+    is copied, so a dump takes long enough to be interrupted."""
+    backing = Path("/dev/shm") / f"vmcorefs-test-fill-{os.getpid()}"
+    pattern = os.urandom(1 << 20)
+    with open(backing, "wb") as f:
+        for _ in range(BIG >> 20):
+            f.write(pattern)
+    spec = GuestSpec("filled", mib=BIG >> 20, memory="none",
+                     extra=("-S", "-m", f"{BIG >> 20}M", "-object",
+                            f"memory-backend-file,id=mem0,size={BIG},mem-path={backing},share=on",
+                            "-machine", "pc,memory-backend=mem0"))
+    g = QemuGuest(spec)
+    try:
+        wait_for(lambda: os.path.exists(g.qmp_path) and os.path.exists(g.own_qmp_path), 30, "QEMU's sockets")
+        g.qmp("cont")
+        yield g
+    finally:
+        g.close()
+        backing.unlink(missing_ok=True)
+
+
+def _interrupt_mid_copy(g: QemuGuest, out: Path, act: object) -> subprocess.CompletedProcess[str]:
+    """Start a dump, call ``act(process)`` as soon as the partial file exists
+    (the copy has started), wait for the dump to end."""
+    proc = spawn_vmcorefs("dump", g.qmp_path, str(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not any("vmcorefs-partial" in p.name for p in out.parent.iterdir()):
+            assert proc.poll() is None, f"dump ended before its copy was seen: {proc.stderr.read()}"  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        act(proc)  # type: ignore[operator]
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_copy_resumes_and_removes(filled_guest: QemuGuest, tmp_path: Path, signum: int) -> None:
+    out = tmp_path / "vm.elf"
+    r = _interrupt_mid_copy(filled_guest, out, lambda p: p.send_signal(signum))
+    line = _one_line(r)
+    assert r.returncode == 128 + signum, r.stderr
+    assert "interrupted" in line and "guest resumed" in line and "partial file removed" in line
+    assert filled_guest.status() == "running"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_qemu_killed_mid_copy(filled_guest: QemuGuest, tmp_path: Path) -> None:
+    out = tmp_path / "vm.elf"
+
+    def kill(_p: object) -> None:
+        filled_guest.proc.kill()
+
+    r = _interrupt_mid_copy(filled_guest, out, kill)
+    line = _one_line(r)
+    assert r.returncode == 1 and "QEMU" in line and "partial file removed" in line, r.stderr
+    assert list(tmp_path.iterdir()) == []
