@@ -130,10 +130,13 @@ fi
 if [ $want_arm64 = 1 ]; then
   # A private apt directory of arm64 lists: packages are only downloaded
   # and unpacked (dpkg -x), nothing arm64 is installed on the host.
+  # Its architecture through APT_CONFIG, so that every apt call (the list
+  # updates of private_apt too) sees arm64 only.
+  mkdir -p "$cache/apt-bookworm-arm64"
+  printf 'APT::Architecture "arm64";\nAPT::Architectures { "arm64"; };\n' > "$cache/apt-bookworm-arm64/apt.conf"
+  export APT_CONFIG=$cache/apt-bookworm-arm64/apt.conf
   private_apt bookworm-arm64 deb bookworm bookworm-updates
-  arm64=("${APT_OPTS[@]}" -o APT::Architecture=arm64 -o APT::Architectures=arm64)
-  [ -n "$(ls "$PRIVATE_APT_DIR/lists/"*binary-arm64_Packages* 2>/dev/null)" ] \
-    || apt-get "${arm64[@]}" update -qq
+  arm64=("${APT_OPTS[@]}")
   mkdir -p "$cache/debs"
   ls "$cache/debs/busybox-static_"*_arm64.deb >/dev/null 2>&1 \
     || (cd "$cache/debs" && apt-get -qq -o APT::Sandbox::User=root "${arm64[@]}" download busybox-static) \
@@ -144,6 +147,7 @@ if [ $want_arm64 = 1 ]; then
   build "$cache/guest-arm64" "${arm64[@]}"
   dbg "$cache/guest-arm64" "${arm64[@]}"
   rm -rf "$bbtmp"
+  unset APT_CONFIG
 fi
 # --- end arm64 guest ---
 exit 0
