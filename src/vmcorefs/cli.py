@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--memory", choices=("auto", "shared", "procmem"), default="auto")
     i.add_argument("--timeout", type=_positive, default=10.0, metavar="SECONDS")
     i.add_argument("--debug", action="store_true")
+
+    from vmcorefs.dump import add_parser as add_dump_parser
+
+    _libvirt_options(add_dump_parser(sub))
     return p
 
 
@@ -481,6 +485,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "mount":
             return _run_foreground(args, None) if args.foreground else _daemonize(args)
         _setup_logging(args.debug)
+        if args.command == "dump":
+            from vmcorefs.dump import dump_command
+
+            return asyncio.run(dump_command(args, _open_guest))
         return asyncio.run(_info(args))
 
     return _guarded(run, debug)
