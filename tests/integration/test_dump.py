@@ -4,6 +4,7 @@ the guest as it was and no partial file."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -387,3 +388,31 @@ def test_qemu_killed_mid_copy(filled_guest: QemuGuest, tmp_path: Path) -> None:
     line = _one_line(r)
     assert r.returncode == 1 and "QEMU" in line and "partial file removed" in line, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_on_a_terminal_only(memfd_guest: QemuGuest, tmp_path: Path) -> None:
+    """On a terminal: a progress bar (bytes, rate, ETA) then the summary;
+    not a terminal: the summary alone; --quiet: nothing."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = spawn_vmcorefs("dump", memfd_guest.qmp_path, str(tmp_path / "tty.elf"),
+                          stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    seen = b""
+    with contextlib.suppress(OSError):  # EIO once the child closed the terminal
+        while chunk := os.read(master, 65536):
+            seen += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0, seen
+    text = seen.decode(errors="replace")
+    assert re.search(r"copying:\s+\d+%\|.*\| [\d.]+\w?/[\d.]+\w? \[\d\d:\d\d<\d\d:\d\d, ", text), text
+    assert SUMMARY.search(text.replace("\r\n", "\n").replace("\r", "\n")), text
+    r = _dump(memfd_guest, tmp_path / "pipe.elf")
+    assert r.returncode == 0 and len(r.stderr.splitlines()) == 1 and SUMMARY.search(r.stderr), r.stderr
+    r = _dump(memfd_guest, tmp_path / "quiet.elf", "--quiet")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout == "", r.stderr
