@@ -199,12 +199,12 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
         init_refused = False
         native = None
 
-        def on_gone(_core: LiveCore) -> None:
+        def on_gone(gone: LiveCore) -> None:
             # Reads fail from now on: drop cached pages that would still answer,
             # let readers in flight get EIO (not ECONNABORTED) for a moment, unmount.
             if native is not None:
                 native.set_gone()
-            fs.drop_memory_caches()
+            fs.drop_memory_caches(gone)
             loop.call_later(GONE_GRACE, pyfuse3.terminate)
 
         core.on_gone = on_gone

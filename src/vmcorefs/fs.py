@@ -23,12 +23,13 @@ import json
 import logging
 import os
 import stat
+import time
 from typing import TYPE_CHECKING, Any, Callable, Concatenate, Coroutine, ParamSpec, TypeVar, cast
 
 import pyfuse3
 
 from vmcorefs.errors import AccessError, NoSuchFileError, QMPTimeoutError, VmcorefsError
-from vmcorefs.live import FILES, Handle, LiveCore
+from vmcorefs.live import FILES, Handle, LiveCore, LiveDirectory
 
 if TYPE_CHECKING:
     from vmcorefs.readpath import NativeReads
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
 BLKSIZE = 1 << 20
+#: Inode numbers each live core takes: its directory, then one per file.
+INODE_BLOCK = 16
+#: Position of each file in FILES (its inode is the directory's + 1 + this).
+BY_NAME_INDEX = {spec.name: i for i, spec in enumerate(FILES)}
 #: Extended attribute of the root directory with the read path's counters.
 STATS_XATTR = b"user.vmcorefs.stats"
 
@@ -94,91 +99,155 @@ def _fuse_op(
 
 
 class VmcoreFS(pyfuse3.Operations):
-    """The mounted directory of one live core."""
+    """The mounted tree: the files of one live core at the root, or (a
+    :class:`~vmcorefs.live.LiveDirectory`) one directory per VM.
+
+    Inodes: the root is 1; each live core gets a block of ``INODE_BLOCK``
+    numbers when first seen -- its directory (the root for a single core)
+    and one per entry of :data:`~vmcorefs.live.FILES` -- never reused, so a
+    VM that comes back is a new directory to the kernel.
+    """
 
     enable_writeback_cache = False
 
-    def __init__(self, core: LiveCore, file_mode: int = 0o400) -> None:
+    def __init__(self, root: LiveCore | LiveDirectory, file_mode: int = 0o400) -> None:
         super().__init__()
-        self.core = core
+        self.root = root
         #: The native read path, when attached (see vmcorefs.readpath).
         self.native: NativeReads | None = None
         #: Called once, at the first request after FUSE_INIT.
         self.on_first_request: Callable[[], None] | None = None
-        #: Permission bits of the files; the directory gets r-x where they have r.
+        #: Permission bits of the files; directories get r-x where they have r.
         self.file_mode = file_mode & 0o444
         self.dir_mode = 0o500 | self.file_mode | (self.file_mode >> 2)
         self.uid, self.gid = os.getuid(), os.getgid()
-        self.inodes = {spec.name: ROOT + 1 + i for i, spec in enumerate(FILES)}
-        self.names = {ino: name for name, ino in self.inodes.items()}
-        self.handles: dict[int, Handle] = {}
+        self.created_ns = time.time_ns()
+        self._base: dict[int, int] = {}  # id(core) -> its directory's inode
+        self._cores: dict[int, LiveCore] = {}  # directory inode -> core
+        self._next_base = ROOT + INODE_BLOCK
+        self.handles: dict[int, tuple[Handle, int]] = {}  # fh -> (handle, inode)
         self._next_fh = 1
+        if isinstance(root, LiveCore):
+            self._base[id(root)] = ROOT
+            self._cores[ROOT] = root
 
-    def drop_memory_caches(self) -> None:
-        """Drop the cached pages of every guest-memory file (QEMU went away)."""
-        if self.core.cache:
+    # -- the tree -----------------------------------------------------------
+    def dir_of(self, core: LiveCore) -> int:
+        """The directory inode of ``core`` (allocated on first use)."""
+        base = self._base.get(id(core))
+        if base is None:
+            base, self._next_base = self._next_base, self._next_base + INODE_BLOCK
+            self._base[id(core)] = base
+            self._cores[base] = core
+        return base
+
+    def _file_of(self, inode: int) -> tuple[LiveCore, str]:
+        base = inode - (inode - ROOT) % INODE_BLOCK
+        core = self._cores.get(base)
+        i = inode - base - 1
+        if core is None or not 0 <= i < len(FILES) or (isinstance(self.root, LiveDirectory)
+                                                        and self.root.cores.get(core.name) is not core):
+            raise NoSuchFileError("no such file or VM", str(inode))
+        return core, FILES[i].name
+
+    def _dir_core(self, inode: int) -> LiveCore | None:
+        """The core whose files ``inode`` lists; None for the root of many VMs."""
+        if inode == ROOT and isinstance(self.root, LiveDirectory):
+            return None
+        core = self._cores.get(inode)
+        if core is None or (isinstance(self.root, LiveDirectory) and self.root.cores.get(core.name) is not core):
+            raise pyfuse3.FUSEError(errno.ENOENT)  # a VM that went away
+        return core
+
+    def drop_memory_caches(self, core: LiveCore) -> None:
+        """Drop the cached pages of ``core``'s guest-memory files (its QEMU went away)."""
+        if core.cache:
             loop = asyncio.get_running_loop()
-            for spec in FILES:
+            base = self.dir_of(core)
+            for i, spec in enumerate(FILES):
                 if spec.guest_memory:
-                    loop.run_in_executor(None, drop_cache, self.inodes[spec.name])
+                    loop.run_in_executor(None, drop_cache, base + 1 + i)
 
-    def _attr(self, inode: int, size: int = 0, mtime_ns: int | None = None) -> pyfuse3.EntryAttributes:
+    def _attr(self, inode: int, core: LiveCore | None, size: int = 0, mtime_ns: int | None = None,
+              is_dir: bool = False) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode
         a.generation = 0
         a.entry_timeout = 0
-        a.attr_timeout = self.core.attr_timeout
+        a.attr_timeout = core.attr_timeout if core is not None else 0
         a.st_uid, a.st_gid = self.uid, self.gid
-        a.st_atime_ns = a.st_ctime_ns = self.core.created_ns
-        a.st_mtime_ns = self.core.created_ns if mtime_ns is None else mtime_ns
+        a.st_atime_ns = a.st_ctime_ns = core.created_ns if core is not None else self.created_ns
+        a.st_mtime_ns = a.st_ctime_ns if mtime_ns is None else mtime_ns
         a.st_blksize = BLKSIZE
-        if inode == ROOT:
+        if is_dir:
             a.st_mode, a.st_nlink = stat.S_IFDIR | self.dir_mode, 2
         else:
             a.st_mode, a.st_nlink, a.st_size = stat.S_IFREG | self.file_mode, 1, size
         a.st_blocks = (size + 511) // 512
         return a
 
-    async def _file_attr(self, inode: int) -> pyfuse3.EntryAttributes:
-        name = self.names.get(inode)
-        if name is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        snap = await self.core.current()
-        at = self.core.stat(name, snap)
-        return self._attr(inode, at.size, at.mtime_ns)
+    async def _entry(self, inode: int) -> pyfuse3.EntryAttributes:
+        if inode == ROOT or inode in self._cores:
+            core = self._dir_core(inode)
+            return self._attr(inode, core, is_dir=True)
+        core, name = self._file_of(inode)
+        snap = await core.current()
+        at = core.stat(name, snap)
+        return self._attr(inode, core, at.size, at.mtime_ns)
 
     # -- FUSE operations --------------------------------------------------
     @_fuse_op
     async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if parent_inode != ROOT:
+        if parent_inode != ROOT and parent_inode not in self._cores:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        if name in (b".", b".."):
-            return self._attr(ROOT)
-        inode = self.inodes.get(name.decode(errors="replace"))
-        if inode is None:
+        core = self._dir_core(parent_inode)
+        text = name.decode(errors="surrogateescape")
+        if text in (".", ".."):
+            return await self._entry(parent_inode if text == "." or core is None else ROOT)
+        if core is None:  # the root of many VMs: a VM's directory
+            assert isinstance(self.root, LiveDirectory)
+            vm = self.root.cores.get(text)
+            if vm is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attr(self.dir_of(vm), vm, is_dir=True)
+        index = BY_NAME_INDEX.get(text)
+        if index is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return await self._file_attr(inode)
+        return await self._entry(self.dir_of(core) + 1 + index)
 
     @_fuse_op
     async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attr(ROOT) if inode == ROOT else await self._file_attr(inode)
+        return await self._entry(inode)
 
     @_fuse_op
     async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
-        if inode != ROOT:
+        if inode != ROOT and inode not in self._cores:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return pyfuse3.FileHandleT(ROOT)
+        self._dir_core(inode)
+        return pyfuse3.FileHandleT(inode)
 
     @_fuse_op
     async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        snap = await self.core.current()
-        for spec, file in self.core.listed(snap):
-            inode = self.inodes[spec.name]
-            if inode <= start_id:
+        core = self._dir_core(fh)
+        if core is None:  # one directory per VM, listed without touching any guest
+            assert isinstance(self.root, LiveDirectory)
+            for i, (name, vm) in enumerate(sorted(self.root.cores.items())):
+                if i < start_id:
+                    continue
+                if not pyfuse3.readdir_reply(token, name.encode(errors="surrogateescape"),
+                                             self._attr(self.dir_of(vm), vm, is_dir=True), i + 1):
+                    break
+            return
+        snap = await core.current()
+        base = self.dir_of(core)
+        for i, (spec, _file) in enumerate(core.listed(snap)):
+            inode = base + 1 + BY_NAME_INDEX[spec.name]
+            if i < start_id:
                 continue
-            at = self.core.stat(spec.name, snap)
-            if not pyfuse3.readdir_reply(token, spec.name.encode(), self._attr(inode, at.size, at.mtime_ns), inode):
+            at = core.stat(spec.name, snap)
+            if not pyfuse3.readdir_reply(token, spec.name.encode(), self._attr(inode, core, at.size, at.mtime_ns),
+                                         i + 1):
                 break
 
     @_fuse_op
@@ -188,15 +257,13 @@ class VmcoreFS(pyfuse3.Operations):
     @_fuse_op
     async def open(self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        name = self.names.get(inode)
-        if name is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+        core, name = self._file_of(inode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        handle = await self.core.open(name)
+        handle = await core.open(name)
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = handle
+        self.handles[fh] = (handle, inode)
         if self.native is not None:
             try:
                 self.native.register(fh, handle.file)
@@ -208,19 +275,21 @@ class VmcoreFS(pyfuse3.Operations):
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         # pyfuse3 sends the reply before any other handler runs (no await here),
         # so the live core's reused buffer is safe to reply from.
-        return cast(bytes, self.core.read(self.handles[fh], off, size))
+        handle, _ = self.handles[fh]
+        return cast(bytes, handle.core.read(handle, off, size))
 
     @_fuse_op
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        handle = self.handles.pop(fh, None)
-        if handle is None:
+        entry = self.handles.pop(fh, None)
+        if entry is None:
             return
+        handle, inode = entry
         if self.native is not None:
             self.native.unregister(fh)
-        if await self.core.release(handle):
+        if await handle.core.release(handle):
             # In a thread: invalidation waits for pages under read, whose
             # replies this event loop must stay free to send.
-            await asyncio.get_running_loop().run_in_executor(None, drop_cache, self.inodes[handle.spec.name])
+            await asyncio.get_running_loop().run_in_executor(None, drop_cache, inode)
 
     @_fuse_op
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -233,10 +302,11 @@ class VmcoreFS(pyfuse3.Operations):
     async def getxattr(self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         """``user.vmcorefs.stats`` on the mount's root: the read path's counters (JSON)."""
         if inode == ROOT and name == STATS_XATTR:
-            core = self.core
+            core = self.root if isinstance(self.root, LiveCore) else None
             stats: dict[str, object] = {"reads": "native" if self.native is not None else "python",
-                                        "cache": "direct" if not core.cache else f"max-age {core.max_age:g} s",
                                         "open_handles": len(self.handles)}
+            if core is not None:
+                stats["cache"] = "direct" if not core.cache else f"max-age {core.max_age:g} s"
             if self.native is not None:
                 stats.update(self.native.stats())
             return json.dumps(stats, sort_keys=True).encode()

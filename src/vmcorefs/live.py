@@ -125,6 +125,7 @@ BY_NAME = {spec.name: spec for spec in FILES}
 class Handle:
     """An open file: its layout, bound to the snapshot taken at :meth:`LiveCore.open`."""
 
+    core: "LiveCore" = field(repr=False)
     spec: FileSpec
     snap: Snapshot
     #: The layout (guest-physical segments), compared between handles.
@@ -154,8 +155,10 @@ class LiveCore:
     """
 
     def __init__(self, guest: GuestControl, directory: str, *, freeze: bool = False, cache: bool = True,
-                 max_age: float = MAX_AGE, attr_ttl: float = ATTR_TTL,
+                 max_age: float = MAX_AGE, attr_ttl: float = ATTR_TTL, name: str = "",
                  clock: Callable[[], float] = time.monotonic, wall_ns: Callable[[], int] = time.time_ns) -> None:
+        #: The VM's name in a :class:`LiveDirectory` ("" for a lone core).
+        self.name = name
         self.guest = guest
         self.directory = directory
         self.freeze = freeze
@@ -309,7 +312,7 @@ class LiveCore:
             o.spec is spec and not o.direct and o.layout != layout for o in self.handles)
         if direct and self.cache:
             log.info("open %s: another layout is open and cached; this handle reads directly", name)
-        handle = Handle(spec, snap, layout, resolved, frozen, direct)
+        handle = Handle(self, spec, snap, layout, resolved, frozen, direct)
         self.handles.add(handle)
         return handle
 
@@ -381,3 +384,33 @@ class LiveCore:
             if self.gone_reason is None:
                 await self.guest.resume()
                 log.info("guest resumed (--freeze)")
+
+
+class LiveDirectory:
+    """Many VMs in one tree: one :class:`LiveCore` per name (``MNT/NAME/vmcore``).
+
+    Who is in it is the caller's business (e.g. libvirt's lifecycle events);
+    creating a core touches no guest, so listing the directory costs nothing
+    per VM.  A core that is removed is marked gone (its open handles read
+    EIO) and ``on_remove`` is called with it.
+    """
+
+    def __init__(self) -> None:
+        self.cores: dict[str, LiveCore] = {}
+        self.on_remove: Callable[[LiveCore], None] | None = None
+
+    def add(self, core: LiveCore) -> None:
+        """Put ``core`` in as ``core.name`` (replacing, and removing, an older one)."""
+        old = self.cores.get(core.name)
+        if old is not None and old is not core:
+            self.remove(core.name, "replaced by a new VM of the same name")
+        self.cores[core.name] = core
+
+    def remove(self, name: str, reason: str) -> LiveCore | None:
+        """Take the VM ``name`` out: its core is gone for ``reason``."""
+        core = self.cores.pop(name, None)
+        if core is not None:
+            core.guest_gone(reason)
+            if self.on_remove is not None:
+                self.on_remove(core)
+        return core
