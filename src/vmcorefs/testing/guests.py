@@ -113,6 +113,8 @@ DEBIAN12 = KernelAssets(CACHE / "guest")
 DEBIAN11 = KernelAssets(CACHE / "guest-bullseye")
 #: bookworm-backports' cloud kernel (6.12; needs QEMU 10 under TCG; ``build-guest.sh --backports``).
 BACKPORTS = KernelAssets(CACHE / "guest-backports")
+#: Debian 12's arm64 cloud kernel (6.1; ``build-guest.sh --arm64``), for :data:`ARM64_SPEC`.
+ARM64 = KernelAssets(CACHE / "guest-arm64")
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,8 @@ class Qemu:
 SYSTEM_QEMU = Qemu()
 #: QEMU 10 of bookworm-backports, unpacked by ``scripts/build-tools.sh qemu``.
 QEMU10 = Qemu.unpacked(CACHE / "qemu-10")
+#: Debian 12's qemu-system-aarch64 (package qemu-system-arm), on PATH.
+SYSTEM_QEMU_AARCH64 = Qemu("qemu-system-aarch64")
 
 
 @dataclass(frozen=True)
@@ -392,3 +396,22 @@ class QemuGuest:
             shutil.rmtree(self.dir, ignore_errors=True)
         with contextlib.suppress(ValueError):
             LIVE.remove(self)
+
+
+# --- arm64 guest (issue 14) ---------------------------------------------------
+
+#: An arm64 guest: ``-M virt`` (RAM from 1 GiB, no firmware for -kernel
+#: boot; QEMU's device tree gives the kernel a KASLR seed), ``-cpu max``
+#: (pointer authentication, SVE: QEMU writes NT_ARM_SVE notes), two vCPUs,
+#: 512 MiB as two NUMA nodes -- node 0 ``memory-backend-memfd,share=on``
+#: (read by pread on the memfd), node 1 ``memory-backend-ram`` (QEMU's
+#: private RAM, read through /proc/PID/mem) -- so one boot covers both
+#: kinds.  The console is the PL011, ``ttyAMA0``.
+ARM64_SPEC = GuestSpec(
+    "arm64", qemu=SYSTEM_QEMU_AARCH64, kernel=ARM64, machine="virt", cpu="max", memory="none", mib=512,
+    append="console=ttyAMA0 panic=-1 printk.devkmsg=on",
+    extra=("-m", "512M",
+           "-object", "memory-backend-memfd,id=mem0,size=256M,share=on",
+           "-object", "memory-backend-ram,id=mem1,size=256M",
+           "-numa", "node,nodeid=0,cpus=0,memdev=mem0", "-numa", "node,nodeid=1,cpus=1,memdev=mem1"),
+    boot_timeout=600)
