@@ -23,7 +23,10 @@ The resume action for a QMP socket (:func:`resume_qmp`) connects to the
 monitor the daemon held (QEMU serves one QMP client per monitor and takes
 the next one once the daemon's descriptor is closed, which the kernel does
 when the daemon dies), asks ``query-status`` and sends ``cont`` only if the
-status is ``paused``.
+status is ``paused``.  For a libvirt domain (:func:`resume_libvirt`) it
+asks libvirtd and calls ``virDomainResume`` only if the domain is paused by
+a suspend; libvirt passes vmcorefs no events, so there a resume by someone
+else during the freeze is not seen.
 
 **Policy: whose pause is it?**  QEMU's ``query-status`` cannot say who
 paused a guest.  The daemon follows the ``RESUME`` events of its monitor
@@ -126,7 +129,8 @@ def resume_qmp(path: str, timeout: float = RESUME_TIMEOUT) -> str:
 
 def resume_libvirt(uri: str, uuid: str) -> str:
     """Resume libvirt domain ``uuid`` of ``uri`` (``virDomainResume``) if
-    libvirt says it is paused; what was done, as one line.  The only action
+    libvirt says it is paused by a suspend (reason ``VIR_DOMAIN_PAUSED_USER``,
+    what vmcorefs' ``virDomainSuspend`` makes); what was done, as one line.  The only action
     that is not standard library: it imports libvirt-python when it runs.
     Raises OSError when libvirt cannot be used."""
     try:
@@ -138,9 +142,11 @@ def resume_libvirt(uri: str, uuid: str) -> str:
         conn = libvirt.open(uri)
         try:
             dom = conn.lookupByUUIDString(uuid)
-            state = dom.state()[0]
+            state, reason = dom.state()
             if state != libvirt.VIR_DOMAIN_PAUSED:
                 return f"domain left in state {state} (not paused)"
+            if reason != libvirt.VIR_DOMAIN_PAUSED_USER:  # an I/O error, a migration, a snapshot...
+                return f"domain paused for another reason than a suspend ({reason}), left so"
             dom.resume()
             return "guest resumed (virDomainResume)"
         finally:

@@ -306,12 +306,23 @@ class _Soak:
         finally:
             qmp.close()
 
-    def live_reader(self, seed: int, deadline: float) -> None:
+    def live_reader(self, seed: int, deadline: float, opened: threading.Semaphore) -> None:
         """Random reads of a's vmcore, pmem and kcore while the guest runs:
         every read answers in full (no EIO, no short read)."""
         rng = random.Random(seed)
-        fds = {name: os.open(self.a.path / name, os.O_RDONLY) for name in ("vmcore", "pmem", "kcore")}
+        fds: dict[str, int] = {}
         try:
+            for name in ("vmcore", "pmem", "kcore"):
+                try:
+                    fds[name] = os.open(self.a.path / name, os.O_RDONLY)
+                except OSError as e:
+                    self._problem("live_errors", f"{self.phase}: open {name}: {e}")
+                    break
+        finally:
+            opened.release()  # the event (hotplug, reboot) waits for every reader's handles
+        try:
+            if len(fds) < 3:
+                return
             loads = {name: _loads_of(fds[name]) for name in ("vmcore", "kcore")}
             loads["pmem"] = [(p, n, p) for p, n, _ in loads["vmcore"]]
             while time.monotonic() < deadline:
@@ -337,7 +348,10 @@ class _Soak:
         self.phase = f"running phase {self.cycles} ({event or 'no event'})"
         deadline = time.monotonic() + seconds
         with concurrent.futures.ThreadPoolExecutor(8) as ex:
-            readers = [ex.submit(self.live_reader, s, deadline) for s in range(8)]
+            opened = threading.Semaphore(0)
+            readers = [ex.submit(self.live_reader, s, deadline, opened) for s in range(8)]
+            for _ in readers:
+                assert opened.acquire(timeout=300), "readers did not open their files"
             time.sleep(seconds / 3)
             if event == "hotplug":
                 with self.lock:
@@ -397,8 +411,10 @@ def test_soak() -> None:
         "-object", "memory-backend-memfd,id=mem0,size=256M,share=on", "-machine", "memory-backend=mem0",
         "-qmp", f"unix:{freeze_socket},server=on,wait=off", "-qmp", f"unix:{status_socket},server=on,wait=off"))
     try:
-        with QemuGuest(spec, directory=d) as g, Mount(g) as a, \
-                Mount(g, "--freeze", "--direct", socket=str(freeze_socket)) as b:
+        logs = {"a": d / "a.log", "b": d / "b.log"}
+        with QemuGuest(spec, directory=d) as g, Mount(g, "--debug", "--log-file", str(logs["a"])) as a, \
+                Mount(g, "--freeze", "--direct", "--debug", "--log-file", str(logs["b"]),
+                      socket=str(freeze_socket)) as b:
             soak = _Soak(g, a, b, str(status_socket))
             freezer = threading.Thread(target=soak.freezer)
             freezer.start()
@@ -418,6 +434,11 @@ def test_soak() -> None:
                 soak.stop.set()
                 freezer.join()
             final = soak.figures()
+        if soak.problems:  # what the daemons said about it
+            for name, path in logs.items():
+                for line in path.read_text(errors="replace").splitlines():
+                    if " WARNING " in line or " ERROR " in line or "no kcore" in line:
+                        print(f"daemon {name} log: {line[:300]}")
     finally:
         shutil.rmtree(d, ignore_errors=True)
     elapsed = time.monotonic() - t0

@@ -14,6 +14,7 @@ from typing import Iterator
 import pytest
 
 from vmcorefs.testing import Mount, QemuGuest, is_mounted, wait_for
+from vmcorefs.testing.mounts import exited, pids_where
 
 pytestmark = pytest.mark.integration
 
@@ -21,32 +22,17 @@ pytestmark = pytest.mark.integration
 BOUND = 10.0
 
 
-def _exited(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1].startswith(("Z", "X"))
-    except OSError:
-        return True
-
-
-def _ppid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().split(") ", 1)[1].split()[1])
-
-
 def _watchdog_of(daemon: int) -> int:
     """The watchdog child of the vmcorefs daemon ``daemon``."""
+    def match(argv: list[bytes]) -> bool:
+        return any(a.endswith(b"vmcorefs/watchdog.py") for a in argv)
+
     found = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            if any(a.endswith(b"vmcorefs/watchdog.py") for a in argv) and _ppid(int(d)) == daemon:
-                found.append(int(d))
-        except (OSError, IndexError, ValueError):
-            continue
+    for pid in pids_where(match):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().split(") ", 1)[1].split()[1]) == daemon:
+                    found.append(pid)
     assert len(found) == 1, f"watchdogs of daemon {daemon}: {found}"
     return found[0]
 
@@ -62,13 +48,27 @@ def _kill_daemon(m: Mount) -> tuple[int, float]:
     wd = _watchdog_of(m.daemon_pid)
     t = time.monotonic()
     os.killpg(os.getpgid(m.daemon_pid), signal.SIGKILL)
-    wait_for(lambda: _exited(m.daemon_pid or 0), BOUND, "daemon death")
+    wait_for(lambda: exited(m.daemon_pid or 0), BOUND, "daemon death")
     return wd, t
 
 
 def _clear_dead_mount(m: Mount) -> None:
     subprocess.run(["fusermount3", "-u", str(m.path)], check=True, capture_output=True)
     assert not is_mounted(m.path)
+
+
+def _kill_and_expect_paused(g: QemuGuest, m: Mount, fd: int | None = None) -> None:
+    """SIGKILL the daemon: once its watchdog has exited the guest is still
+    paused and was never resumed; then close ``fd`` and clear the mount."""
+    g.clear_events()
+    wd, _ = _kill_daemon(m)
+    wait_for(lambda: exited(wd), BOUND, "watchdog exit")
+    assert g.status() == "paused"
+    assert not [e for e in g.events() if e["event"] == "RESUME"]
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _clear_dead_mount(m)
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_sigkill_with_guest_frozen_resumes_it(g: QemuGuest) -> None:
         _, t = _kill_daemon(m)
         wait_for(lambda: g.status() == "running", BOUND, "guest resumed by the watchdog", interval=0.01)
         print(f"guest running again {time.monotonic() - t:.3f} s after the SIGKILL")
-        wait_for(lambda: _exited(wd), BOUND, "watchdog exit")
+        wait_for(lambda: exited(wd), BOUND, "watchdog exit")
         with contextlib.suppress(OSError):
             os.close(fd)
         _clear_dead_mount(m)
@@ -105,15 +105,7 @@ def test_sigkill_with_guest_frozen_resumes_it(g: QemuGuest) -> None:
 def test_guest_paused_before_stays_paused(g: QemuGuest) -> None:
     g.qmp("stop")
     with Mount(g, "--freeze") as m:
-        fd = os.open(m.vmcore, os.O_RDONLY)
-        g.clear_events()
-        wd, _ = _kill_daemon(m)
-        wait_for(lambda: _exited(wd), BOUND, "watchdog exit")
-        assert g.status() == "paused"
-        assert not [e for e in g.events() if e["event"] == "RESUME"]
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        _clear_dead_mount(m)
+        _kill_and_expect_paused(g, m, os.open(m.vmcore, os.O_RDONLY))
 
 
 def test_normal_unmount_leaves_no_watchdog(g: QemuGuest) -> None:
@@ -124,7 +116,7 @@ def test_normal_unmount_leaves_no_watchdog(g: QemuGuest) -> None:
             assert g.status() == "paused"
             assert f.read(4) == b"\x7fELF"
         wait_for(lambda: g.status() == "running", BOUND, "resume at the last close")
-    wait_for(lambda: _exited(wd), BOUND, "watchdog exit after the unmount")
+    wait_for(lambda: exited(wd), BOUND, "watchdog exit after the unmount")
     assert g.status() == "running"
 
 
@@ -142,12 +134,7 @@ def test_sigkill_without_freeze_in_force_leaves_guest_alone(g: QemuGuest) -> Non
             f.read(4)
         wait_for(lambda: g.status() == "running", BOUND, "resume at the last close")
         g.qmp("stop")  # the user's pause, not vmcorefs'
-        g.clear_events()
-        wd, _ = _kill_daemon(m)
-        wait_for(lambda: _exited(wd), BOUND, "watchdog exit")
-        assert g.status() == "paused"
-        assert not [e for e in g.events() if e["event"] == "RESUME"]
-        _clear_dead_mount(m)
+        _kill_and_expect_paused(g, m)
 
 
 def test_user_resume_ends_our_pause(g: QemuGuest, tmp_path: Path) -> None:
@@ -160,11 +147,4 @@ def test_user_resume_ends_our_pause(g: QemuGuest, tmp_path: Path) -> None:
         g.qmp("cont")
         wait_for(lambda: "pause is no longer ours" in log.read_text(), BOUND, "daemon saw the RESUME")
         g.qmp("stop")
-        g.clear_events()
-        wd, _ = _kill_daemon(m)
-        wait_for(lambda: _exited(wd), BOUND, "watchdog exit")
-        assert g.status() == "paused"
-        assert not [e for e in g.events() if e["event"] == "RESUME"]
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        _clear_dead_mount(m)
+        _kill_and_expect_paused(g, m, fd)

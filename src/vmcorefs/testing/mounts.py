@@ -77,11 +77,8 @@ def wait_mounted(path: str | Path, daemon: subprocess.Popen[str] | None = None, 
     wait_for(ready, timeout, f"mount of {path}")
 
 
-def daemon_pid(mountpoint: str | Path) -> int | None:
-    """PID of the ``vmcorefs mount`` daemon serving ``mountpoint``: the forked
-    child of ``vmcorefs mount`` (same command line; the parent has exited
-    once the mount was ready)."""
-    needle = str(mountpoint).encode()
+def pids_where(match: Callable[[list[bytes]], bool]) -> list[int]:
+    """PIDs of the processes whose command line (``argv`` as bytes) ``match`` accepts."""
     found = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -91,17 +88,27 @@ def daemon_pid(mountpoint: str | Path) -> int | None:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if b"vmcorefs" in argv and b"mount" in argv and needle in argv:
+        if match(argv):
             found.append(int(d))
+    return found
+
+
+def daemon_pid(mountpoint: str | Path) -> int | None:
+    """PID of the ``vmcorefs mount`` daemon serving ``mountpoint``: the forked
+    child of ``vmcorefs mount`` (same command line; the parent has exited
+    once the mount was ready)."""
+    needle = str(mountpoint).encode()
+    found = pids_where(lambda argv: b"vmcorefs" in argv and b"mount" in argv and needle in argv)
     if len(found) > 1:
         raise RuntimeError(f"{len(found)} vmcorefs daemons serve {mountpoint}: {found}")
     return found[0] if found else None
 
 
-def _exited(pid: int) -> bool:
+def exited(pid: int) -> bool:
+    """Whether process ``pid`` has exited (gone, or a zombie not yet reaped)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1].startswith("Z")
+            return f.read().split(") ", 1)[1].startswith(("Z", "X"))
     except OSError:
         return True
 
@@ -118,8 +125,8 @@ def unmount_and_wait(path: str | Path, pid: int | None) -> None:
         unmount(path)
     if pid is not None:
         with contextlib.suppress(AssertionError):
-            wait_for(lambda: _exited(pid), CLEANUP_TIMEOUT)
-        if not _exited(pid):
+            wait_for(lambda: exited(pid), CLEANUP_TIMEOUT)
+        if not exited(pid):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
 
