@@ -14,6 +14,8 @@ default /var/cache/vmcorefs) and QEMU; mounts need FUSE and root.
   :func:`is_mounted`, :func:`unmount`, :func:`wait_for`.
 * :mod:`~vmcorefs.testing.probes`: the drgn kallsyms program, VMCOREINFO
   arithmetic (printk head), the page cache a test brought in.
+* :mod:`~vmcorefs.testing.tools`: crash (Debian's, or :data:`CRASH9`),
+  drgn with the debug vmlinux, gdb on kcore, as the tests run them.
 
 ``python -m vmcorefs.testing boot|drgn-kallsyms|printk-head`` serves
 shell scripts (``scripts/demo.sh``).
@@ -56,6 +58,17 @@ from vmcorefs.testing.probes import (
     printk_head_id,
     vmcoreinfo_dict,
 )
+from vmcorefs.testing.tools import (
+    CRASH9,
+    DRGN_DEBUGINFO,
+    KERNEL_SPACE,
+    DrgnTasks,
+    OnCpu,
+    drgn_tasks,
+    gdb_on_kcore,
+    gdb_threads,
+    run_crash,
+)
 
 __all__ = [
     "BACKPORTS", "CACHE", "DEBIAN11", "DEBIAN12", "QEMU10", "SYSTEM_QEMU", "GuestSpec", "KernelAssets", "Qemu",
@@ -64,4 +77,6 @@ __all__ = [
     "unmount_and_wait", "wait_for", "wait_mounted",
     "DRGN_KALLSYMS", "DRGN_KALLSYMS_QEMU", "kernel_image_phys", "printk_head_addr", "printk_head_id",
     "memory_cgroup", "vmcoreinfo_dict",
+    "CRASH9", "DRGN_DEBUGINFO", "KERNEL_SPACE", "DrgnTasks", "OnCpu", "drgn_tasks", "gdb_on_kcore", "gdb_threads",
+    "run_crash",
 ]
