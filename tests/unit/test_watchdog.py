@@ -1,0 +1,159 @@
+"""The --freeze watchdog's protocol without QEMU (vmcorefs.watchdog).
+
+The daemon's side (:class:`WatchedGuest` over a :class:`Watchdog`) writes
+its bytes into a real pipe that the test reads; the watchdog's side
+(:func:`watch`) reads a real pipe and runs a recording resume action; the
+spawned process is a real one (:func:`start`).  Resuming real QEMU and
+libvirt is tested in tests/integration/test_watchdog.py and test_libvirt.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Iterator
+
+import pytest
+from qemu.qmp import EventListener
+from qemu.qmp.message import Message
+
+from vmcorefs import watchdog
+from vmcorefs.errors import QMPError, QMPTimeoutError
+from vmcorefs.watchdog import PAUSED, RESUMED, WatchedGuest, Watchdog, watch
+
+
+class Guest:
+    """A guest whose pause/resume succeed or raise ``fail``; with a monitor whose events the test puts."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.fail: BaseException | None = None
+        self.monitor = self
+        self.listener: EventListener | None = None
+
+    async def pause(self) -> None:
+        self.calls.append("stop")
+        if self.fail is not None:
+            raise self.fail
+
+    async def resume(self) -> None:
+        self.calls.append("cont")
+
+    def listen(self, *names: str) -> Any:
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm() -> Iterator[EventListener]:
+            self.listener = EventListener(names)
+            yield self.listener
+        return cm()
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, Watchdog]]:
+    """(read end, a Watchdog writing the other end); the process is a real, idle one."""
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    yield r, Watchdog(proc, w)
+    os.close(r)
+
+
+def said(r: int) -> bytes:
+    os.set_blocking(r, False)
+    try:
+        return os.read(r, 64)
+    except BlockingIOError:
+        return b""
+
+
+def test_pause_says_p_first_and_resume_r_after(pipe: tuple[int, Watchdog]) -> None:
+    r, wd = pipe
+    g = Guest()
+    wg = WatchedGuest(g, wd)
+
+    async def go() -> None:
+        await wg.pause()
+        assert said(r) == PAUSED and wg.ours
+        await wg.resume()
+        assert said(r) == RESUMED and not wg.ours and g.calls == ["stop", "cont"]
+    asyncio.run(go())
+
+
+def test_refused_stop_takes_p_back_but_a_timeout_keeps_it(pipe: tuple[int, Watchdog]) -> None:
+    r, wd = pipe
+    g = Guest()
+    wg = WatchedGuest(g, wd)
+
+    async def go() -> None:
+        g.fail = QMPError("refused", "stop")
+        with pytest.raises(QMPError):
+            await wg.pause()
+        assert said(r) == PAUSED + RESUMED and not wg.ours
+        g.fail = QMPTimeoutError("no answer within 10 s", "stop")
+        with pytest.raises(QMPTimeoutError):
+            await wg.pause()
+        assert said(r) == PAUSED  # the stop may still happen: the watchdog checks the status
+    asyncio.run(go())
+
+
+def test_someone_elses_resume_ends_our_pause(pipe: tuple[int, Watchdog]) -> None:
+    r, wd = pipe
+    g = Guest()
+    wg = WatchedGuest(g, wd)
+
+    async def go() -> None:
+        task = asyncio.create_task(wg.follow_events())
+        await asyncio.sleep(0)
+        assert g.listener is not None
+        await g.listener.put(Message({"event": "RESUME", "data": {}}))  # before our stop: not news
+        await wg.pause()
+        await asyncio.sleep(0.01)
+        assert said(r) == PAUSED and wg.ours
+        await g.listener.put(Message({"event": "RESUME", "data": {}}))
+        await asyncio.sleep(0.01)
+        assert said(r) == RESUMED and not wg.ours
+        await wg.resume()  # the last close: not our pause any more, no cont
+        assert g.calls == ["stop"]
+        task.cancel()
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("words, resumed", [(b"", False), (b"P", True), (b"PR", False), (b"PRP", True),
+                                            (b"PRPR", False)])
+def test_watch_resumes_only_after_a_last_p(words: bytes, resumed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, ...]] = []
+
+    def record(*args: str) -> str:
+        calls.append(args)
+        return "recorded"
+
+    monkeypatch.setitem(watchdog.RESUMERS, "test", record)
+    r, w = os.pipe()
+    for byte in words:  # one write each, as the daemon does
+        os.write(w, bytes([byte]))
+    os.close(w)
+    try:
+        assert watch(r, ["test", "a", "b"]) == 0
+    finally:
+        os.close(r)
+    assert calls == ([("a", "b")] if resumed else [])
+
+
+def test_spawned_watchdog_exits_at_eof_in_its_own_session() -> None:
+    wd = watchdog.start(["qmp", "/nonexistent/qmp.sock"])
+    try:
+        assert os.getsid(wd.pid) == wd.pid != os.getsid(0)
+        with open(f"/proc/{wd.pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        assert b"-I" in argv and argv[2].endswith(b"vmcorefs/watchdog.py")
+    finally:
+        wd.paused()  # QEMU is "gone" (no socket): nothing to resume, a clean exit
+        wd.close()
+    deadline = time.monotonic() + 60
+    while wd.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert wd.proc.returncode == 0
