@@ -17,7 +17,7 @@ from pathlib import Path
 
 from harness import GiB, MiB, Guest, ScratchFile, dd, host_free, proc_status, shm_free
 
-from vmcorefs.testing import Mount
+from vmcorefs.testing import SRC, VMCOREFS, Mount
 #: The integration tests' drgn program: kallsyms from VMCOREINFO, no
 #: debuginfo, then read linux_banner -- on a core file (DRGN_CORE), or
 #: through drgn's own live QEMU mode (DRGN_QEMU; drgn >= 0.0.31:
@@ -246,6 +246,12 @@ def freeze_pause(g: Guest, m: Mount) -> dict[str, float]:
     fd = os.open(m.vmcore, os.O_RDONLY)
     os.close(fd)
     openclose = time.perf_counter() - t
+    return {"freeze_pause_ms": stop_to_resume(g) * 1000, "freeze_openclose_ms": openclose * 1000}
+
+
+def stop_to_resume(g: Guest) -> float:
+    """Seconds from the first STOP event since ``g.clear_events()`` to the
+    RESUME after it (QEMU's own timestamps)."""
     stop = resume = None
     deadline = time.monotonic() + 10
     while resume is None and time.monotonic() < deadline:
@@ -257,7 +263,7 @@ def freeze_pause(g: Guest, m: Mount) -> dict[str, float]:
                 resume = ts
     if stop is None or resume is None:
         raise RuntimeError(f"no STOP/RESUME pair seen (status {g.status()})")
-    return {"freeze_pause_ms": (resume - stop) * 1000, "freeze_openclose_ms": openclose * 1000}
+    return resume - stop
 
 
 # -- (6) filtered dump ----------------------------------------------------------
@@ -303,3 +309,33 @@ def qemu_kdump(g: Guest, outdir: str) -> dict[str, float]:
         size = os.path.getsize(out.path)
     return {"qkdump_s": elapsed, "qkdump_out_bytes": size, "qkdump_read_bytes": g.size_gib * GiB,
             "qkdump_growth_bytes": qemu_resident(g) - resident0}
+
+
+# -- (7) vmcorefs dump ------------------------------------------------------------
+
+def vmcorefs_dump(g: Guest, outdir: str, fmt: str = "elf") -> dict[str, float]:
+    """(7): ``vmcorefs dump --format FMT`` of the running guest into
+    ``outdir``: wall time, guest pause (QEMU's STOP to RESUME), output and
+    allocated size, the command's peak RSS (``wait4``), and the guest pages
+    the dump made the host hold (QEMU's resident guest memory, after minus
+    before).  Key prefix ``vdump`` (elf) or ``vkdump`` (kdump-*)."""
+    key = "vdump" if fmt == "elf" else "vkdump"
+    resident0 = qemu_resident(g)
+    with ScratchFile(outdir, f"{key}.{fmt}") as out:
+        g.clear_events()
+        env = dict(os.environ, PYTHONPATH=str(SRC))
+        t = time.perf_counter()
+        proc = subprocess.Popen([*VMCOREFS, "dump", "--quiet", "--format", fmt, g.qmp_path, out.path],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        if proc.returncode == 2 and "not enough space" in err:
+            raise Skip(err.strip())
+        if proc.returncode != 0:
+            raise RuntimeError(f"vmcorefs dump failed ({proc.returncode}): {err[-500:]}")
+        st = os.stat(out.path)
+    return {f"{key}_s": elapsed, f"{key}_pause_s": stop_to_resume(g), f"{key}_size_bytes": st.st_size,
+            f"{key}_alloc_bytes": st.st_blocks * 512, f"{key}_rss_bytes": usage.ru_maxrss * 1024,
+            f"{key}_growth_bytes": qemu_resident(g) - resident0}

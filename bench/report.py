@@ -83,6 +83,16 @@ METRICS: list[tuple[str, str, Callable[[float], str]]] = [
     ("qkdump_read_bytes", "(6) QEMU kdump-zlib: bytes read (all of guest RAM)", _bytes),
     ("qkdump_out_bytes", "(6) QEMU kdump-zlib: output size", _bytes),
     ("qkdump_growth_bytes", "(6) guest pages QEMU's dumps faulted into host memory", _bytes),
+    ("dump_file_bytes", "(7) dump-guest-memory ELF (1b): allocated size", _bytes),
+    ("vdump_s", "(7) vmcorefs dump (sparse ELF to /dev/shm): wall time", _s),
+    ("vdump_pause_s", "(7) vmcorefs dump: guest paused (STOP→RESUME)", _s),
+    ("vdump_size_bytes", "(7) vmcorefs dump: file size", _bytes),
+    ("vdump_alloc_bytes", "(7) vmcorefs dump: allocated size", _bytes),
+    ("vdump_rss_bytes", "(7) vmcorefs dump: its peak RSS", _bytes),
+    ("vdump_growth_bytes", "(7) vmcorefs dump: guest pages it made the host hold", _bytes),
+    ("vkdump_s", "(7) vmcorefs dump --format kdump-zlib: wall time", _s),
+    ("vkdump_pause_s", "(7) vmcorefs dump --format kdump-zlib: guest paused", _s),
+    ("vkdump_size_bytes", "(7) vmcorefs dump --format kdump-zlib: output size", _bytes),
 ]
 FORMAT = {k: f for k, _, f in METRICS}
 
@@ -98,6 +108,12 @@ RATIOS: list[tuple[str, str, str]] = [
     ("(6) makedumpfile ÷ QEMU kdump-zlib, time", "mdf_s", "qkdump_s"),
     ("(6) makedumpfile ÷ QEMU kdump-zlib, bytes read", "mdf_read_bytes", "qkdump_read_bytes"),
     ("(6) makedumpfile ÷ QEMU kdump-zlib, output", "mdf_out_bytes", "qkdump_out_bytes"),
+    ("(7) speed-up of vmcorefs dump over dump-guest-memory ELF (dump_s ÷ vdump_s)", "dump_s", "vdump_s"),
+    ("(7) guest pause, dump-guest-memory ÷ vmcorefs dump (QEMU pauses for its whole dump)", "dump_s",
+     "vdump_pause_s"),
+    ("(7) allocated size, dump-guest-memory ÷ vmcorefs dump", "dump_file_bytes", "vdump_alloc_bytes"),
+    ("(7) kdump-zlib wall time, QEMU ÷ vmcorefs dump", "qkdump_s", "vkdump_s"),
+    ("(7) kdump-zlib output, vmcorefs dump ÷ QEMU", "vkdump_size_bytes", "qkdump_out_bytes"),
 ]
 
 
