@@ -1,0 +1,174 @@
+"""The dump engine (vmcorefs.dump) without QEMU: a memfd standing in for a
+shared backend and an anonymous mapping of this process for private RAM
+(read through our own /proc/self/mem and /proc/self/pagemap), written into
+a file and compared with what the layout says, byte for byte."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from pathlib import Path
+
+import pytest
+from unit_support import fake_cpu_notes, fake_mem
+
+from vmcorefs.core.elf import DumpInfo
+from vmcorefs.core.layout import PAGE_SIZE, ExtentKind
+from vmcorefs.core.memmap import GuestPhysBlock
+from vmcorefs.dump import _NoProgress, _nonzero_pages, _Watch, copy_runs, plan
+from vmcorefs.qemu.guest import Snapshot
+from vmcorefs.qemu.memory import ProcessMemory, Source
+from vmcorefs.qemu.scan import GuestRAM, zero_pfns
+
+MiB = 1 << 20
+IDENT64 = b"\x7fELF\x02\x01\x01" + bytes(9)
+
+
+def test_nonzero_pages() -> None:
+    buf = bytearray(8 * PAGE_SIZE)
+    assert _nonzero_pages(buf, len(buf)) == []
+    buf[PAGE_SIZE] = 1                      # page 1
+    buf[3 * PAGE_SIZE - 1] = 1              # page 2: merged with 1
+    buf[5 * PAGE_SIZE + 100] = 1            # page 5
+    buf[8 * PAGE_SIZE - 1] = 1              # page 7, the last
+    assert _nonzero_pages(buf, len(buf)) == [(PAGE_SIZE, 3 * PAGE_SIZE), (5 * PAGE_SIZE, 6 * PAGE_SIZE),
+                                             (7 * PAGE_SIZE, 8 * PAGE_SIZE)]
+    assert _nonzero_pages(buf, 2 * PAGE_SIZE) == [(PAGE_SIZE, 2 * PAGE_SIZE)]
+
+
+def _snapshot(blocks: list[GuestPhysBlock], sources: list[Source]) -> Snapshot:
+    return Snapshot.build(blocks, sources, DumpInfo(IDENT64, 62, 0, fake_cpu_notes(2), True), alive=lambda: True)
+
+
+def _expected(snap: Snapshot, read: dict[int, bytes]) -> bytes:
+    """The whole file as the layout defines it; ``read[gpa]`` is each block's bytes."""
+    out = bytearray(snap.vmcore.size)
+    out[:len(snap.vmcore.prefix)] = snap.vmcore.prefix
+    for seg in snap.vmcore.segments:
+        out[seg.offset:seg.end] = read[seg.src]
+    return bytes(out)
+
+
+def _data_blocks(fd: int, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of the data ranges of a file (SEEK_DATA/SEEK_HOLE)."""
+    out, off = [], 0
+    while off < size:
+        try:
+            data = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError:
+            break
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        out.append((data, hole - data))
+        off = hole
+    return out
+
+
+def test_shared_backend_sparse_and_exact(tmp_path: Path) -> None:
+    """A memfd with holes, data pages and data pages of zeros: the file
+    equals the layout byte for byte; only the non-zero data is allocated."""
+    memfd = os.memfd_create("fake-guest-ram")
+    try:
+        size = 12 * MiB
+        os.ftruncate(memfd, size)
+        written = {0: fake_mem(0, 64 * 1024), 3 * MiB + 8192: fake_mem(7, 3 * PAGE_SIZE),
+                   9 * MiB: fake_mem(1, MiB)}
+        for off, data in written.items():
+            os.pwrite(memfd, data, off)
+        os.pwrite(memfd, bytes(MiB), 5 * MiB)  # allocated, but zeros
+        blocks = [GuestPhysBlock(0, 8 * MiB, 0x7F00_0000_0000, "ram", "ram"),
+                  GuestPhysBlock(1 << 32, 4 * MiB, 0x7F00_0080_0000, "ram", "ram")]
+        sources = [Source(blocks[0], memfd, 0, ExtentKind.SHARED, "memfd"),
+                   Source(blocks[1], memfd, 8 * MiB, ExtentKind.SHARED, "memfd")]
+        snap = _snapshot(blocks, sources)
+        with GuestRAM(ProcessMemory(os.getpid()), snap.sources) as ram:
+            p = plan(snap, snap.vmcore, ram)
+            assert p.populated == 64 * 1024 + 3 * PAGE_SIZE + 1 * MiB + MiB  # the zero MiB is data too
+            out = tmp_path / "core"
+            fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            try:
+                copy_runs(fd, p, ram, _Watch(None), _NoProgress())
+                got = out.read_bytes()
+                want = _expected(snap, {0: os.pread(memfd, 8 * MiB, 0), 1 << 32: os.pread(memfd, 4 * MiB, 8 * MiB)})
+                assert got == want
+                # Allocated: the prefix page(s) and the three written ranges, nothing else.
+                seg0, seg1 = snap.vmcore.segments
+                data = _data_blocks(fd, len(got))
+                assert sum(n for _, n in data) <= len(p.prefix) + PAGE_SIZE + 64 * 1024 + 3 * PAGE_SIZE + MiB + 3 * 4096
+                assert all(not (seg0.offset + 5 * MiB <= off < seg0.offset + 6 * MiB) for off, _ in data)
+                assert any(off <= seg1.offset + MiB < off + n for off, n in data)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(memfd)
+
+
+def _pagemap_present(addr: int, npages: int) -> list[bool]:
+    with open("/proc/self/pagemap", "rb", buffering=0) as f:
+        raw = os.pread(f.fileno(), 8 * npages, addr // PAGE_SIZE * 8)
+    return [bool(int.from_bytes(raw[8 * i:8 * i + 8], "little") >> 63) for i in range(npages)]
+
+
+def test_private_ram_reads_only_populated_pages(tmp_path: Path) -> None:
+    """Private RAM (our own anonymous mapping through /proc/self/mem): pages
+    never touched are neither read nor faulted in, pages mapping the zero
+    page are not read; written pages are copied exactly; written zeros leave
+    holes."""
+    npages = 512
+    m = mmap.mmap(-1, npages * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    try:
+        touched = {3: b"\x11", 4: b"\x22", 100: b"\x33", 511: b"\x44"}
+        for page, byte in touched.items():
+            m[page * PAGE_SIZE:(page + 1) * PAGE_SIZE] = byte * PAGE_SIZE
+        m[200 * PAGE_SIZE] = 0  # a written zero: present, data, all zeros
+        _ = m[300 * PAGE_SIZE]  # a read: the zero page mapped, no data (skipped when its PFN is known)
+        zero_pfn_known = zero_pfns()[0] != 0
+        block = GuestPhysBlock(0, npages * PAGE_SIZE, addr, "ram", "ram")
+        memory = ProcessMemory(os.getpid(), "procmem")
+        try:
+            snap = _snapshot([block], memory.sources([block]))
+            with GuestRAM(memory, snap.sources) as ram:
+                p = plan(snap, snap.vmcore, ram)
+                assert p.populated == (len(touched) + 1 + (not zero_pfn_known)) * PAGE_SIZE
+                out = tmp_path / "core"
+                fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+                try:
+                    copy_runs(fd, p, ram, _Watch(None), _NoProgress())
+                    data = _data_blocks(fd, snap.vmcore.size)
+                finally:
+                    os.close(fd)
+            # Nothing faulted in by the dump (checked before bytes(m) below reads it all).
+            present = _pagemap_present(addr, npages)
+            assert [i for i, x in enumerate(present) if x] == sorted([*touched, 200, 300])
+            assert out.read_bytes() == _expected(snap, {0: bytes(m)})
+            (seg,) = snap.vmcore.segments
+            assert all(not (off <= seg.offset + 200 * PAGE_SIZE < off + n) for off, n in data)
+        finally:
+            memory.close()
+    finally:
+        m.close()
+
+
+def test_stop_and_write_errors(tmp_path: Path) -> None:
+    """A stop request ends the copy early; a failed write is raised."""
+    memfd = os.memfd_create("fake-guest-ram")
+    try:
+        os.ftruncate(memfd, 16 * MiB)
+        os.pwrite(memfd, fake_mem(0, 16 * MiB), 0)
+        block = GuestPhysBlock(0, 16 * MiB, 0x7F00_0000_0000, "ram", "ram")
+        snap = _snapshot([block], [Source(block, memfd, 0, ExtentKind.SHARED, "memfd")])
+        with GuestRAM(ProcessMemory(os.getpid()), snap.sources) as ram:
+            p = plan(snap, snap.vmcore, ram)
+            watch = _Watch(None)
+            watch.stop.set()
+            fd = os.open(tmp_path / "stopped", os.O_RDWR | os.O_CREAT)
+            try:
+                assert copy_runs(fd, p, ram, watch, _NoProgress()) == len(p.prefix)
+            finally:
+                os.close(fd)
+            with open("/dev/full", "wb") as full:
+                with pytest.raises(OSError):
+                    copy_runs(full.fileno(), p, ram, _Watch(None), _NoProgress())
+    finally:
+        os.close(memfd)
