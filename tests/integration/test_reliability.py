@@ -20,20 +20,8 @@ from typing import Iterator
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from vmcorefs.testing import (
-    SRC,
-    GuestSpec,
-    Mount,
-    QemuGuest,
-    daemon_pid,
-    require,
-    run_vmcorefs,
-    spawn_vmcorefs,
-    unmount,
-    unmount_and_wait,
-    wait_for,
-    wait_mounted,
-)
+from vmcorefs.testing import SRC, GuestSpec, Mount, QemuGuest, daemon_pid, require, run_vmcorefs
+from vmcorefs.testing import spawn_vmcorefs, unmount, unmount_and_wait, wait_for, wait_mounted
 
 pytestmark = pytest.mark.integration
 TEST_USER = "vmcorefs-test"
