@@ -25,7 +25,7 @@ from functools import cached_property
 from typing import Any, Callable, Iterator
 
 from vmcorefs.core.elf import DumpInfo, build_pmem, build_vmcore, parse_qemu_dump, qemu_dump_headers_end
-from vmcorefs.core.kcore import kernel_view, page_table_root
+from vmcorefs.core.kcore import EM_AARCH64, kernel_view, page_table_root
 from vmcorefs.core.layout import Extent, SparseFile
 from vmcorefs.core.memmap import (
     FlatRange,
@@ -377,7 +377,12 @@ class Guest:
         device would have put it: the last note), found in guest RAM, and
         where it came from.  The result is kept for the guest's boot: each
         call re-validates it (a few pages), a reset or kexec rescans; a scan
-        that found nothing is retried at most every ``RESCAN_AFTER`` seconds."""
+        that found nothing is retried at most every ``RESCAN_AFTER`` seconds.
+        x86 only: a copy is checked against the page tables of a vCPU's CR3,
+        and QEMU's notes of other guests (aarch64: no TTBR1_EL1) name none."""
+        if dump.e_machine == EM_AARCH64:
+            return dump, ("none (the VMCOREINFO search in guest RAM is x86-only: QEMU's aarch64 notes"
+                          " carry no TTBR1_EL1 to check a copy against; add -device vmcoreinfo)")
         cpus = qemu_x86_cpu_states(parse_notes(dump.notes))
         now = time.monotonic()
         result: Found | NotFound | None = None
@@ -472,7 +477,8 @@ class Guest:
         if has_device:
             return (f"{origin}; -device vmcoreinfo is present but the guest never registered"
                     " (load its qemu_fw_cfg driver)")
-        if await self.status() in ("prelaunch", "inmigrate") or not qemu_x86_cpu_states(parse_notes(snap.dump.notes)):
+        if await self.status() in ("prelaunch", "inmigrate") or (
+                snap.dump.e_machine != EM_AARCH64 and not qemu_x86_cpu_states(parse_notes(snap.dump.notes))):
             return f"{origin}; the guest has not booted yet"
         return origin
 
