@@ -153,11 +153,8 @@ QEMU10 = Qemu.unpacked(CACHE / "qemu-10")
 SYSTEM_QEMU_AARCH64 = Qemu("qemu-system-aarch64")
 
 
-#: The guest kernel's command line.  /init logs ten kernel messages a
-#: second: with the default 128 KiB printk ring the boot messages (``Linux
-#: version ...``, which tests look for) are gone after ~5 minutes, and a slow
-#: suite keeps its guests longer than that; 2 MiB hold ~1.5 hours.
-APPEND = "console=ttyS0 panic=-1 printk.devkmsg=on log_buf_len=2M"
+#: The guest kernel's command line.
+APPEND = "console=ttyS0 panic=-1 printk.devkmsg=on"
 
 
 @dataclass(frozen=True)
