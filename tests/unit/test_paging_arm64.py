@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import random
 import struct
 
 import pytest
+from elftools.elf.elffile import ELFFile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paging_support import GiB1, KiB4, MiB2, PhysMem, clip, coalesce
 
+from vmcorefs.core.elf import DumpInfo
+from vmcorefs.core.kcore import EM_AARCH64, PageTableRoot, kernel_view, page_table_root
 from vmcorefs.core.notes import parse_vmcoreinfo
 from vmcorefs.core.paging import PageWalk, Run
 from vmcorefs.core.paging_arm64 import (
@@ -441,3 +445,35 @@ def test_kernel_root_any_text(vci: dict[str, str]) -> None:
         return
     assert root % KiB4 == 0 and root < 1 << 52 and 25 <= va_bits <= 52
 
+
+
+# --- kcore's dispatch on e_machine ------------------------------------------------------
+
+
+def test_page_table_root_dispatch() -> None:
+    """EM_AARCH64 takes the arm64 root from VMCOREINFO (QEMU's notes have no
+    TTBR1); another machine than x86 and arm64 has no walker."""
+    info = DumpInfo(b"\x7fELF", EM_AARCH64, 0, b"", True)
+    root = page_table_root(parse_vmcoreinfo(REAL), info)
+    assert root == PageTableRoot(EM_AARCH64, 0x4157_B000, 48)
+    with pytest.raises(FormatError, match="TTBR1"):
+        page_table_root(None, info)
+    with pytest.raises(FormatError, match="machine 243"):
+        page_table_root(parse_vmcoreinfo(REAL), DumpInfo(b"\x7fELF", 243, 0, b"", True))
+
+
+def test_kernel_view_walks_arm64_tables() -> None:
+    """kernel_view on an EM_AARCH64 dump walks TTBR1 tables (an x86 walk of
+    the same tables would find other mappings) and clips to RAM."""
+    mem = PhysMem(1 << 31)
+    t = Arm64Tables(mem, 48, table_base=0x5000_0000)
+    t.map_4k_range(PAGE_OFFSET, 0x4000_0000, 64 << 20)
+    assert t.map(KIMAGE, 0x4020_0000, MiB2)
+    assert t.map(KIMAGE + GiB1, 0x0900_0000, MiB2)  # MMIO: not RAM
+    info = DumpInfo(b"\x7fELF", EM_AARCH64, 0, b"", True)
+    view = kernel_view(mem.read, info, PageTableRoot(EM_AARCH64, t.root, 48), [(0x4000_0000, 1 << 30)])
+    assert not view.truncated
+    elf = ELFFile(io.BytesIO(view.file.prefix))
+    assert elf["e_machine"] == "EM_AARCH64"
+    loads = [(s["p_vaddr"], s["p_paddr"], s["p_memsz"]) for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
+    assert loads == [(PAGE_OFFSET, 0x4000_0000, 64 << 20), (KIMAGE, 0x4020_0000, MiB2)]
