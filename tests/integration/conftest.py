@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from vmcorefs.testing import GuestSpec, QemuGuest, close_all, require
+from vmcorefs.testing import BACKPORTS, QEMU10, GuestSpec, QemuGuest, close_all, require
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +41,18 @@ def memfd_guest() -> Iterator[QemuGuest]:
 @pytest.fixture(scope="session")
 def private_guest() -> Iterator[QemuGuest]:
     yield from _boot(GuestSpec("private", memory="private"))
+
+
+@pytest.fixture(scope="session")
+def qemu10_memfd_guest() -> Iterator[QemuGuest]:
+    """bookworm-backports' 6.12 on QEMU 10 (``scripts/build-tools.sh``), shared memfd RAM."""
+    yield from _boot(GuestSpec("q10-memfd", qemu=QEMU10, kernel=BACKPORTS, memory="memfd"))
+
+
+@pytest.fixture(scope="session")
+def qemu10_private_guest() -> Iterator[QemuGuest]:
+    """bookworm-backports' 6.12 on QEMU 10, QEMU's private RAM."""
+    yield from _boot(GuestSpec("q10-private", qemu=QEMU10, kernel=BACKPORTS, memory="private"))
 
 
 @pytest.fixture(params=["memfd", "private"])

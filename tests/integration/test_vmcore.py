@@ -14,8 +14,14 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from vmcorefs.testing import (
+    BACKPORTS,
+    DEBIAN12,
+    QEMU10,
+    SYSTEM_QEMU,
     GuestSpec,
+    KernelAssets,
     Mount,
+    Qemu,
     QemuGuest,
     memory_cgroup,
     printk_head_addr,
@@ -42,8 +48,15 @@ def _note_bytes(f, elf: ELFFile) -> bytes:  # type: ignore[no-untyped-def]
     return bytes(f.read(note["p_filesz"]))
 
 
-def test_paused_vmcore_equals_qemu_dump(guest: QemuGuest, tmp_path: Path) -> None:
+@pytest.fixture(params=["memfd", "private", "qemu10_memfd", "qemu10_private"])
+def both_qemus_guest(request: pytest.FixtureRequest) -> QemuGuest:
+    """Both memory kinds on Debian 12's QEMU 7.2 (6.1 guest) and on QEMU 10 (6.12 guest)."""
+    return request.getfixturevalue(f"{request.param}_guest")  # type: ignore[no-any-return]
+
+
+def test_paused_vmcore_equals_qemu_dump(both_qemus_guest: QemuGuest, tmp_path: Path) -> None:
     """Layout, notes and every PT_LOAD byte equal dump-guest-memory's."""
+    guest = both_qemus_guest
     oracle = tmp_path / "qemu.dump"
     with guest.paused(), Mount(guest) as m, open(m.vmcore, "rb") as ours:
         guest.dump(oracle)
@@ -201,11 +214,12 @@ def test_freeze(memfd_guest: QemuGuest) -> None:
         g.qmp("cont")
 
 
-def test_split_numa_hotplug_equals_dump(tmp_path: Path) -> None:
+@pytest.mark.parametrize("qemu, kernel", [(SYSTEM_QEMU, DEBIAN12), (QEMU10, BACKPORTS)], ids=["qemu7.2", "qemu10"])
+def test_split_numa_hotplug_equals_dump(tmp_path: Path, qemu: Qemu, kernel: KernelAssets) -> None:
     """RAM split around the 4 GiB hole, two NUMA backends (memfd + private),
     then a hotplugged DIMM: the layout follows at the next open, open handles
     keep theirs, and every byte still equals QEMU's dump."""
-    spec = GuestSpec("numa", mib=3584, memory="none",
+    spec = GuestSpec("numa", qemu=qemu, kernel=kernel, mib=3584, memory="none",
                      extra=("-m", "3584M,slots=2,maxmem=8G",
                             "-object", "memory-backend-memfd,id=m0,size=2G,share=on",
                             "-object", "memory-backend-ram,id=m1,size=1536M",
