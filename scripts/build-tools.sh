@@ -11,7 +11,9 @@
 #       usr/bin/qemu-system-x86_64 with `-L usr/share/qemu` of that
 #       directory. It runs on Debian 12's libraries; the 6.12 guest kernel
 #       needs it under TCG (QEMU 7.2's qemu64 CPU panics it early).
-# Usage: build-tools.sh [crash] [qemu]   (default: both)
+#   $VMCOREFS_CACHE/crash-9-arm64/bin/crash  the same crash 9 source built
+#       with target=ARM64: an x86-64 binary that reads arm64 guests' cores.
+# Usage: build-tools.sh [crash] [qemu] [crash-arm64]   (default: all)
 # Idempotent: what is already built is only checked.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,7 +21,7 @@ cache=${VMCOREFS_CACHE:-/var/cache/vmcorefs}
 # shellcheck source=scripts/private-apt.sh
 . "$here/scripts/private-apt.sh"
 want=("$@")
-[ ${#want[@]} -gt 0 ] || want=(crash qemu)
+[ ${#want[@]} -gt 0 ] || want=(crash qemu crash-arm64)
 
 crash9() {
   local out=$cache/crash-9
@@ -47,6 +49,34 @@ crash9() {
   rm -rf "$src/build"
   echo "build-tools: $("$out/bin/crash" --version | head -n 1) ready in $out"
 }
+
+# --- crash for arm64 guests (issue 14) ---
+crash9_arm64() {
+  local out=$cache/crash-9-arm64
+  if [ -x "$out/bin/crash" ] && "$out/bin/crash" --version 2>/dev/null | grep -q '^crash 9\.'; then
+    return
+  fi
+  private_apt sid deb-src sid
+  # Its own source directory: crash9 removes and refills $cache/src/crash.
+  local src=$cache/src/crash-arm64
+  rm -rf "$src"
+  mkdir -p "$src"
+  local get=(apt-get -qq -o APT::Sandbox::User=root "${APT_OPTS[@]}" source --download-only crash)
+  (cd "$src" && "${get[@]}") || { private_apt_update; (cd "$src" && "${get[@]}"); }
+  (cd "$src" && dpkg-source --no-check -x ./crash_*.dsc build >/dev/null)
+  echo "build-tools: building $(cd "$src" && ls crash_*.dsc) for target=ARM64 (about 12 minutes on 2 cores)"
+  (cd "$src/build" && make -j"$(nproc)" target=ARM64 >"$src/build.log" 2>&1) \
+    || { tail -n 40 "$src/build.log" >&2; echo "build-tools: crash ARM64 build failed (log: $src/build.log)" >&2; exit 1; }
+  rm -rf "$out.tmp"
+  install -D -m 0755 "$src/build/crash" "$out.tmp/bin/crash"
+  "$out.tmp/bin/crash" --version | grep -q '^crash 9\.' \
+    || { echo "build-tools: $src/build/crash is not crash 9" >&2; exit 1; }
+  rm -rf "$out"
+  mv "$out.tmp" "$out"
+  rm -rf "$src/build"
+  echo "build-tools: $("$out/bin/crash" --version | head -n 1) for ARM64 ready in $out"
+}
+# --- end crash for arm64 guests ---
 
 qemu10() {
   local out=$cache/qemu-10 bin=usr/bin/qemu-system-x86_64
@@ -83,6 +113,7 @@ for w in "${want[@]}"; do
   case $w in
     crash) crash9 ;;
     qemu) qemu10 ;;
-    *) echo "usage: $0 [crash] [qemu]" >&2; exit 2 ;;
+    crash-arm64) crash9_arm64 ;;
+    *) echo "usage: $0 [crash] [qemu] [crash-arm64]" >&2; exit 2 ;;
   esac
 done
