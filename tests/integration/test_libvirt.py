@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -30,15 +31,13 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from vmcorefs.core.notes import Note, parse_notes
-
 from vmcorefs.testing import (
     DEBIAN12,
     DRGN_KALLSYMS,
-    daemon_pid,
+    Mount,
     is_mounted,
     require,
     run_vmcorefs,
-    unmount_and_wait,
     wait_for,
 )
 
@@ -66,32 +65,65 @@ def _pid_file(path: str) -> int | None:
     return None
 
 
+def restart_libvirtd() -> None:
+    """Restart libvirtd (running domains keep running); back once it answers."""
+    if os.path.isdir("/run/systemd/system") and subprocess.run(
+            ["systemctl", "is-active", "--quiet", "libvirtd"], check=False).returncode == 0:
+        subprocess.run(["systemctl", "restart", "libvirtd"], check=True)
+    else:
+        pid = _pid_file("/run/libvirtd.pid")
+        assert pid is not None, "libvirtd runs without systemd and without /run/libvirtd.pid"
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 120, "libvirtd exit", interval=0.2)
+        subprocess.run(["libvirtd", "-d"], check=True)
+    wait_for(libvirtd_answers, 300, "libvirtd answering again", interval=0.5)
+
+
+def _running(pid_file: str) -> int | None:
+    """The PID in ``pid_file`` if that process exists."""
+    pid = _pid_file(pid_file)
+    return pid if pid is not None and os.path.exists(f"/proc/{pid}") else None
+
+
+def _start_daemon(command: str, pid_file: str) -> None:
+    """``COMMAND -d`` (it forks); back once its pid file names it (10 s at most)."""
+    subprocess.run([command, "-d"], check=False)
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: _running(pid_file) is not None, 10, f"{command} pid file", interval=0.1)
+
+
 @pytest.fixture(scope="module")
 def libvirtd() -> Iterator[None]:
     """libvirtd (and virtlogd) answering on qemu:///system; started here
-    (without systemd) when needed and then stopped at the end."""
+    (without systemd) when needed, and then stopped at the end (the
+    libvirtd of the moment: a test may restart it).  libvirtd
+    probes QEMU when it starts: on a busy machine that takes a while."""
     for tool in ("virsh", "libvirtd", "virtlogd"):
         require(shutil.which(tool) is not None, f"{tool} missing (apt-get install libvirt-daemon-system)")
     require(importlib.util.find_spec("libvirt") is not None, "libvirt-python missing (pip install vmcorefs[libvirt])")
     require(DEBIAN12.missing() is None, DEBIAN12.missing() or "")
-    started: list[str] = []
-    if not libvirtd_answers():
-        os.makedirs("/var/log/libvirt", exist_ok=True)
-        if not os.path.exists("/run/libvirt/virtlogd-sock"):
-            subprocess.run(["virtlogd", "-d"], check=False)
-            started.append("/run/virtlogd.pid")
-        subprocess.run(["libvirtd", "-d"], check=False)
-        started.append("/run/libvirtd.pid")
-        try:
-            wait_for(libvirtd_answers, 60, "libvirtd answering", interval=0.5)
-        except AssertionError:
-            require(False, "cannot start libvirtd")
-    yield
-    for pid_file in reversed(started):
-        pid = _pid_file(pid_file)
-        if pid is not None:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGTERM)
+    started: list[str] = []  # pid files
+    try:
+        if not libvirtd_answers():
+            os.makedirs("/var/log/libvirt", exist_ok=True)
+            if _running("/run/virtlogd.pid") is None:
+                _start_daemon("virtlogd", "/run/virtlogd.pid")
+                started.append("/run/virtlogd.pid")
+            deadline = time.monotonic() + 300
+            while not libvirtd_answers():
+                if _running("/run/libvirtd.pid") is None:  # not started, or an old one just exited
+                    _start_daemon("libvirtd", "/run/libvirtd.pid")
+                    if "/run/libvirtd.pid" not in started:
+                        started.append("/run/libvirtd.pid")
+                require(time.monotonic() < deadline, "cannot start libvirtd (libvirtd -d)")
+                time.sleep(0.5)
+        yield
+    finally:
+        for pid_file in reversed(started):
+            pid = _running(pid_file)
+            if pid is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
 
 
 @dataclass
@@ -148,7 +180,7 @@ def _domain_xml(name: str, uid: str, directory: Path, memory: str, vmcoreinfo: b
 """
 
 
-def boot_domain(memory: str, vmcoreinfo: bool) -> Domain:
+def boot_domain(memory: str, vmcoreinfo: bool, tag: str = "") -> Domain:
     directory = Path(tempfile.mkdtemp(prefix=f"vmcorefs-libvirt-{memory}-"))
     os.chmod(directory, 0o755)  # QEMU runs as libvirt-qemu
     shutil.copy(DEBIAN12.kernel, directory / "vmlinuz")
@@ -156,7 +188,7 @@ def boot_domain(memory: str, vmcoreinfo: bool) -> Domain:
     for f in ("vmlinuz", "initramfs.cpio.gz"):
         os.chmod(directory / f, 0o644)
     uid = str(uuid.uuid4())
-    dom = Domain(f"vmcorefs-test-{memory}-{os.getpid()}", uid, directory, memory)
+    dom = Domain(f"vmcorefs-test-{memory}{tag}-{os.getpid()}", uid, directory, memory)
     (directory / "domain.xml").write_text(_domain_xml(dom.name, uid, directory, memory, vmcoreinfo))
     virsh("create", str(directory / "domain.xml"))
     try:
@@ -194,36 +226,14 @@ def domain(request: pytest.FixtureRequest) -> Iterator[Domain]:
     assert libvirtd_answers(), "libvirtd stopped answering"
 
 
-class DomainMount:
-    """``vmcorefs mount --domain NAME [options] DIR`` for a ``with`` block."""
+class DomainMount(Mount):
+    """``vmcorefs mount [options] --connect URI --domain NAME DIR`` for a
+    ``with`` block: :class:`Mount`'s command line, whose last argument
+    before the directory (the socket there) is the domain's name here."""
 
     def __init__(self, dom: Domain, *options: str) -> None:
+        super().__init__(None, *options, "--connect", URI, "--domain", socket=dom.name)  # type: ignore[arg-type]
         self.dom = dom
-        self.options = options
-        self.path = Path(tempfile.mkdtemp(prefix="vmcorefs-mnt-"))
-        self.daemon_pid: int | None = None
-
-    def __enter__(self) -> DomainMount:
-        r = run_vmcorefs("mount", "--connect", URI, "--domain", self.dom.name, *self.options, str(self.path),
-                         timeout=300)
-        if r.returncode != 0 or not is_mounted(self.path):
-            self.close()
-            raise RuntimeError(f"vmcorefs mount --domain failed ({r.returncode}): {r.stderr.strip()}")
-        self.daemon_pid = daemon_pid(self.path)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def vmcore(self) -> Path:
-        return self.path / "vmcore"
-
-    def close(self) -> None:
-        unmount_and_wait(self.path, self.daemon_pid)
-        self.daemon_pid = None
-        with contextlib.suppress(OSError):
-            self.path.rmdir()
 
 
 def _loads(elf: ELFFile) -> list[tuple[int, int, int, int]]:
@@ -284,8 +294,6 @@ def test_paused_vmcore_equals_libvirt_dump(domain: Domain, tmp_path: Path) -> No
 
 def test_drgn_kallsyms(domain: Domain) -> None:
     """drgn without debuginfo (kallsyms through VMCOREINFO) on the live core."""
-    import sys
-
     with DomainMount(domain) as m:
         r = subprocess.run([sys.executable, "-c", DRGN_KALLSYMS, str(m.vmcore), "jiffies"],
                            capture_output=True, text=True, timeout=300)
@@ -389,3 +397,35 @@ def test_domain_not_running(libvirtd: None, tmp_path: Path) -> None:
         assert not is_mounted(mnt)
     finally:
         virsh("undefine", name, check=False)
+
+
+def test_libvirtd_restart_while_mounted(private_domain: Domain) -> None:
+    """libvirtd restarts under a mount (an upgrade): the next open connects again."""
+    with DomainMount(private_domain, "--freeze") as m:
+        with open(m.vmcore, "rb") as f:
+            assert f.read(4) == b"\x7fELF"
+        # FUSE's release (which resumes) runs after close() returns.
+        wait_for(lambda: private_domain.state() == "running", 30, "domain running again")
+        restart_libvirtd()
+        with open(m.vmcore, "rb") as f:
+            assert f.read(4) == b"\x7fELF"
+            assert private_domain.state() == "paused"  # --freeze through the new connection
+        wait_for(lambda: private_domain.state() == "running", 30, "domain running again")
+    assert libvirtd_answers()
+
+
+def test_domain_destroyed_while_mounted(libvirtd: None) -> None:
+    """The domain ends under a mount: the daemon unmounts and exits."""
+    dom = boot_domain("private", vmcoreinfo=False, tag="-gone")
+    try:
+        with DomainMount(dom) as m:
+            pid = m.daemon_pid
+            assert pid is not None
+            with open(m.vmcore, "rb") as f:
+                f.read(4096)
+                virsh("destroy", dom.name)
+                wait_for(lambda: not is_mounted(m.path), 60, "unmount after the domain ended")
+            wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 60, "daemon exit")
+    finally:
+        destroy(dom)
+    assert libvirtd_answers()

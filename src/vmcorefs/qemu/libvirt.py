@@ -132,35 +132,71 @@ class LibvirtMonitor(Monitor):
         self.version = "unknown"
         self.gone = False
 
-    async def call(self, what: str, fn: Callable[[], T], timeout: float | None = None) -> T:
-        """``fn()`` (a blocking libvirt call named ``what``) in a thread.
+    async def call(self, what: str, fn: Callable[[Any], T], timeout: float | None = None) -> T:
+        """``fn(domain)`` (a blocking libvirt call named ``what``) in a thread.
 
-        Raises :class:`QMPTimeoutError` after ``timeout`` seconds (the thread
-        finishes on its own), :class:`QEMUGoneError` when the domain is no
-        longer running, :class:`QMPError` for any other libvirt error.
+        When libvirtd has closed the connection (it restarted), connects
+        again and retries once.  Raises :class:`QMPTimeoutError` after
+        ``timeout`` seconds (the thread finishes on its own),
+        :class:`QEMUGoneError` when the domain is no longer running,
+        :class:`QMPError` for any other libvirt error.
         """
         timeout = self.timeout if timeout is None else timeout
         if self.gone:
             raise QEMUGoneError("the domain is no longer running", what)
         loop = asyncio.get_running_loop()
+        for attempt in range(2):
+            try:
+                return await asyncio.wait_for(loop.run_in_executor(None, fn, self.dom), timeout)
+            except asyncio.TimeoutError:
+                raise QMPTimeoutError(f"no answer from libvirt within {timeout:g} s", what) from None
+            except self._libvirt.libvirtError as e:
+                if attempt == 0 and await self._blocking(what, self._reconnect, timeout):
+                    continue
+                if e.get_error_code() in (self._libvirt.VIR_ERR_NO_DOMAIN, self._libvirt.VIR_ERR_OPERATION_INVALID) \
+                        and not await self._blocking(what, self._active, timeout):
+                    self.gone = True
+                    raise QEMUGoneError(f"the domain is no longer running ({_message(e)})", what) from None
+                raise QMPError(f"libvirt: {_message(e)}", what) from None
+        raise AssertionError("unreachable")
+
+    async def _blocking(self, what: str, fn: Callable[[], bool], timeout: float) -> bool:
         try:
-            return await asyncio.wait_for(loop.run_in_executor(None, fn), timeout)
+            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, fn), timeout)
         except asyncio.TimeoutError:
             raise QMPTimeoutError(f"no answer from libvirt within {timeout:g} s", what) from None
-        except self._libvirt.libvirtError as e:
-            code = e.get_error_code()
-            if code in (self._libvirt.VIR_ERR_NO_DOMAIN, self._libvirt.VIR_ERR_OPERATION_INVALID) \
-                    and not await self._active():
-                self.gone = True
-                raise QEMUGoneError(f"the domain is no longer running ({_message(e)})", what) from None
-            raise QMPError(f"libvirt: {_message(e)}", what) from None
 
-    async def _active(self) -> bool:
-        loop = asyncio.get_running_loop()
+    def _reconnect(self) -> bool:
+        """A new connection and domain handle when the connection is dead
+        (libvirtd restarted): True if made.  Blocking."""
+        libvirt = self._libvirt
         try:
-            return bool(await asyncio.wait_for(loop.run_in_executor(None, self.dom.isActive), self.timeout))
-        except (asyncio.TimeoutError, self._libvirt.libvirtError):
-            return True  # cannot tell: do not declare QEMU gone
+            if self.conn.isAlive():
+                return False
+        except libvirt.libvirtError:
+            pass
+        try:
+            conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as e:
+            log.info("libvirt: cannot connect again to %s: %s", self.uri, _message(e))
+            return False
+        try:
+            dom = conn.lookupByUUIDString(self.uuid)
+        except libvirt.libvirtError:
+            conn.close()
+            return False
+        with contextlib.suppress(libvirt.libvirtError):
+            self.conn.close()
+        self.conn, self.dom = conn, dom
+        log.info("libvirt: connected again to %s", self.uri)
+        return True
+
+    def _active(self) -> bool:
+        """Whether the domain still runs (True when libvirt cannot tell).  Blocking."""
+        try:
+            return bool(self.dom.isActive())
+        except self._libvirt.libvirtError as e:
+            return bool(e.get_error_code() != self._libvirt.VIR_ERR_NO_DOMAIN)
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None,
                       timeout: float | None = None) -> Any:
@@ -169,7 +205,7 @@ class LibvirtMonitor(Monitor):
         if arguments:
             request["arguments"] = arguments
         text = json.dumps(request)
-        answer = await self.call(command, lambda: self._libvirt_qemu.qemuMonitorCommand(self.dom, text, 0), timeout)
+        answer = await self.call(command, lambda dom: self._libvirt_qemu.qemuMonitorCommand(dom, text, 0), timeout)
         try:
             reply = json.loads(answer)
         except (TypeError, ValueError):
@@ -290,18 +326,18 @@ class LibvirtGuest(Guest):
     async def status(self) -> str:
         """libvirt's state of the domain as QMP status names: ``running``,
         ``paused``, ...  Raises :class:`QMPError`."""
-        state = await self.monitor.call("virDomainGetState", self.monitor.dom.state)
+        state = await self.monitor.call("virDomainGetState", lambda dom: dom.state())
         return _STATES.get(int(state[0]), "unknown")
 
     async def pause(self) -> None:
         """``virDomainSuspend``.  Raises :class:`QMPError`."""
-        await self.monitor.call("virDomainSuspend", self.monitor.dom.suspend)
+        await self.monitor.call("virDomainSuspend", lambda dom: dom.suspend())
 
     async def resume(self) -> None:
         """``virDomainResume`` (nothing when the domain is not paused, as
         QMP ``cont``).  Raises :class:`QMPError`."""
         try:
-            await self.monitor.call("virDomainResume", self.monitor.dom.resume)
+            await self.monitor.call("virDomainResume", lambda dom: dom.resume())
         except QMPError:
             if await self.status() == "paused":
                 raise
