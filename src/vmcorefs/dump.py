@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import os
 import queue
 import re
@@ -49,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -257,6 +259,111 @@ def copy_runs(fd: int, p: Plan, ram: GuestRAM, watch: _Watch, progress: Progress
     return written
 
 
+# -- kdump-zlib -------------------------------------------------------------------
+
+
+def _compress_pages(buf: bytes, level: int) -> list[bytes | None]:
+    """Each page of ``buf`` zlib-compressed (shorter than a page), or the
+    page itself when compression does not shrink it, or None for an
+    all-zero page (a worker thread: zlib releases the GIL while it deflates)."""
+    out: list[bytes | None] = []
+    for pos in range(0, len(buf), PAGE_SIZE):
+        page = buf[pos:pos + PAGE_SIZE]
+        if page == _ZERO_PAGE:
+            out.append(None)
+        else:
+            c = zlib.compress(page, level)
+            out.append(c if len(c) < PAGE_SIZE else page)
+    return out
+
+
+def _holes_only(fd: int, offset: int, length: int) -> bool:
+    """True when ``[offset, offset + length)`` of ``fd`` is all file hole."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
+    except OSError as e:
+        return e.errno == errno.ENXIO  # no data after offset (else: cannot tell, read it)
+
+
+def _guest_utsname(src: int, layout: SparseFile, snap: Snapshot) -> bytes:
+    """The guest kernel's ``init_uts_ns.name`` read from the ELF in ``src``
+    (what makedumpfile puts in the header), or one made of VMCOREINFO's
+    ``OSRELEASE`` when it cannot be found."""
+    from vmcorefs.core import kdump
+
+    pa = kdump.utsname_paddr(snap.vmcoreinfo_fields)
+    for seg in layout.segments:
+        if pa is not None and seg.src <= pa and pa + kdump.UTSNAME_SIZE <= seg.src + seg.length:
+            uts = os.pread(src, kdump.UTSNAME_SIZE, seg.offset + pa - seg.src)
+            if kdump.uts_looks_sane(uts):
+                return uts
+    release = (snap.vmcoreinfo_fields or {}).get("OSRELEASE", "")
+    return kdump.utsname("Linux", release, "#1 (unknown)", "x86_64" if snap.dump.e_machine == 62 else "i686")
+
+
+def write_kdump_zlib(src: int, out: int, p: Plan, layout: SparseFile, snap: Snapshot, watch: _Watch,
+                     progress: Progress, level: int = 1) -> None:
+    """Convert the sparse ELF in ``src`` (written by :func:`copy_runs` from
+    ``p`` and ``layout``) into kdump-compressed (zlib) in ``out``: every
+    page of every PT_LOAD, level 0, all-zero pages stored once (as QEMU's
+    ``kdump-zlib``).  File holes are zero pages and are not read; pages are
+    compressed by two worker threads, 4 MiB at a time, at most ``BUFFERS``
+    chunks in flight.  Returns early when ``watch.stop`` is set.  Raises
+    :class:`OSError`."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from vmcorefs.core import kdump
+
+    ranges = [(seg.src, seg.length) for seg in layout.segments]
+    kl = kdump.kdump_layout(snap.dump.notes, snap.vmcoreinfo_fields, ranges, kdump.DUMP_DH_COMPRESSED_ZLIB,
+                            _guest_utsname(src, layout, snap), int(time.time()))
+    DUMP_DH_COMPRESSED_ZLIB, PAGE_DESC = kdump.DUMP_DH_COMPRESSED_ZLIB, kdump.PAGE_DESC
+    os.pwrite(out, kl.head, 0)
+    zero = zlib.compress(_ZERO_PAGE, level)
+    zero_desc = PAGE_DESC.pack(kl.data_offset, len(zero), DUMP_DH_COMPRESSED_ZLIB, 0)
+    os.pwrite(out, zero, kl.data_offset)
+    data_pos = kl.data_offset + len(zero)
+    index = 0
+    pending: list[tuple[Future[list[bytes | None]] | None, int]] = []
+
+    def drain(limit: int) -> None:
+        nonlocal data_pos, index
+        while len(pending) > limit:
+            future, npages = pending.pop(0)
+            pages = future.result() if future is not None else [None] * npages
+            descs = bytearray()
+            data = bytearray()
+            for c in pages:
+                if c is None:
+                    descs += zero_desc
+                    continue
+                flags = DUMP_DH_COMPRESSED_ZLIB if len(c) < PAGE_SIZE else 0
+                descs += PAGE_DESC.pack(data_pos + len(data), len(c), flags, 0)
+                data += c
+            if data:
+                os.pwrite(out, data, data_pos)
+                data_pos += len(data)
+            os.pwrite(out, descs, kl.desc_offset + index * PAGE_DESC.size)
+            index += len(pages)
+            progress.update(npages * PAGE_SIZE)
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="vmcorefs-zlib") as pool:
+        for seg in layout.segments:
+            for pos in range(0, seg.length, CHUNK):
+                if watch.stop.is_set():
+                    return
+                n = min(CHUNK, seg.length - pos)
+                if _holes_only(src, seg.offset + pos, n):
+                    pending.append((None, n // PAGE_SIZE))
+                else:
+                    pending.append((pool.submit(_compress_pages, os.pread(src, n, seg.offset + pos), level),
+                                    n // PAGE_SIZE))
+                drain(BUFFERS)
+        drain(0)
+    if index != kl.pages:
+        raise VmcorefsError(f"kdump: wrote {index} page descriptors, the header says {kl.pages}")
+
+
 # -- output file -------------------------------------------------------------------
 
 
@@ -431,7 +538,10 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
     output = check_output(args.output, args.force)
     directory = os.path.dirname(output)
     filtering = args.format != "elf" or args.filter != 0
-    mdf = makedumpfile_args(args.format, args.filter) if filtering else []
+    # kdump-zlib of every page is written here (two compressing threads, zero
+    # pages once); filtering and the other compressions are makedumpfile's.
+    native_kdump = args.format == "kdump-zlib" and args.filter == 0
+    mdf = makedumpfile_args(args.format, args.filter) if filtering and not native_kdump else []
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     copying = False
@@ -484,7 +594,26 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
             await asyncio.shield(core.release(handle))
             if paused_by_us:
                 pause = time.monotonic() - t_pause
-        if not watch.stop.is_set() and filtering:
+        if not watch.stop.is_set() and native_kdump:
+            out_tmp = _tempfile(directory, os.path.basename(output))
+            partial.append(out_tmp)
+            progress = _progress(args.quiet, p.size, "compressing")
+            copying = True
+            try:
+                src = os.open(elf, os.O_RDONLY | os.O_CLOEXEC)
+                dst = os.open(out_tmp, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    await loop.run_in_executor(None, write_kdump_zlib, src, dst, p, handle.layout, handle.snap,
+                                               watch, progress)
+                finally:
+                    os.close(src)
+                    os.close(dst)
+            finally:
+                copying = False
+                progress.close()
+            os.unlink(elf)
+            elf = out_tmp
+        elif not watch.stop.is_set() and filtering:
             out_tmp = _tempfile(directory, os.path.basename(output))
             partial.append(out_tmp)
             os.unlink(out_tmp)  # makedumpfile refuses to overwrite
