@@ -9,10 +9,13 @@ opens ``vmcore`` and gives its layout and QEMU's notes), written once:
   pages that hold data are written, everything else is a file hole, so the
   file's allocated size is about the guest's populated RAM.
 * ``--format kdump-zlib|kdump-lzo|kdump-snappy`` (QEMU's names): the
-  kdump-compressed format, made by ``makedumpfile -c|-l|-p`` from the sparse
-  ELF (written next to OUTPUT, removed after); ``--filter LEVEL`` is
-  makedumpfile's ``-d LEVEL`` (with ``elf`` too: ``makedumpfile -E``).
-  Page classification is makedumpfile's own.
+  kdump-compressed format, made from the sparse ELF (written next to
+  OUTPUT, removed after) once the guest is resumed: ``kdump-zlib`` by
+  :func:`write_kdump_zlib` (every page, zero pages stored once, two
+  compressing threads; :mod:`vmcorefs.core.kdump` lays it out), the others
+  by ``makedumpfile -l|-p``.  ``--filter LEVEL`` is makedumpfile's ``-d
+  LEVEL`` (with ``elf`` too: ``makedumpfile -E``): page classification is
+  makedumpfile's own.
 
 What is read, and how (never an mmap of guest RAM, nothing faulted in):
 shared backends (memfd, file) only in the ranges ``SEEK_DATA``/``SEEK_HOLE``
