@@ -124,8 +124,8 @@ def _vaddr(run: Run) -> int:
     return run.vaddr
 
 
-class _Stop(Exception):
-    """A work bound was reached (internal to :func:`walk`)."""
+class WalkStopped(Exception):
+    """A work bound was reached (internal to the walkers: :meth:`TableWalker.result`)."""
 
 
 def cr3_to_root(cr3: int) -> int:
@@ -159,16 +159,7 @@ def walk(read_phys: ReadPhys, root: int, *, levels: int = 4, phys_limit: int,
     if root & ~PHYS_ADDR_MASK:
         raise ValueError(f"root {root:#x} is not a page-aligned physical address (use cr3_to_root)")
     w = _Walker(read_phys, levels, phys_limit, start, end, max_tables, max_runs, max_visits)
-    truncated = False
-    try:
-        if w.start < w.end:
-            w.expand(root, levels, 0)
-        w.flush()
-    except _Stop:
-        truncated = True
-        if w.nv != w.cv and len(w.runs) < max_runs:
-            w.flush()
-    return PageWalk(w.runs, truncated, w.tables_read, w.skipped, w.shared)
+    return w.result(lambda: w.expand(root, levels, 0) if w.start < w.end else None)
 
 
 # A table is handled as one 32768-bit little-endian integer: 512 lanes of 64
@@ -213,24 +204,20 @@ def _leaf_runs(raw: int, leaves: int, level: int) -> tuple[bytes, bytes]:
 _ENTRY = struct.Struct("<Q")
 
 
-class _Walker:
-    """State of one walk: bounds, counters and the run being coalesced.
+class TableWalker:
+    """What every page-table walker shares (this module's x86-64 one and
+    :mod:`vmcorefs.core.paging_arm64`'s): the bounds on tables and runs,
+    the counters of :class:`PageWalk`, and the run being coalesced.
 
-    Virtual addresses inside the walker are raw ``levels * 9 + 12``-bit
-    linear addresses (``start``/``end`` are converted); they are made
-    canonical when a run is emitted, so runs never coalesce across the
-    non-canonical hole.
+    :meth:`table` fetches one 4 KiB table under the bounds (see the module
+    docstring); :meth:`flush` emits the current run.  Both raise
+    :class:`WalkStopped` when a bound is reached: :meth:`result` turns that
+    into a truncated :class:`PageWalk`.
     """
 
-    def __init__(self, read_phys: ReadPhys, levels: int, phys_limit: int, start: int,
-                 end: int, max_tables: int, max_runs: int, max_visits: int) -> None:
+    def __init__(self, read_phys: ReadPhys, phys_limit: int, max_tables: int, max_runs: int,
+                 max_visits: int) -> None:
         self.read_phys = read_phys
-        self.levels = levels
-        bits = 12 + 9 * levels
-        self.half = 1 << (bits - 1)
-        self.upper = _U64 - (1 << bits)  # added to a raw upper-half address to sign-extend it
-        self.start = self.to_raw(start)
-        self.end = self.to_raw(end)
         self.phys_limit = phys_limit
         self.max_tables = max_tables
         self.max_runs = max_runs
@@ -238,21 +225,15 @@ class _Walker:
         self.runs: list[Run] = []
         self.visits: dict[int, int] = {}
         self.refs = self.tables_read = self.skipped = self.shared = 0
-        # Run being coalesced (canonical): [cv, nv) virtual maps [cp, np)
-        # physical; empty when nv == cv (-1 at first: no address follows it).
+        # Run being coalesced: [cv, nv) virtual maps [cp, np) physical;
+        # empty when nv == cv (-1 at first: no address follows it).
         self.cv = self.cp = self.nv = self.np = -1
-
-    def to_raw(self, va: int) -> int:
-        """Canonical address -> raw linear address (the hole maps to its end)."""
-        if va < self.half:
-            return va
-        return max(va - self.upper, self.half)
 
     def table(self, addr: int) -> bytes | None:
         """The table at ``addr`` (4096 bytes), or None when not to be followed."""
         self.refs += 1
         if self.refs > self.max_tables:
-            raise _Stop
+            raise WalkStopped
         if addr + TABLE_SIZE > self.phys_limit:
             self.skipped += 1
             return None
@@ -272,6 +253,54 @@ class _Walker:
         if data == _ZERO_TABLE:
             return None
         return data
+
+    def flush(self) -> None:
+        """Emit the run being coalesced, if any."""
+        if self.nv != self.cv:
+            if len(self.runs) >= self.max_runs:
+                self.cv = self.nv = -1
+                raise WalkStopped
+            self.runs.append(Run(self.cv, self.cp, self.nv - self.cv))
+            self.cv = self.nv = -1
+
+    def result(self, walk: Callable[[], None]) -> PageWalk:
+        """Run ``walk()`` then :meth:`flush`; a bound reached makes the
+        result truncated, with the runs found so far."""
+        truncated = False
+        try:
+            walk()
+            self.flush()
+        except WalkStopped:
+            truncated = True
+            if self.nv != self.cv and len(self.runs) < self.max_runs:
+                self.flush()
+        return PageWalk(self.runs, truncated, self.tables_read, self.skipped, self.shared)
+
+
+class _Walker(TableWalker):
+    """State of one x86-64 walk.
+
+    Virtual addresses inside the walker are raw ``levels * 9 + 12``-bit
+    linear addresses (``start``/``end`` are converted); they are made
+    canonical when a run is emitted, so runs never coalesce across the
+    non-canonical hole.
+    """
+
+    def __init__(self, read_phys: ReadPhys, levels: int, phys_limit: int, start: int,
+                 end: int, max_tables: int, max_runs: int, max_visits: int) -> None:
+        super().__init__(read_phys, phys_limit, max_tables, max_runs, max_visits)
+        self.levels = levels
+        bits = 12 + 9 * levels
+        self.half = 1 << (bits - 1)
+        self.upper = _U64 - (1 << bits)  # added to a raw upper-half address to sign-extend it
+        self.start = self.to_raw(start)
+        self.end = self.to_raw(end)
+
+    def to_raw(self, va: int) -> int:
+        """Canonical address -> raw linear address (the hole maps to its end)."""
+        if va < self.half:
+            return va
+        return max(va - self.upper, self.half)
 
     def expand(self, addr: int, level: int, va_base: int) -> None:
         """The table at ``addr``, at ``level``, mapping from raw ``va_base``."""
@@ -344,20 +373,11 @@ class _Walker:
             if nv != cv:
                 if len(runs) >= max_runs:
                     self.cv = self.nv = -1
-                    raise _Stop
+                    raise WalkStopped
                 runs.append(Run(cv, cp, nv - cv))
             cv, cp, nv, np_ = va, pa, va + size, pa + size
         self.cv, self.cp, self.nv, self.np = cv, cp, nv, np_
         return i, j
-
-    def flush(self) -> None:
-        """Emit the run being coalesced, if any."""
-        if self.nv != self.cv:
-            if len(self.runs) >= self.max_runs:
-                self.cv = self.nv = -1
-                raise _Stop
-            self.runs.append(Run(self.cv, self.cp, self.nv - self.cv))
-            self.cv = self.nv = -1
 
 
 def clip_runs(runs: Iterable[Run], ram: Iterable[tuple[int, int]]) -> list[Run]:

@@ -58,8 +58,8 @@ import struct
 from collections.abc import Mapping
 
 from vmcorefs.core.layout import PAGE_SIZE
-from vmcorefs.core.paging import PageWalk, ReadPhys, Run
-from vmcorefs.errors import FormatError, GuestMemoryError
+from vmcorefs.core.paging import PageWalk, ReadPhys, TableWalker
+from vmcorefs.errors import FormatError
 
 TABLE_SIZE = 4096
 #: Descriptor type bits 1..0.
@@ -86,10 +86,6 @@ def levels_for(va_bits: int) -> int:
 def kernel_half(va_bits: int) -> int:
     """First address TTBR1 translates: ``2**64 - 2**va_bits``."""
     return _U64 - (1 << va_bits)
-
-
-class _Stop(Exception):
-    """A work bound was reached (internal to :func:`walk`)."""
 
 
 def walk(read_phys: ReadPhys, root: int, *, va_bits: int = 48, lpa2: bool | None = None,
@@ -121,39 +117,22 @@ def walk(read_phys: ReadPhys, root: int, *, va_bits: int = 48, lpa2: bool | None
         raise ValueError(f"root {root:#x} is not a page-aligned physical address")
     w = _Walker(read_phys, levels, lpa2, phys_limit, base, max(start, base), max(end, base),
                 max_tables, max_runs, max_visits)
-    truncated = False
-    try:
-        if w.start < w.end:
-            w.expand(root, levels, 0, 1 << (va_bits - 12 - 9 * (levels - 1)))
-        w.flush()
-    except _Stop:
-        truncated = True
-        if w.nv != w.cv and len(w.runs) < max_runs:
-            w.flush()
-    return PageWalk(w.runs, truncated, w.tables_read, w.skipped, w.shared)
+    top_entries = 1 << (va_bits - 12 - 9 * (levels - 1))
+    return w.result(lambda: w.expand(root, levels, 0, top_entries) if w.start < w.end else None)
 
 
-class _Walker:
-    """State of one walk.  Virtual addresses inside are offsets from the
-    kernel half's base (``va - base``); runs are emitted as full addresses."""
+class _Walker(TableWalker):
+    """State of one arm64 walk.  Virtual addresses inside are offsets from
+    the kernel half's base (``va - base``); runs are emitted as full addresses."""
 
     def __init__(self, read_phys: ReadPhys, levels: int, lpa2: bool, phys_limit: int, base: int,
                  start: int, end: int, max_tables: int, max_runs: int, max_visits: int) -> None:
-        self.read_phys = read_phys
+        super().__init__(read_phys, phys_limit, max_tables, max_runs, max_visits)
         self.levels = levels
         self.lpa2 = lpa2
-        self.phys_limit = phys_limit
         self.base = base
         self.start = start - base
         self.end = end - base
-        self.max_tables = max_tables
-        self.max_runs = max_runs
-        self.max_visits = max_visits
-        self.runs: list[Run] = []
-        self.visits: dict[int, int] = {}
-        self.refs = self.tables_read = self.skipped = self.shared = 0
-        # Run being coalesced (full addresses): [cv, nv) maps [cp, np); empty when nv == cv.
-        self.cv = self.cp = self.nv = self.np = -1
 
     def address(self, desc: int) -> int:
         """Output address of a descriptor (not yet aligned to a block's size)."""
@@ -161,35 +140,15 @@ class _Walker:
             return (desc & OA_MASK_LPA2) | ((desc >> 8) & 3) << 50
         return desc & OA_MASK
 
-    def table(self, addr: int) -> tuple[int, ...] | None:
-        """The 512 descriptors at ``addr``, or None when not to be followed."""
-        self.refs += 1
-        if self.refs > self.max_tables:
-            raise _Stop
-        if addr + TABLE_SIZE > self.phys_limit:
-            self.skipped += 1
-            return None
-        visits = self.visits.get(addr, 0)
-        if visits >= self.max_visits:
-            self.shared += 1
-            return None
-        self.visits[addr] = visits + 1
-        self.tables_read += 1
-        try:
-            data = self.read_phys(addr, TABLE_SIZE)
-        except GuestMemoryError:
-            self.skipped += 1
-            return None
-        if len(data) != TABLE_SIZE:
-            data = bytes(data[:TABLE_SIZE]).ljust(TABLE_SIZE, b"\0")
-        if not any(data):
-            return None
-        return _TABLE.unpack(data)
+    def descriptors(self, addr: int) -> tuple[int, ...] | None:
+        """The 512 descriptors at ``addr`` (:meth:`TableWalker.table`'s bounds), or None."""
+        data = self.table(addr)
+        return None if data is None else _TABLE.unpack(data)
 
     def expand(self, addr: int, level: int, va_base: int, entries: int) -> None:
         """The table at ``addr`` with ``entries`` used descriptors, ``level``
         levels above the pages (1 = L3), mapping from offset ``va_base``."""
-        descs = self.table(addr)
+        descs = self.descriptors(addr)
         if descs is None:
             return
         shift = 12 + 9 * (level - 1)
@@ -228,15 +187,6 @@ class _Walker:
             return
         self.flush()
         self.cv, self.cp, self.nv, self.np = va, pa, va + size, pa + size
-
-    def flush(self) -> None:
-        """Emit the run being coalesced, if any."""
-        if self.nv != self.cv:
-            if len(self.runs) >= self.max_runs:
-                self.cv = self.nv = -1
-                raise _Stop
-            self.runs.append(Run(self.cv, self.cp, self.nv - self.cv))
-            self.cv = self.nv = -1
 
 
 _HEX = re.compile(r"(?:0x)?([0-9a-fA-F]{1,16})")
