@@ -163,7 +163,7 @@ def test_live_reads_see_guest_change(memfd_guest: QemuGuest) -> None:
         first = printk_head_id(m.pmem, vci)
         # The guest logs ten messages a second; 30 s leave room for a busy host.
         wait_for(lambda: printk_head_id(m.pmem, vci) != first, 30, "printk head moving (across opens)", 0.1)
-        addr = printk_head_addr(vci)
+        addr = printk_head_addr(vci, m.pmem)
         with open(m.pmem, "rb", buffering=0) as f:
             first_bytes = os.pread(f.fileno(), 8, addr)
             wait_for(lambda: os.pread(f.fileno(), 8, addr) != first_bytes, 30, "printk head moving (one handle)",
@@ -264,7 +264,7 @@ def test_cache_mode(memfd_guest: QemuGuest, tmp_path: Path) -> None:
     g = memfd_guest
     with Mount(g, "--max-age", "30") as m:
         vci = vmcoreinfo_dict((m.path / "vmcoreinfo").read_text())
-        addr = printk_head_addr(vci)
+        addr = printk_head_addr(vci, m.pmem)
         with open(m.pmem, "rb", buffering=0) as f:
             first = os.pread(f.fileno(), 8, addr)
             time.sleep(0.5)
@@ -285,7 +285,7 @@ def test_cache_mode(memfd_guest: QemuGuest, tmp_path: Path) -> None:
             wait_for(lambda: cached() - before < (g.mem_mb << 20) // 4, 30, "cached pages dropped at close")
     with Mount(g, "--max-age", "0.3") as m:
         vci = vmcoreinfo_dict((m.path / "vmcoreinfo").read_text())
-        addr = printk_head_addr(vci)
+        addr = printk_head_addr(vci, m.pmem)
         with open(m.pmem, "rb", buffering=0) as f:
             first = os.pread(f.fileno(), 8, addr)
             deadline = time.monotonic() + 30

@@ -153,8 +153,13 @@ QEMU10 = Qemu.unpacked(CACHE / "qemu-10")
 SYSTEM_QEMU_AARCH64 = Qemu("qemu-system-aarch64")
 
 
-#: The guest kernel's command line.
-APPEND = "console=ttyS0 panic=-1 printk.devkmsg=on"
+#: The guest kernel's command line.  /init logs ten kernel messages a
+#: second: the default 128 KiB printk ring loses the boot messages tests
+#: look for (``Linux version ...``) after ~5 minutes, less than a suite keeps
+#: its guests; 2 MiB (~9 MiB of guest RAM with the descriptors) hold ~1.5
+#: hours.  The kernel then logs to ``printk_rb_dynamic``, which
+#: :func:`~vmcorefs.testing.probes.printk_head_addr` follows.
+APPEND = "console=ttyS0 panic=-1 printk.devkmsg=on log_buf_len=2M"
 
 
 @dataclass(frozen=True)

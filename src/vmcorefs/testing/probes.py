@@ -45,25 +45,38 @@ def vmcoreinfo_dict(text: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
-def kernel_image_phys(vmcoreinfo: dict[str, str], symbol: str) -> int:
-    """Guest-physical address of a kernel-image symbol named in VMCOREINFO."""
-    vaddr = int(vmcoreinfo[f"SYMBOL({symbol})"], 16)
+def image_phys(vmcoreinfo: dict[str, str], vaddr: int) -> int:
+    """Guest-physical address of a kernel-image virtual address (x86_64:
+    ``__START_KERNEL_map`` + phys_base)."""
     phys_base = int(vmcoreinfo["NUMBER(phys_base)"]) & 0xFFFFFFFFFFFFFFFF
     return (vaddr - START_KERNEL_MAP + phys_base) & 0xFFFFFFFFFFFFFFFF
 
 
-def printk_head_addr(vmcoreinfo: dict[str, str]) -> int:
-    """Guest-physical address of ``printk_rb_static.desc_ring.head_id``,
-    which moves with every kernel message."""
+def kernel_image_phys(vmcoreinfo: dict[str, str], symbol: str) -> int:
+    """Guest-physical address of a kernel-image symbol named in VMCOREINFO."""
+    return image_phys(vmcoreinfo, int(vmcoreinfo[f"SYMBOL({symbol})"], 16))
+
+
+def printk_head_addr(vmcoreinfo: dict[str, str], pmem_path: Path) -> int:
+    """Guest-physical address of the printk ring's ``desc_ring.head_id``,
+    which moves with every kernel message: of ``*prb``, the ring in use
+    (``printk_rb_static`` until ``log_buf_len=`` makes the kernel switch to
+    ``printk_rb_dynamic``, also in the kernel image), read from ``pmem``."""
     off = (int(vmcoreinfo["OFFSET(printk_ringbuffer.desc_ring)"])
            + int(vmcoreinfo["OFFSET(prb_desc_ring.head_id)"]))
-    return kernel_image_phys(vmcoreinfo, "printk_rb_static") + off
+    if "SYMBOL(prb)" not in vmcoreinfo:
+        return kernel_image_phys(vmcoreinfo, "printk_rb_static") + off
+    with open(pmem_path, "rb") as f:
+        f.seek(kernel_image_phys(vmcoreinfo, "prb"))
+        ring = int(struct.unpack("<Q", f.read(8))[0])
+    return image_phys(vmcoreinfo, ring) + off
 
 
 def printk_head_id(pmem_path: Path, vmcoreinfo: dict[str, str]) -> int:
-    """The printk ring's head id, read from ``pmem`` (one open and one read)."""
+    """The printk ring's head id, read from ``pmem``."""
+    addr = printk_head_addr(vmcoreinfo, pmem_path)
     with open(pmem_path, "rb") as f:
-        f.seek(printk_head_addr(vmcoreinfo))
+        f.seek(addr)
         return int(struct.unpack("<Q", f.read(8))[0])
 
 
