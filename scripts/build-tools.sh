@@ -23,13 +23,16 @@ cache=${VMCOREFS_CACHE:-/var/cache/vmcorefs}
 want=("$@")
 [ ${#want[@]} -gt 0 ] || want=(crash qemu crash-arm64)
 
+# crash9 [OUT SRC GOAL...]: crash 9 into OUT/bin/crash, built in SRC with
+# `make GOAL...` (default: this host's target with lzo, snappy and zstd).
 crash9() {
-  local out=$cache/crash-9
+  local out=${1:-$cache/crash-9} src=${2:-$cache/src/crash}
+  local goals=("${@:3}")
+  [ ${#goals[@]} -gt 0 ] || goals=(lzo snappy zstd)
   if [ -x "$out/bin/crash" ] && "$out/bin/crash" --version 2>/dev/null | grep -q '^crash 9\.'; then
     return
   fi
   private_apt sid deb-src sid
-  local src=$cache/src/crash
   rm -rf "$src"
   mkdir -p "$src"
   # unstable moves on: with stale lists the old files are gone, so refetch once.
@@ -37,8 +40,8 @@ crash9() {
   (cd "$src" && "${get[@]}") || { private_apt_update; (cd "$src" && "${get[@]}"); }
   # apt checked the files against the signed Sources list.
   (cd "$src" && dpkg-source --no-check -x ./crash_*.dsc build >/dev/null)
-  echo "build-tools: building $(cd "$src" && ls crash_*.dsc) (about 12 minutes on 2 cores)"
-  (cd "$src/build" && make -j"$(nproc)" lzo snappy zstd >"$src/build.log" 2>&1) \
+  echo "build-tools: building $(cd "$src" && ls crash_*.dsc), make ${goals[*]} (about 12 minutes on 2 cores)"
+  (cd "$src/build" && make -j"$(nproc)" "${goals[@]}" >"$src/build.log" 2>&1) \
     || { tail -n 40 "$src/build.log" >&2; echo "build-tools: crash build failed (log: $src/build.log)" >&2; exit 1; }
   rm -rf "$out.tmp"
   install -D -m 0755 "$src/build/crash" "$out.tmp/bin/crash"
@@ -51,30 +54,9 @@ crash9() {
 }
 
 # --- crash for arm64 guests (issue 14) ---
+# The same source in its own directory (crash9 empties its SRC), for ARM64.
 crash9_arm64() {
-  local out=$cache/crash-9-arm64
-  if [ -x "$out/bin/crash" ] && "$out/bin/crash" --version 2>/dev/null | grep -q '^crash 9\.'; then
-    return
-  fi
-  private_apt sid deb-src sid
-  # Its own source directory: crash9 removes and refills $cache/src/crash.
-  local src=$cache/src/crash-arm64
-  rm -rf "$src"
-  mkdir -p "$src"
-  local get=(apt-get -qq -o APT::Sandbox::User=root "${APT_OPTS[@]}" source --download-only crash)
-  (cd "$src" && "${get[@]}") || { private_apt_update; (cd "$src" && "${get[@]}"); }
-  (cd "$src" && dpkg-source --no-check -x ./crash_*.dsc build >/dev/null)
-  echo "build-tools: building $(cd "$src" && ls crash_*.dsc) for target=ARM64 (about 12 minutes on 2 cores)"
-  (cd "$src/build" && make -j"$(nproc)" target=ARM64 >"$src/build.log" 2>&1) \
-    || { tail -n 40 "$src/build.log" >&2; echo "build-tools: crash ARM64 build failed (log: $src/build.log)" >&2; exit 1; }
-  rm -rf "$out.tmp"
-  install -D -m 0755 "$src/build/crash" "$out.tmp/bin/crash"
-  "$out.tmp/bin/crash" --version | grep -q '^crash 9\.' \
-    || { echo "build-tools: $src/build/crash is not crash 9" >&2; exit 1; }
-  rm -rf "$out"
-  mv "$out.tmp" "$out"
-  rm -rf "$src/build"
-  echo "build-tools: $("$out/bin/crash" --version | head -n 1) for ARM64 ready in $out"
+  crash9 "$cache/crash-9-arm64" "$cache/src/crash-arm64" target=ARM64
 }
 # --- end crash for arm64 guests ---
 
