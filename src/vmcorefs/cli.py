@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QEMU's QMP unix socket (-qmp unix:PATH,server=on); not with --domain")
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
     _libvirt_options(m)
+    m.add_argument("--all", action="store_true",
+                   help="every running libvirt domain of --connect's URI as MOUNTPOINT/NAME/, following domains"
+                        " as they start and stop")
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     m.add_argument("--freeze", action="store_true",
                    help="pause the guest while vmcore or pmem is open (resumed at the last close)")
@@ -164,10 +167,7 @@ def _import_pyfuse3() -> Any:
 
 
 async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
-    pyfuse3 = _import_pyfuse3()
-
     from vmcorefs import readpath
-    from vmcorefs.fs import VmcoreFS
     from vmcorefs.live import MAX_AGE, LiveCore
     from vmcorefs.watchdog import watch_freeze
 
@@ -176,14 +176,127 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     if args.reads == "native" and not readpath.available():
         raise UsageError(f"--reads native: the native read path is not built ({readpath.IMPORT_ERROR})")
     mountpoint = _check_mountpoint(args.mountpoint)
+    if args.all:
+        return await _serve_all(args, mountpoint, ready)
     monitor, guest = await _open_guest(args)
     try:
         core = LiveCore(guest, mountpoint, freeze=args.freeze, cache=not args.direct,
                         max_age=args.max_age or MAX_AGE)
         # --freeze: a watchdog process resumes the guest if this daemon dies with it paused.
         watched = watch_freeze(core, monitor) if args.freeze else None
-        core.set_initial(await guest.snapshot())
-        fs = VmcoreFS(core, file_mode=args.mode)
+        try:
+            core.set_initial(await guest.snapshot())
+            session = _FuseSession(args, mountpoint, core, ready)
+
+            def on_gone(gone: LiveCore) -> None:
+                # Reads fail from now on: drop cached pages that would still answer,
+                # let readers in flight get EIO (not ECONNABORTED) for a moment, unmount.
+                session.guest_gone(gone, all_reads=True)
+                asyncio.get_running_loop().call_later(GONE_GRACE, session.pyfuse3.terminate)
+
+            core.on_gone = on_gone
+            pidfd = _watch_process(asyncio.get_running_loop(), monitor.pid, core)
+            try:
+                await session.run(monitor.pid, core.guest_gone)
+            finally:
+                if pidfd is not None:
+                    asyncio.get_running_loop().remove_reader(pidfd)
+                    os.close(pidfd)
+                try:
+                    await core.thaw()
+                except VmcorefsError as e:
+                    log.warning("could not resume the guest: %s", e)
+        finally:
+            if watched is not None:
+                watched.close()
+        if core.gone_reason is not None:
+            raise QEMUGoneError(f"QEMU exited while mounted; {mountpoint} unmounted")
+        return 0
+    finally:
+        guest.close()
+        await monitor.close()
+
+
+async def _serve_all(args: argparse.Namespace, mountpoint: str, ready: Callable[[], None]) -> int:
+    """``mount --all``: one directory per running libvirt domain, following
+    libvirt's lifecycle events; no guest is touched until one of its files
+    is used."""
+    from vmcorefs.live import MAX_AGE, LiveCore, LiveDirectory
+    from vmcorefs.qemu.domains import DomainWatcher, LazyGuest
+    from vmcorefs.qemu.libvirt import DEFAULT_URI
+
+    uri = args.connect or DEFAULT_URI
+    tree = LiveDirectory()
+    guests: dict[str, LazyGuest] = {}
+    loop = asyncio.get_running_loop()
+    session: _FuseSession | None = None
+
+    def started(name: str) -> None:
+        if name in tree.cores:
+            return
+        guest = guests[name] = LazyGuest(uri, name, args.memory, args.timeout)
+        tree.add(LiveCore(guest, os.path.join(mountpoint, name), freeze=args.freeze, cache=not args.direct,
+                          max_age=args.max_age or MAX_AGE, name=name))
+        log.info("domain %s: %s/%s", name, mountpoint, name)
+
+    def stopped(name: str, reason: str) -> None:
+        core = tree.remove(name, reason)
+        guest = guests.pop(name, None)
+        if core is not None and session is not None:
+            session.guest_gone(core, all_reads=False)
+        if guest is not None:
+            loop.create_task(guest.close())
+        log.info("%s: %s/%s removed", reason, mountpoint, name)
+
+    watcher = DomainWatcher(uri, loop, started, stopped)
+    await loop.run_in_executor(None, watcher.start)
+    try:
+        # Several QEMU processes: the native path reads private RAM through
+        # each handle's /proc/PID/mem descriptor (pid 0: no process_vm_readv).
+        session = _FuseSession(args, mountpoint, tree, ready)
+        await session.run(0, lambda reason: None)
+        for core in list(tree.cores.values()):
+            try:
+                await core.thaw()
+            except VmcorefsError as e:
+                log.warning("could not resume %s: %s", core.name, e)
+        return 0
+    finally:
+        watcher.stop()
+        for guest in guests.values():
+            await guest.close()
+
+
+class _FuseSession:
+    """The FUSE side of a mount: pyfuse3 with the native read path attached."""
+
+    def __init__(self, args: argparse.Namespace, mountpoint: str, root: Any, ready: Callable[[], None]) -> None:
+        from vmcorefs import readpath
+        from vmcorefs.fs import VmcoreFS
+
+        self.pyfuse3 = _import_pyfuse3()
+        self.readpath = readpath
+        self.args, self.mountpoint, self.ready = args, mountpoint, ready
+        self.fs = VmcoreFS(root, file_mode=args.mode)
+        self.native: Any = None
+
+    def guest_gone(self, core: Any, all_reads: bool) -> None:
+        """``core``'s QEMU went away: its reads fail from now on (all of the
+        native path's when it served only that guest), its cached pages go."""
+        if self.native is not None:
+            if all_reads:
+                self.native.set_gone()
+            else:  # served by Python from now on, which says EIO
+                for fh, (handle, _inode) in self.fs.handles.items():
+                    if handle.core is core:
+                        self.native.unregister(fh)
+        self.fs.drop_memory_caches(core)
+
+    async def run(self, pid: int | None, guest_gone: Callable[[str], None]) -> None:
+        """Mount, serve until unmounted or terminated, unmount.  Raises
+        :class:`MountError` when the mount cannot be made or libfuse refuses
+        the kernel's FUSE_INIT."""
+        pyfuse3, readpath, args, mountpoint, fs = self.pyfuse3, self.readpath, self.args, self.mountpoint, self.fs
         options = {"fsname=vmcorefs", "subtype=vmcorefs", "ro", "default_permissions", "noatime"}
         if args.allow_other:
             options.add("allow_other")
@@ -195,19 +308,7 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
             # After FUSE_INIT, which sets the readahead to the kernel's default.
             fs.on_first_request = lambda: _tune_readahead(mountpoint)
         loop = asyncio.get_running_loop()
-        kernel_ended = False
-        init_refused = False
-        native = None
-
-        def on_gone(gone: LiveCore) -> None:
-            # Reads fail from now on: drop cached pages that would still answer,
-            # let readers in flight get EIO (not ECONNABORTED) for a moment, unmount.
-            if native is not None:
-                native.set_gone()
-            fs.drop_memory_caches(gone)
-            loop.call_later(GONE_GRACE, pyfuse3.terminate)
-
-        core.on_gone = on_gone
+        kernel_ended = init_refused = False
         if args.reads != "python" and readpath.available():
 
             def on_event(code: str) -> None:
@@ -216,54 +317,38 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
                     kernel_ended = True
                     pyfuse3.terminate()
                 elif code == "G":
-                    core.guest_gone("QEMU has exited")
+                    guest_gone("QEMU has exited")
                 elif code == "R":  # libfuse accepted the kernel's FUSE_INIT: the mount answers
-                    ready()
+                    self.ready()
                 elif code == "I":  # libfuse refused it and ends its session
                     init_refused = True
                     pyfuse3.terminate()
 
             try:
-                native = readpath.NativeReads.attach(monitor.pid, on_event)
+                self.native = readpath.NativeReads.attach(pid, on_event)
             except BaseException:
                 pyfuse3.close(unmount=True)
                 raise
-            fs.native = native
-            loop.add_reader(native.events, native.poll_events)
+            fs.native = self.native
+            loop.add_reader(self.native.events, self.native.poll_events)
             log.info("reads: native read path")
         else:
             log.info("reads: Python (%s)", "--reads python" if args.reads == "python"
                      else f"native read path not built: {readpath.IMPORT_ERROR}")
-        pidfd = _watch_process(loop, monitor.pid, core)
         loop.add_signal_handler(signal.SIGINT, pyfuse3.terminate)
         loop.add_signal_handler(signal.SIGTERM, pyfuse3.terminate)
-        if native is None:
-            ready()  # the native path says so once libfuse has accepted FUSE_INIT (R)
+        if self.native is None:
+            self.ready()  # the native path says so once libfuse has accepted FUSE_INIT (R)
         try:
             await pyfuse3.main(min_tasks=2, max_tasks=16)
         finally:
-            if pidfd is not None:
-                loop.remove_reader(pidfd)
-                os.close(pidfd)
-            try:
-                await core.thaw()
-            except VmcorefsError as e:
-                log.warning("could not resume the guest: %s", e)
-            if watched is not None:
-                watched.close()
             pyfuse3.close(unmount=not kernel_ended)
-            if native is not None:
-                loop.remove_reader(native.events)
-                native.stop()
+            if self.native is not None:
+                loop.remove_reader(self.native.events)
+                self.native.stop()
         if init_refused:
             raise MountError(f"{mountpoint}: libfuse refused the kernel's FUSE_INIT (details with --debug);"
                              " unmounted")
-        if core.gone_reason is not None:
-            raise QEMUGoneError(f"QEMU exited while mounted; {mountpoint} unmounted")
-        return 0
-    finally:
-        guest.close()
-        await monitor.close()
 
 
 #: Seconds requests fail with EIO after QEMU exits, before the unmount.
@@ -305,7 +390,12 @@ def _watch_process(loop: asyncio.AbstractEventLoop, pid: int | None, core: Any) 
 
 
 def _check_guest_args(args: argparse.Namespace) -> None:
-    """Exactly one guest: QMP_SOCKET, or ``--domain`` (with ``--connect``)."""
+    """Exactly one guest: QMP_SOCKET, or ``--domain`` (with ``--connect``);
+    or, for ``mount --all``, every domain of ``--connect``'s URI."""
+    if getattr(args, "all", False):
+        if args.domain is not None or args.qmp_socket is not None:
+            raise UsageError("--all mounts every libvirt domain: give no QMP_SOCKET or --domain with it")
+        return
     if args.domain is None and args.connect is not None:
         raise UsageError("--connect needs --domain")
     if args.domain is None and args.qmp_socket is None:
