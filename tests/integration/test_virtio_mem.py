@@ -189,3 +189,19 @@ def test_virtio_mem_equals_qemu_dump(vmem_guest: QemuGuest) -> None:
         loads = _assert_equals_qemu_dump(g, m, oracle)
         assert sum(n for _, n in _in_vmem(loads)) == 512 * MiB
     assert g.status() == "running"
+
+
+def test_open_ends_qemus_dump_cleanly(vmem_guest: QemuGuest) -> None:
+    """Each open stops QEMU's dump once its headers and notes are read: QEMU
+    survives the broken pipe, resumes the running guest, reports the dump
+    failed having written at most two pages of RAM, and dumps again."""
+    g = vmem_guest
+    assert g.status() == "running"
+    with Mount(g) as m:
+        for _ in range(3):
+            with open(m.vmcore, "rb") as f:
+                assert f.read(4) == b"\x7fELF"
+            assert g.status() == "running"
+            state = g.qmp("query-dump")
+            assert state["status"] == "failed" and state["completed"] <= 2 * 4096, state
+    assert g.proc.poll() is None
