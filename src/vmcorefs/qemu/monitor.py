@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import qemu.qmp
 from qemu.qmp import EventListener, QMPClient
+from qemu.qmp.message import Message
 
 from vmcorefs.errors import (
     MonitorBusyError,
@@ -64,6 +65,19 @@ def check_socket_path(path: str) -> None:
         raise UsageError(f"{path}: {e.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise UsageError(f"{path}: not a unix socket (give the path of QEMU's -qmp unix: socket)")
+
+
+def _no_event(event: Message) -> bool:
+    return False
+
+
+class _Listener(EventListener):
+    """An ``EventListener`` that keeps no history (qemu.qmp's records every
+    event it ever accepted, which grows a long-lived daemon)."""
+
+    async def put(self, event: Message) -> None:
+        await super().put(event)
+        self._history.clear()
 
 
 class Monitor:
@@ -133,7 +147,7 @@ class Monitor:
         """QMP events ``names`` (e.g. ``RESUME``) as they arrive, for the
         ``with`` block: a qemu.qmp ``EventListener`` (``async for``,
         ``clear()``)."""
-        listener = EventListener(names)
+        listener = _Listener(names)
         with self._client.listen(listener):
             yield listener
 
@@ -181,6 +195,10 @@ async def connect(path: str, greeting_timeout: float = GREETING_TIMEOUT,
         raise UsageError(f"{path}: cannot connect: {e.strerror or e}") from None
     pid = peer_pid(sock)
     client = QMPClient("vmcorefs")
+    # qemu.qmp's default listener queues (and records) every event for ever
+    # and vmcorefs never reads it: a daemon would grow with each event
+    # (a dump per open, STOP/RESUME under --freeze).
+    client.events.event_filter = _no_event
     try:
         await asyncio.wait_for(client.connect(sock), greeting_timeout)
     except asyncio.TimeoutError:
