@@ -105,7 +105,7 @@ def _kcore_translate(elf: ELFFile, vaddr: int) -> tuple[int, int]:
 def test_kcore_maps_kernel_image_and_linear_map(arm64_guest: QemuGuest) -> None:
     """kcore from the guest's own TTBR1 tables: the kernel image at
     ``_stext`` maps ``_stext - kimage_voffset``, the linear map covers all
-    RAM from PAGE_OFFSET (``-(1 << VA_BITS)``), and bytes equal pmem's."""
+    RAM (``__phys_to_virt``), and bytes equal pmem's."""
     with arm64_guest.paused(), Mount(arm64_guest) as m, open(m.kcore, "rb") as k, open(m.pmem, "rb") as p:
         vci = vmcoreinfo_dict((m.path / "vmcoreinfo").read_text())
         elf = ELFFile(k)
@@ -117,7 +117,11 @@ def test_kcore_maps_kernel_image_and_linear_map(arm64_guest: QemuGuest) -> None:
         assert _read(k, offset, 4096) == _read(p, paddr, 4096)
         page_offset = (1 << 64) - (1 << int(vci["NUMBER(VA_BITS)"]))
         for gpa in (0x4000_0000, 0x4FFF_F000, 0x5000_0000, 0x5FFF_F000):
-            offset, paddr = _kcore_translate(elf, page_offset + gpa - int(vci["NUMBER(PHYS_OFFSET)"], 16))
+            # Linux's __phys_to_virt: (pa - PHYS_OFFSET) | PAGE_OFFSET, modulo 2**64
+            # (KASLR also moves the linear map when the CPU's PA range allows:
+            # then PHYS_OFFSET is "negative").
+            va = ((gpa - int(vci["NUMBER(PHYS_OFFSET)"], 16)) % (1 << 64)) | page_offset
+            offset, paddr = _kcore_translate(elf, va)
             assert paddr == gpa
             assert _read(k, offset, 4096) == _read(p, gpa, 4096)
         assert len(_segments(elf, "PT_LOAD")) < 10000
