@@ -27,11 +27,15 @@ want=("$@")
 # `make GOAL...` (default: this host's target with lzo, snappy and zstd).
 crash9() {
   local out=${1:-$cache/crash-9} src=${2:-$cache/src/crash}
-  local goals=("${@:3}")
+  local goals=("${@:3}") lock
   [ ${#goals[@]} -gt 0 ] || goals=(lzo snappy zstd)
-  if [ -x "$out/bin/crash" ] && "$out/bin/crash" --version 2>/dev/null | grep -q '^crash 9\.'; then
-    return
-  fi
+  crash9_built "$out" && return
+  # One build per SRC at a time: a second set-up waits for the first one's
+  # crash instead of emptying SRC under its make.
+  mkdir -p "${src%/*}"
+  exec {lock}>"$src.lock"
+  flock "$lock"
+  if crash9_built "$out"; then exec {lock}>&-; return; fi
   private_apt sid deb-src sid
   rm -rf "$src"
   mkdir -p "$src"
@@ -50,7 +54,12 @@ crash9() {
   rm -rf "$out"
   mv "$out.tmp" "$out"
   rm -rf "$src/build"
+  exec {lock}>&-
   echo "build-tools: $("$out/bin/crash" --version | head -n 1) ready in $out"
+}
+
+crash9_built() {
+  [ -x "$1/bin/crash" ] && "$1/bin/crash" --version 2>/dev/null | grep -q '^crash 9\.'
 }
 
 # --- crash for arm64 guests (issue 14) ---
