@@ -124,6 +124,8 @@ def libvirtd() -> Iterator[None]:
             if pid is not None:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGTERM)
+                with contextlib.suppress(AssertionError):  # libvirtd ends its own QEMU probes first
+                    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 60, "daemon exit", interval=0.2)
 
 
 @pytest.fixture(autouse=True)
@@ -189,17 +191,19 @@ def _domain_xml(name: str, uid: str, directory: Path, memory: str, vmcoreinfo: b
 
 
 def boot_domain(memory: str, vmcoreinfo: bool, tag: str = "") -> Domain:
+    """A transient domain (``virsh create``) of the test kernel, booted; its
+    directory (kernel, initramfs, serial log) is readable by libvirt-qemu."""
     directory = Path(tempfile.mkdtemp(prefix=f"vmcorefs-libvirt-{memory}-"))
-    os.chmod(directory, 0o755)  # QEMU runs as libvirt-qemu
-    shutil.copy(DEBIAN12.kernel, directory / "vmlinuz")
-    shutil.copy(DEBIAN12.initramfs, directory / "initramfs.cpio.gz")
-    for f in ("vmlinuz", "initramfs.cpio.gz"):
-        os.chmod(directory / f, 0o644)
     uid = str(uuid.uuid4())
     dom = Domain(f"vmcorefs-test-{memory}{tag}-{os.getpid()}", uid, directory, memory)
-    (directory / "domain.xml").write_text(_domain_xml(dom.name, uid, directory, memory, vmcoreinfo))
-    virsh("create", str(directory / "domain.xml"))
     try:
+        os.chmod(directory, 0o755)  # QEMU runs as libvirt-qemu
+        shutil.copy(DEBIAN12.kernel, directory / "vmlinuz")
+        shutil.copy(DEBIAN12.initramfs, directory / "initramfs.cpio.gz")
+        for f in ("vmlinuz", "initramfs.cpio.gz"):
+            os.chmod(directory / f, 0o644)
+        (directory / "domain.xml").write_text(_domain_xml(dom.name, uid, directory, memory, vmcoreinfo))
+        virsh("create", str(directory / "domain.xml"))
         wait_for(lambda: dom.serial.exists() and READY in dom.serial.read_bytes(), 180, f"{dom.name} boot",
                  interval=0.2)
     except BaseException:
