@@ -52,33 +52,48 @@ def _read(f, offset: int, size: int) -> bytes:  # type: ignore[no-untyped-def]
     return bytes(f.read(size))
 
 
-def test_paused_vmcore_equals_qemu_dump(arm64_guest: QemuGuest, tmp_path: Path) -> None:
-    """EM_AARCH64; PT_LOADs (RAM from 1 GiB: the memfd node, then the
+def _assert_same_core(ours_path: Path, theirs_path: Path) -> None:
+    """EM_AARCH64; the PT_LOADs (RAM from 1 GiB: the memfd node, then the
     private one), the notes (NT_PRSTATUS, NT_FPREGSET, NT_ARM_SVE per vCPU,
-    VMCOREINFO) and every PT_LOAD byte equal QEMU's dump of the paused guest."""
+    VMCOREINFO) and every PT_LOAD byte of ``ours_path`` equal QEMU's dump."""
+    with open(ours_path, "rb") as ours, open(theirs_path, "rb") as theirs:
+        e_ours, e_theirs = ELFFile(ours), ELFFile(theirs)
+        assert e_ours["e_machine"] == e_theirs["e_machine"] == "EM_AARCH64"
+        assert e_ours.elfclass == 64 and e_ours["e_type"] == "ET_CORE"
+        loads, their_loads = _segments(e_ours, "PT_LOAD"), _segments(e_theirs, "PT_LOAD")
+        assert [(s["p_paddr"], s["p_memsz"]) for s in loads] == [(0x4000_0000, 256 << 20), (0x5000_0000, 256 << 20)]
+        assert [(s["p_paddr"], s["p_vaddr"], s["p_memsz"]) for s in loads] == \
+            [(s["p_paddr"], s["p_vaddr"], s["p_memsz"]) for s in their_loads]
+        (note,), (their_note,) = _segments(e_ours, "PT_NOTE"), _segments(e_theirs, "PT_NOTE")
+        notes = _read(ours, note["p_offset"], note["p_filesz"])
+        assert notes == _read(theirs, their_note["p_offset"], their_note["p_filesz"])
+        kinds = [(n.name, n.type) for n in parse_notes(notes)]
+        assert kinds.count(("CORE", 1)) == 2 and ("VMCOREINFO", 0) in kinds
+        mismatches = []
+        for a, b in zip(loads, their_loads):
+            for done in range(0, a["p_memsz"], CHUNK):
+                n = min(CHUNK, a["p_memsz"] - done)
+                if _read(ours, a["p_offset"] + done, n) != _read(theirs, b["p_offset"] + done, n):
+                    mismatches.append(a["p_paddr"] + done)
+        assert mismatches == []
+
+
+def test_paused_vmcore_equals_qemu_dump(arm64_guest: QemuGuest, tmp_path: Path) -> None:
+    """The live vmcore of the paused guest is QEMU's dump, byte for byte."""
     oracle = tmp_path / "qemu.dump"
-    with arm64_guest.paused(), Mount(arm64_guest) as m, open(m.vmcore, "rb") as ours:
+    with arm64_guest.paused(), Mount(arm64_guest) as m:
         arm64_guest.dump(oracle)
-        with open(oracle, "rb") as theirs:
-            e_ours, e_theirs = ELFFile(ours), ELFFile(theirs)
-            assert e_ours["e_machine"] == e_theirs["e_machine"] == "EM_AARCH64"
-            assert e_ours.elfclass == 64 and e_ours["e_type"] == "ET_CORE"
-            loads, their_loads = _segments(e_ours, "PT_LOAD"), _segments(e_theirs, "PT_LOAD")
-            assert [(s["p_paddr"], s["p_memsz"]) for s in loads] == [(0x4000_0000, 256 << 20), (0x5000_0000, 256 << 20)]
-            assert [(s["p_paddr"], s["p_vaddr"], s["p_memsz"]) for s in loads] == \
-                [(s["p_paddr"], s["p_vaddr"], s["p_memsz"]) for s in their_loads]
-            (note,), (their_note,) = _segments(e_ours, "PT_NOTE"), _segments(e_theirs, "PT_NOTE")
-            notes = _read(ours, note["p_offset"], note["p_filesz"])
-            assert notes == _read(theirs, their_note["p_offset"], their_note["p_filesz"])
-            kinds = [(n.name, n.type) for n in parse_notes(notes)]
-            assert kinds.count(("CORE", 1)) == 2 and ("VMCOREINFO", 0) in kinds
-            mismatches = []
-            for a, b in zip(loads, their_loads):
-                for done in range(0, a["p_memsz"], CHUNK):
-                    n = min(CHUNK, a["p_memsz"] - done)
-                    if _read(ours, a["p_offset"] + done, n) != _read(theirs, b["p_offset"] + done, n):
-                        mismatches.append(a["p_paddr"] + done)
-            assert mismatches == []
+        _assert_same_core(m.vmcore, oracle)
+
+
+def test_vmcorefs_dump_equals_qemu_dump(arm64_guest: QemuGuest, tmp_path: Path) -> None:
+    """``vmcorefs dump`` (sparse ELF) of the paused guest is QEMU's dump too."""
+    oracle, ours = tmp_path / "qemu.dump", tmp_path / "vmcorefs.dump"
+    with arm64_guest.paused():
+        arm64_guest.dump(oracle)
+        r = run_vmcorefs("dump", "--quiet", arm64_guest.qmp_path, str(ours))
+        assert r.returncode == 0, r.stderr
+        _assert_same_core(ours, oracle)
 
 
 def test_info_says_aarch64(arm64_guest: QemuGuest) -> None:
