@@ -600,7 +600,7 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
         if not watch.stop.is_set() and native_kdump:
             out_tmp = _tempfile(directory, os.path.basename(output))
             partial.append(out_tmp)
-            progress = _progress(args.quiet, p.size, "compressing")
+            progress = _progress(args.quiet, sum(s.length for s in handle.layout.segments), "compressing")
             copying = True
             try:
                 src = os.open(elf, os.O_RDONLY | os.O_CLOEXEC)
