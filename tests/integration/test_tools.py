@@ -2,31 +2,25 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from vmcorefs.testing import DRGN_KALLSYMS, Mount, QemuGuest, require
+from vmcorefs.testing import DRGN_KALLSYMS, Mount, QemuGuest, makedumpfile, require
 
 pytestmark = pytest.mark.integration
 
 def test_makedumpfile_filtered_dump_of_live_guest(memfd_guest: QemuGuest, tmp_path: Path) -> None:
-    require(shutil.which("makedumpfile") is not None, "makedumpfile not installed")
     out = tmp_path / "dump.kdump"
     with Mount(memfd_guest) as m:
-        r = subprocess.run(["makedumpfile", "-c", "-d", "31", str(m.vmcore), str(out)],
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout + r.stderr
+        makedumpfile(m.vmcore, out, "-c", "-d", "31")
         assert out.read_bytes()[:8] == b"KDUMP   "
         # Filtered and compressed: far smaller than guest RAM.
         assert out.stat().st_size < (memfd_guest.mem_mb << 20) // 4
         dmesg = tmp_path / "dmesg.txt"
-        r = subprocess.run(["makedumpfile", "--dump-dmesg", str(m.vmcore), str(dmesg)],
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout + r.stderr
+        makedumpfile(m.vmcore, dmesg, "--dump-dmesg")
         log = dmesg.read_text(errors="replace")
         assert f"Linux version {memfd_guest.release}" in log
         assert "VMCOREFS-TICK" in log

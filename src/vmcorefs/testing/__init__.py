@@ -15,7 +15,7 @@ default /var/cache/vmcorefs) and QEMU; mounts need FUSE and root.
 * :mod:`~vmcorefs.testing.probes`: the drgn kallsyms program, VMCOREINFO
   arithmetic (printk head), the page cache a test brought in.
 * :mod:`~vmcorefs.testing.tools`: crash (Debian's, or :data:`CRASH9`),
-  drgn with the debug vmlinux, gdb on kcore, as the tests run them.
+  drgn with the debug vmlinux, gdb on kcore, makedumpfile, as the tests run them.
 
 ``python -m vmcorefs.testing boot|drgn-kallsyms|printk-head`` serves
 shell scripts (``scripts/demo.sh``).
@@ -67,6 +67,7 @@ from vmcorefs.testing.tools import (
     drgn_tasks,
     gdb_on_kcore,
     gdb_threads,
+    makedumpfile,
     run_crash,
 )
 
@@ -78,5 +79,5 @@ __all__ = [
     "DRGN_KALLSYMS", "DRGN_KALLSYMS_QEMU", "kernel_image_phys", "printk_head_addr", "printk_head_id",
     "memory_cgroup", "vmcoreinfo_dict",
     "CRASH9", "DRGN_DEBUGINFO", "KERNEL_SPACE", "DrgnTasks", "OnCpu", "drgn_tasks", "gdb_on_kcore", "gdb_threads",
-    "run_crash",
+    "makedumpfile", "run_crash",
 ]

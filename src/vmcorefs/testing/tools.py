@@ -7,6 +7,7 @@
   (:data:`DRGN_DEBUGINFO`, run in a fresh interpreter).
 * :func:`gdb_on_kcore`: gdb with the debug vmlinux on a mount's ``kcore``
   (through its ``gdbinit``), and :func:`gdb_threads` to read ``info threads``.
+* :func:`makedumpfile`: makedumpfile from a core to a file.
 """
 
 from __future__ import annotations
@@ -113,3 +114,13 @@ def gdb_threads(out: str) -> list[tuple[int, int | None, str]]:
     where the debug info has lines)."""
     return [(int(n), int(pc, 16) if pc else None, fn) for n, pc, fn
             in re.findall(r"^\*?\s+(\d+)\s+LWP \d+\s+(?:(0x[0-9a-f]+) in )?(\S+) \(", out, re.M)]
+
+
+def makedumpfile(core: Path, out: Path, *options: str, timeout: float = 600) -> str:
+    """``makedumpfile OPTIONS... CORE OUT`` (e.g. ``-c -d 31``, or
+    ``--dump-dmesg``): its stdout and stderr.  AssertionError when it fails."""
+    require(shutil.which("makedumpfile") is not None, "makedumpfile not installed")
+    r = subprocess.run(["makedumpfile", *options, str(core), str(out)], capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout + r.stderr
