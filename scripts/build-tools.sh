@@ -53,7 +53,7 @@ crash9() {
     || { echo "build-tools: $src/build/crash is not crash 9" >&2; exit 1; }
   rm -rf "$out"
   mv "$out.tmp" "$out"
-  rm -rf "$src/build"
+  rm -rf "$src"  # a rebuild downloads the source again (unstable moves on)
   exec {lock}>&-
   echo "build-tools: $("$out/bin/crash" --version | head -n 1) ready in $out"
 }
