@@ -57,6 +57,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from vmcorefs.core.kcore import EM_386, EM_AARCH64, EM_X86_64
 from vmcorefs.core.layout import PAGE_SIZE, SparseFile
 from vmcorefs.errors import AccessError, QEMUGoneError, UsageError, VmcorefsError
 from vmcorefs.live import LiveCore
@@ -294,14 +295,16 @@ def _guest_utsname(src: int, layout: SparseFile, snap: Snapshot) -> bytes:
     ``OSRELEASE`` when it cannot be found."""
     from vmcorefs.core import kdump
 
-    pa = kdump.utsname_paddr(snap.vmcoreinfo_fields)
+    # __pa_symbol as x86-64 computes it; other architectures map their kernel image differently.
+    pa = kdump.utsname_paddr(snap.vmcoreinfo_fields) if snap.dump.e_machine == EM_X86_64 else None
     for seg in layout.segments:
         if pa is not None and seg.src <= pa and pa + kdump.UTSNAME_SIZE <= seg.src + seg.length:
             uts = os.pread(src, kdump.UTSNAME_SIZE, seg.offset + pa - seg.src)
             if kdump.uts_looks_sane(uts):
                 return uts
     release = (snap.vmcoreinfo_fields or {}).get("OSRELEASE", "")
-    return kdump.utsname("Linux", release, "#1 (unknown)", "x86_64" if snap.dump.e_machine == 62 else "i686")
+    machine = {EM_X86_64: "x86_64", EM_386: "i686", EM_AARCH64: "aarch64"}.get(snap.dump.e_machine, "unknown")
+    return kdump.utsname("Linux", release, "#1 (unknown)", machine)
 
 
 def write_kdump_zlib(src: int, out: int, p: Plan, layout: SparseFile, snap: Snapshot, watch: _Watch,
