@@ -1,8 +1,8 @@
 """An arm64 guest (qemu-system-aarch64 -M virt, TCG, -cpu max) analysed from this x86-64 host.
 
-One guest per session (:data:`~vmcorefs.testing.guests.ARM64_SPEC`: 2 vCPUs,
-512 MiB as a memfd node and a private-RAM node; about 15-60 s to boot under
-TCG, depending on the machine's load).  The oracle is QEMU's own
+One guest per session (:data:`~vmcorefs.testing.guests.ARM64_SPEC`: -cpu max
+with cheap pointer authentication, 2 vCPUs, 512 MiB as a memfd node and a
+private-RAM node; 12-17 s to boot under TCG on a loaded 2-core host).  The oracle is QEMU's own
 ``dump-guest-memory`` of the paused guest; the tools are drgn (debug
 vmlinux), gdb-multiarch on ``kcore`` and, when built, crash for ARM64.
 """

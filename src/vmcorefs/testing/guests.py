@@ -411,13 +411,16 @@ class QemuGuest:
 
 #: An arm64 guest: ``-M virt`` (RAM from 1 GiB, no firmware for -kernel
 #: boot; QEMU's device tree gives the kernel a KASLR seed), ``-cpu max``
-#: (pointer authentication, SVE: QEMU writes NT_ARM_SVE notes), two vCPUs,
+#: (pointer authentication, SVE: QEMU writes NT_ARM_SVE notes) with
+#: ``pauth-impdef=on`` (QEMU's cheap PAC algorithm instead of emulating
+#: QARMA5: boots in half the time under TCG), two vCPUs,
 #: 512 MiB as two NUMA nodes -- node 0 ``memory-backend-memfd,share=on``
 #: (read by pread on the memfd), node 1 ``memory-backend-ram`` (QEMU's
 #: private RAM, read through /proc/PID/mem) -- so one boot covers both
 #: kinds.  The console is the PL011, ``ttyAMA0``.
 ARM64_SPEC = GuestSpec(
-    "arm64", qemu=SYSTEM_QEMU_AARCH64, kernel=ARM64, machine="virt", cpu="max", memory="none", mib=512,
+    "arm64", qemu=SYSTEM_QEMU_AARCH64, kernel=ARM64, machine="virt", cpu="max,pauth-impdef=on", memory="none",
+    mib=512,
     append="console=ttyAMA0 panic=-1 printk.devkmsg=on",
     extra=("-m", "512M",
            "-object", "memory-backend-memfd,id=mem0,size=256M,share=on",
