@@ -16,7 +16,11 @@ sections that are neither RAM devices nor non-volatile and joins a section
 to its predecessor when both are contiguous in guest-physical *and*
 host-virtual memory and belong to the same memory region.
 :func:`guest_phys_blocks` applies the same rule, given each range's host
-address from HMP ``gpa2hva``.
+address from HMP ``gpa2hva``.  Of a region with a RAM discard manager
+(virtio-mem) the dump keeps only the populated (plugged) parts, which no
+monitor command lists: :func:`dumped_blocks` takes them from the dump's
+PT_LOADs, :func:`clip_virtio_mem` does what ``query-memory-devices``
+allows without a dump.
 """
 
 from __future__ import annotations

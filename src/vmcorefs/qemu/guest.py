@@ -261,9 +261,11 @@ class Guest:
         return parse_mtree_flat(text)
 
     async def ram_blocks(self) -> list[GuestPhysBlock]:
-        """The guest-physical blocks ``dump-guest-memory paging=false`` writes,
-        sorted by ``gpa``: one ``info mtree -f`` and one ``gpa2hva`` per
-        dumped range.  Raises :class:`QMPError` and its kin, :class:`FormatError`."""
+        """The guest-physical blocks of RAM as ``dump-guest-memory
+        paging=false`` joins them, sorted by ``gpa``: one ``info mtree -f``
+        and one ``gpa2hva`` per dumped range.  A virtio-mem region is
+        whole here; :meth:`snapshot` keeps only what the dump holds.
+        Raises :class:`QMPError` and its kin, :class:`FormatError`."""
         pairs: list[tuple[FlatRange, int]] = []
         for fr in await self.flat_ranges():
             if not fr.dumped:
