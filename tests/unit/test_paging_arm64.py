@@ -388,6 +388,17 @@ KERNELOFFSET=57b9d2a00000
 """
 
 
+def changed(change: dict[str, str | None]) -> dict[str, str]:
+    """:data:`REAL` with keys replaced (a value) or removed (None)."""
+    vci = parse_vmcoreinfo(REAL)
+    for k, v in change.items():
+        if v is None:
+            del vci[k]
+        else:
+            vci[k] = v
+    return vci
+
+
 def test_kernel_root_real_vmcoreinfo() -> None:
     root, va_bits = kernel_root_from_vmcoreinfo(parse_vmcoreinfo(REAL))
     assert (root, va_bits) == (0xFFFFD7B9DBD7B000 - 0xFFFFD7B99A800000, 48)
@@ -402,12 +413,7 @@ def test_kernel_root_real_vmcoreinfo() -> None:
       "SYMBOL(swapper_pg_dir)": "ffffffc0093b5000", "NUMBER(kimage_voffset)": "0xffffffbfc9000000"}, 39),
 ])
 def test_va_bits(change: dict[str, str | None], expected: int) -> None:
-    vci = parse_vmcoreinfo(REAL)
-    for k, v in change.items():
-        if v is None:
-            del vci[k]
-        else:
-            vci[k] = v
+    vci = changed(change)
     assert va_bits_from_vmcoreinfo(vci) == expected
     assert kernel_root_from_vmcoreinfo(vci)[1] == expected
 
@@ -425,12 +431,7 @@ def test_va_bits(change: dict[str, str | None], expected: int) -> None:
     {"SYMBOL(swapper_pg_dir)": "ffffd7b9dbd7b000 junk"},
 ])
 def test_kernel_root_garbage(change: dict[str, str | None]) -> None:
-    vci = parse_vmcoreinfo(REAL)
-    for k, v in change.items():
-        if v is None:
-            del vci[k]
-        else:
-            vci[k] = v
+    vci = changed(change)
     with pytest.raises(FormatError):
         kernel_root_from_vmcoreinfo(vci)
 
