@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from vmcorefs.core.kcore import gdb_script
+from vmcorefs.core.kcore import gdb_program, gdb_script
 from vmcorefs.core.layout import ExtentKind, SparseFile
 from vmcorefs.errors import NoSuchFileError, QEMUGoneError, QMPError
 from vmcorefs.qemu.guest import Snapshot
@@ -85,7 +85,8 @@ def _vmcoreinfo(snap: Snapshot, directory: str) -> SparseFile:
 def _gdbinit(snap: Snapshot, directory: str) -> SparseFile:
     if snap.kernel_offset is None:
         raise NoSuchFileError("no KASLR offset (no VMCOREINFO)", "gdbinit")
-    return SparseFile.text(gdb_script(os.path.join(directory, "kcore"), snap.kernel_offset))
+    return SparseFile.text(gdb_script(os.path.join(directory, "kcore"), snap.kernel_offset,
+                                      gdb_program(snap.dump.e_machine)))
 
 
 def _kcore(snap: Snapshot, directory: str) -> SparseFile:

@@ -105,6 +105,7 @@ def test_info_says_aarch64(arm64_guest: QemuGuest) -> None:
     assert info["vmcoreinfo"]["OSRELEASE"] == arm64_guest.release
     ram = {b["name"]: b["access"] for b in info["memory"] if b["kind"] == "ram"}
     assert ram == {"mem0": "shared", "mem1": "procmem"}
+    assert info["gdb"].startswith("gdb-multiarch -q -ex 'symbol-file -o 0x")
     text = run_vmcorefs("info", arm64_guest.qmp_path)
     assert text.returncode == 0 and "aarch64" in text.stdout
 
@@ -147,6 +148,7 @@ def test_gdb_multiarch_on_kcore(arm64_guest: QemuGuest, arm64_vmlinux: Path) -> 
     linux_banner from kcore at its randomised address."""
     require(shutil.which("gdb-multiarch") is not None, "gdb-multiarch not installed")
     with Mount(arm64_guest) as m:
+        assert "# usage: gdb-multiarch -q VMLINUX -x " in (m.path / "gdbinit").read_text()
         offset = int(vmcoreinfo_dict((m.path / "vmcoreinfo").read_text())["KERNELOFFSET"], 16)
         assert offset != 0  # QEMU's device tree gave the kernel a KASLR seed
         r = subprocess.run(["gdb-multiarch", "-q", "-batch", str(arm64_vmlinux), "-x", str(m.path / "gdbinit"),
@@ -185,7 +187,7 @@ def test_crash_arm64_on_live_vmcore(arm64_guest: QemuGuest, arm64_vmlinux: Path)
     with Mount(arm64_guest) as m:
         out = run_crash(arm64_vmlinux, m.vmcore, "sys\nps\nbt -a\nlog", crash=CRASH_ARM64)
     assert re.search(r"RELEASE: " + re.escape(arm64_guest.release), out), out[-3000:]
-    assert re.search(r"MACHINE: arm64", out), out[-3000:]
+    assert re.search(r"MACHINE: aarch64", out), out[-3000:]
     assert re.search(r"^\s*>?\s*1\s+0\s+\d+\s+[0-9a-f]+\s+\S+\s+[\d.]+\s+\d+\s+\d+\s+init$", out, re.M), out[-3000:]
     for cpu in (0, 1):  # bt -a: the task on each vCPU, from QEMU's NT_PRSTATUS notes
         assert re.search(rf"^PID: \s*\d+\s+TASK: [0-9a-f]+\s+CPU: {cpu}\s", out, re.M), out[-3000:]

@@ -120,7 +120,13 @@ def kernel_view(read_phys: ReadPhys, info: DumpInfo, root: PageTableRoot,
     return KernelView(build_kcore(info, runs), result.truncated)
 
 
-def gdb_script(kcore_path: str, kernel_offset: int) -> str:
+def gdb_program(machine: int) -> str:
+    """The gdb to suggest for a guest of ELF ``machine``: ``gdb-multiarch``
+    for arm64 (vmcorefs runs on x86-64 hosts too), else ``gdb``."""
+    return "gdb-multiarch" if machine == EM_AARCH64 else "gdb"
+
+
+def gdb_script(kcore_path: str, kernel_offset: int, gdb: str = "gdb") -> str:
     """The ``gdbinit`` served next to ``kcore``: load the guest's vmlinux
     (gdb's exec file) relocated by the KASLR offset, then open ``kcore``.
 
@@ -132,14 +138,14 @@ def gdb_script(kcore_path: str, kernel_offset: int) -> str:
     """
     return f"""\
 # vmcorefs: gdb on the live kernel of this guest (KASLR offset {kernel_offset:#x}).
-# usage: gdb -q VMLINUX -x {kcore_path.rsplit("/", 1)[0]}/gdbinit
+# usage: {gdb} -q VMLINUX -x {kcore_path.rsplit("/", 1)[0]}/gdbinit
 set confirm off
 set pagination off
 python
 import gdb
 _vmlinux = gdb.current_progspace().filename
 if not _vmlinux:
-    raise gdb.GdbError("vmcorefs: start gdb with the guest's vmlinux: gdb -q VMLINUX -x THIS_FILE")
+    raise gdb.GdbError("vmcorefs: start gdb with the guest's vmlinux: {gdb} -q VMLINUX -x THIS_FILE")
 gdb.execute("symbol-file", to_string=True)
 gdb.execute("symbol-file -o {kernel_offset:#x} " + _vmlinux, to_string=True)
 gdb.execute("core-file {kcore_path}")

@@ -25,7 +25,7 @@ from functools import cached_property
 from typing import Any, Callable, Iterator
 
 from vmcorefs.core.elf import DumpInfo, build_pmem, build_vmcore, parse_qemu_dump, qemu_dump_headers_end
-from vmcorefs.core.kcore import EM_AARCH64, kernel_view, page_table_root
+from vmcorefs.core.kcore import EM_AARCH64, gdb_program, kernel_view, page_table_root
 from vmcorefs.core.layout import Extent, SparseFile
 from vmcorefs.core.memmap import (
     FlatRange,
@@ -433,6 +433,7 @@ class Guest:
         there is no VMCOREINFO).  Raises as :meth:`snapshot`."""
         snap = await self.snapshot()
         notes = parse_notes(snap.dump.notes)
+        gdb = gdb_program(snap.dump.e_machine)
         vci = snap.vmcoreinfo_fields
         arch = "unknown"
         try:
@@ -463,8 +464,8 @@ class Guest:
             },
             "vmcoreinfo_origin": await self._origin_hint(snap),
             "gdb": None if snap.kernel_offset is None else (
-                f"gdb -q -ex 'symbol-file -o {snap.kernel_offset:#x} VMLINUX'"
-                " -ex 'core-file MOUNTPOINT/kcore'   (or: gdb -q VMLINUX -x MOUNTPOINT/gdbinit)"),
+                f"{gdb} -q -ex 'symbol-file -o {snap.kernel_offset:#x} VMLINUX'"
+                f" -ex 'core-file MOUNTPOINT/kcore'   (or: {gdb} -q VMLINUX -x MOUNTPOINT/gdbinit)"),
         }
 
     async def _origin_hint(self, snap: Snapshot) -> str:
