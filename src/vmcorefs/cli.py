@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ import types
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Sequence
 
 from vmcorefs import __version__
-from vmcorefs.errors import MountError, QEMUGoneError, UsageError, VmcorefsError
+from vmcorefs.errors import MountError, QEMUGoneError, UsageError, VmcorefsError, stat_or_usage_error
 
 if TYPE_CHECKING:
     from vmcorefs.qemu.guest import Guest
@@ -133,14 +132,7 @@ def _setup_logging(debug: bool, log_file: str | None = None) -> None:
 
 
 def _check_mountpoint(path: str) -> str:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: mountpoint does not exist") from None
-    except OSError as e:
-        if e.errno == errno.ENOTCONN:  # a FUSE daemon died here
-            raise UsageError(f"{path}: stale FUSE mount (run 'fusermount3 -u {path}')") from None
-        raise UsageError(f"{path}: {e.strerror}") from None
+    st = stat_or_usage_error(path, "mountpoint does not exist")
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{path}: mountpoint is not a directory")
     if os.path.ismount(path):

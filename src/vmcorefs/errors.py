@@ -7,6 +7,9 @@ address that could not be read, or the fix for a missing permission.
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class VmcorefsError(Exception):
     """Root of every error vmcorefs raises on purpose (never raised itself)."""
@@ -18,6 +21,19 @@ class UsageError(VmcorefsError):
     """Bad input from the user: paths, options, mountpoints."""
 
     exit_code = 2
+
+
+def stat_or_usage_error(path: str, missing: str) -> "os.stat_result":
+    """``os.stat(path)``; a :class:`UsageError` naming ``path`` when it fails
+    (``missing`` says what is not there, e.g. ``no such QMP socket``)."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: {missing}") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:  # a FUSE daemon died here
+            raise UsageError(f"{path}: stale FUSE mount (run 'fusermount3 -u {path}')") from None
+        raise UsageError(f"{path}: {e.strerror}") from None
 
 
 class NotQMPError(UsageError):

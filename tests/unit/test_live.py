@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from unit_support import fake_cpu_notes, fake_mem
+from unit_support import fake_cpu_notes, fake_mem, materialise
 
 from vmcorefs.core.elf import DumpInfo
 from vmcorefs.core.layout import ExtentKind
@@ -111,14 +111,6 @@ def guest(clock: FakeClock) -> Any:
 
 def make(guest: FakeGuest, clock: FakeClock, **kw: Any) -> LiveCore:
     return LiveCore(guest, "/mnt/vm", clock=clock, wall_ns=lambda: int(clock.now * 1e9), **kw)
-
-
-def materialise(handle_file: Any) -> bytes:
-    out = bytearray(handle_file.size)
-    out[:len(handle_file.prefix)] = handle_file.prefix
-    for seg in handle_file.segments:
-        out[seg.offset:seg.end] = fake_mem(seg.src, seg.length)
-    return bytes(out)
 
 
 # -- files ---------------------------------------------------------------------

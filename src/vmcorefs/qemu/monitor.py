@@ -31,6 +31,7 @@ from vmcorefs.errors import (
     QMPError,
     QMPTimeoutError,
     UsageError,
+    stat_or_usage_error,
 )
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,7 @@ def _process_name(pid: int) -> str:
 
 def check_socket_path(path: str) -> None:
     """Raise :class:`UsageError` unless ``path`` is an existing unix socket."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such QMP socket") from None
-    except OSError as e:
-        raise UsageError(f"{path}: {e.strerror}") from None
+    st = stat_or_usage_error(path, "no such QMP socket")
     if not stat.S_ISSOCK(st.st_mode):
         raise UsageError(f"{path}: not a unix socket (give the path of QEMU's -qmp unix: socket)")
 
