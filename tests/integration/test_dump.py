@@ -19,6 +19,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from vmcorefs.testing import (
+    DEBIAN11,
     DEBIAN12,
     GuestSpec,
     QemuGuest,
@@ -416,3 +417,28 @@ def test_progress_on_a_terminal_only(memfd_guest: QemuGuest, tmp_path: Path) -> 
     assert r.returncode == 0 and len(r.stderr.splitlines()) == 1 and SUMMARY.search(r.stderr), r.stderr
     r = _dump(memfd_guest, tmp_path / "quiet.elf", "--quiet")
     assert r.returncode == 0 and r.stderr == "" and r.stdout == "", r.stderr
+
+
+def test_crash_510_same_on_dumps_as_on_qemus(tmp_path: Path) -> None:
+    """A Debian 11 (5.10) guest, which Debian 12's crash 8.0.2 understands
+    fully: crash prints the same (sys, ps, bt of PID 1) on vmcorefs' ELF and
+    kdump-zlib of a paused instant as on QEMU's own dump of it."""
+    require(DEBIAN11.vmlinux.exists(), "no 5.10 debug vmlinux (scripts/build-guest.sh --old --dbg)")
+    commands = "sys\nps\nbt 1"
+    with QemuGuest(GuestSpec("k510", kernel=DEBIAN11, mib=512, memory="private")) as g:
+        with g.paused():
+            for name, args in (("ours.elf", ()), ("ours.kdump", ("--format", "kdump-zlib"))):
+                r = _dump(g, tmp_path / name, *args)
+                assert r.returncode == 0, r.stderr
+            g.dump(tmp_path / "qemu.elf")
+        outputs = {name: run_crash(DEBIAN11.vmlinux, tmp_path / name, commands)
+                   for name in ("qemu.elf", "ours.elf", "ours.kdump")}
+
+    def normal(text: str) -> list[str]:
+        # The file's name, and the date a kdump header carries (the dump's, not the guest clock's).
+        return [ln for ln in text.splitlines() if not re.match(r"\s*(DUMPFILE|DATE):", ln)]
+
+    theirs = normal(outputs["qemu.elf"])
+    assert any("[kthreadd]" in ln for ln in theirs) and any(ln.startswith("PID: 1 ") for ln in theirs), theirs
+    assert normal(outputs["ours.elf"]) == theirs
+    assert normal(outputs["ours.kdump"]) == theirs
