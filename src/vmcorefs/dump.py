@@ -55,15 +55,15 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from vmcorefs.core.kcore import EM_386, EM_AARCH64, EM_X86_64
 from vmcorefs.core.layout import PAGE_SIZE, SparseFile
 from vmcorefs.errors import AccessError, QEMUGoneError, UsageError, VmcorefsError
-from vmcorefs.live import LiveCore
-from vmcorefs.qemu.guest import Snapshot
-from vmcorefs.qemu.memory import ProcessMemory, Source
-from vmcorefs.qemu.scan import GuestRAM
+
+if TYPE_CHECKING:  # imported where used: the parser (every vmcorefs command) stays light
+    from vmcorefs.qemu.guest import Snapshot
+    from vmcorefs.qemu.memory import ProcessMemory, Source
+    from vmcorefs.qemu.scan import GuestRAM
 
 #: ``--format`` values, QEMU's ``dump-guest-memory`` format names.
 FORMATS = ("elf", "kdump-zlib", "kdump-lzo", "kdump-snappy")
@@ -294,6 +294,7 @@ def _guest_utsname(src: int, layout: SparseFile, snap: Snapshot) -> bytes:
     (what makedumpfile puts in the header), or one made of VMCOREINFO's
     ``OSRELEASE`` when it cannot be found."""
     from vmcorefs.core import kdump
+    from vmcorefs.core.kcore import EM_386, EM_AARCH64, EM_X86_64
 
     # __pa_symbol as x86-64 computes it; other architectures map their kernel image differently.
     pa = kdump.utsname_paddr(snap.vmcoreinfo_fields) if snap.dump.e_machine == EM_X86_64 else None
@@ -540,6 +541,9 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
     Returns 0; raises :class:`UsageError` (exit 2) for bad input before the
     guest is touched or when space is short, :class:`DumpInterrupted`
     (130/143), other :class:`VmcorefsError` (1)."""
+    from vmcorefs.live import LiveCore
+    from vmcorefs.qemu.scan import GuestRAM
+
     started = time.monotonic()
     output = check_output(args.output, args.force)
     directory = os.path.dirname(output)
