@@ -64,6 +64,7 @@ from vmcorefs.testing.tools import (
     KERNEL_SPACE,
     DrgnTasks,
     OnCpu,
+    crash_sections,
     drgn_tasks,
     gdb_on_kcore,
     gdb_threads,
@@ -78,6 +79,6 @@ __all__ = [
     "unmount_and_wait", "wait_for", "wait_mounted",
     "DRGN_KALLSYMS", "DRGN_KALLSYMS_QEMU", "kernel_image_phys", "printk_head_addr", "printk_head_id",
     "memory_cgroup", "vmcoreinfo_dict",
-    "CRASH9", "DRGN_DEBUGINFO", "KERNEL_SPACE", "DrgnTasks", "OnCpu", "drgn_tasks", "gdb_on_kcore", "gdb_threads",
-    "makedumpfile", "run_crash",
+    "CRASH9", "DRGN_DEBUGINFO", "KERNEL_SPACE", "DrgnTasks", "OnCpu", "crash_sections", "drgn_tasks",
+    "gdb_on_kcore", "gdb_threads", "makedumpfile", "run_crash",
 ]

@@ -1,7 +1,8 @@
 """The debuggers users run on a guest's core, run as the tests run them.
 
 * :func:`run_crash`: crash (Debian's 8.0.2 on PATH, or :data:`CRASH9`)
-  with a debug vmlinux on a core, commands on its standard input.
+  with a debug vmlinux on a core, commands on its standard input;
+  :func:`crash_sections` splits its output by command.
 * :func:`drgn_tasks`: drgn with the debug vmlinux: the kernel release, the
   task list, and the stack of the task on each online CPU
   (:data:`DRGN_DEBUGINFO`, run in a fresh interpreter).
@@ -28,15 +29,25 @@ CRASH9 = CACHE / "crash-9" / "bin" / "crash"
 
 
 def run_crash(vmlinux: Path, core: Path, commands: str, crash: str | Path = "crash",
-              timeout: float = 600) -> str:
+              timeout: float = 600, echo: bool = False) -> str:
     """``crash -s VMLINUX CORE`` fed ``commands`` (one per line) then ``quit``;
-    its stdout and stderr together.  Skips (fails under ``CI=true``) when
-    ``crash`` is not installed; AssertionError when it exits non-zero."""
+    its stdout and stderr together.  ``echo``: without ``-s``, so that crash
+    prints its banner and, before each command's output, its prompt and the
+    command (``crash> CMD``; see :func:`crash_sections`).  Skips (fails under
+    ``CI=true``) when ``crash`` is not installed; AssertionError when it
+    exits non-zero."""
     require(shutil.which(str(crash)) is not None, f"{crash} not installed (scripts/setup.sh)")
-    r = subprocess.run([str(crash), "-s", str(vmlinux), str(core)], input=commands + "\nquit\n",
-                       capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run([str(crash), *([] if echo else ["-s"]), str(vmlinux), str(core)],
+                       input=commands + "\nquit\n", capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{crash} exited {r.returncode}: " + r.stdout[-2000:] + r.stderr[-2000:]
     return r.stdout + r.stderr
+
+
+def crash_sections(out: str) -> dict[str, str]:
+    """The output of ``run_crash(..., echo=True)`` by command: the text after
+    each ``crash> CMD`` line, up to the next prompt."""
+    parts = re.split(r"^crash> (.*)$", out, flags=re.M)
+    return {cmd: text for cmd, text in zip(parts[1::2], parts[2::2])}
 
 
 DRGN_DEBUGINFO = r"""
