@@ -198,7 +198,10 @@ def main(argv: Sequence[str]) -> int:
         print(f"usage: python watchdog.py {{{','.join(RESUMERS)}}} ARGS... (the daemon's pipe on stdin)",
               file=sys.stderr)
         return 2
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+    # A signal sent to the daemon's session, terminal or service (SIGTERM to
+    # every process of a systemd unit) must not take the watchdog with it:
+    # it exits by itself once the daemon has gone.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     return watch(0, argv)
 

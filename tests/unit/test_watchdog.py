@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -143,6 +144,12 @@ def test_watch_resumes_only_after_a_last_p(words: bytes, resumed: bool, monkeypa
     assert calls == ([("a", "b")] if resumed else [])
 
 
+def _ignores(pid: int, sig: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    return bool(mask & (1 << (sig - 1)))
+
+
 def test_spawned_watchdog_exits_at_eof_in_its_own_session() -> None:
     wd = watchdog.start(["qmp", "/nonexistent/qmp.sock"])
     try:
@@ -150,6 +157,11 @@ def test_spawned_watchdog_exits_at_eof_in_its_own_session() -> None:
         with open(f"/proc/{wd.pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
         assert b"-I" in argv and argv[2].endswith(b"vmcorefs/watchdog.py")
+        # Once it ignores SIGTERM (a stop of the daemon's whole service), SIGTERM leaves it running.
+        deadline = time.monotonic() + 60
+        while not _ignores(wd.pid, signal.SIGTERM) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(wd.pid, signal.SIGTERM)
     finally:
         wd.paused()  # QEMU is "gone" (no socket): nothing to resume, a clean exit
         wd.close()
