@@ -4,7 +4,7 @@ The daemon's side (:class:`WatchedGuest` over a :class:`Watchdog`) writes
 its bytes into a real pipe that the test reads; the watchdog's side
 (:func:`watch`) reads a real pipe and runs a recording resume action; the
 spawned process is a real one (:func:`start`).  Resuming real QEMU and
-libvirt is tested in tests/integration/test_watchdog.py and test_libvirt.py.
+libvirt is tested in tests/integration/test_watchdog_live.py and test_libvirt.py.
 """
 
 from __future__ import annotations
