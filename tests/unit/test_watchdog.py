@@ -154,8 +154,12 @@ def test_spawned_watchdog_exits_at_eof_in_its_own_session() -> None:
     wd = watchdog.start(["qmp", "/nonexistent/qmp.sock"])
     try:
         assert os.getsid(wd.pid) == wd.pid != os.getsid(0)
-        with open(f"/proc/{wd.pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
+        # The pipe of Popen closes within execve, before the kernel has set the new command line.
+        deadline = time.monotonic() + 60
+        argv = [b""]
+        while argv == [b""] and time.monotonic() < deadline:
+            with open(f"/proc/{wd.pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
         assert b"-I" in argv and argv[2].endswith(b"vmcorefs/watchdog.py")
         # Once it ignores SIGTERM (a stop of the daemon's whole service), SIGTERM leaves it running.
         deadline = time.monotonic() + 60
