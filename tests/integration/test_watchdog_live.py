@@ -27,12 +27,19 @@ def _watchdog_of(daemon: int) -> int:
     def match(argv: list[bytes]) -> bool:
         return any(a.endswith(b"vmcorefs/watchdog.py") for a in argv)
 
-    found = []
-    for pid in pids_where(match):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            with open(f"/proc/{pid}/stat") as f:
-                if int(f.read().split(") ", 1)[1].split()[1]) == daemon:
-                    found.append(pid)
+    def children() -> list[int]:
+        found = []
+        for pid in pids_where(match):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{pid}/stat") as f:
+                    if int(f.read().split(") ", 1)[1].split()[1]) == daemon:
+                        found.append(pid)
+        return found
+
+    # (A process inside execve has no command line for a moment.)
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: len(children()) == 1, 2, "the watchdog")
+    found = children()
     assert len(found) == 1, f"watchdogs of daemon {daemon}: {found}"
     return found[0]
 
