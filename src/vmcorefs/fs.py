@@ -145,9 +145,9 @@ class VmcoreFS(pyfuse3.Operations):
         base = inode - (inode - ROOT) % INODE_BLOCK
         core = self._cores.get(base)
         i = inode - base - 1
-        if core is None or not 0 <= i < len(FILES) or (isinstance(self.root, LiveDirectory)
-                                                        and self.root.cores.get(core.name) is not core):
+        if core is None or not 0 <= i < len(FILES):
             raise NoSuchFileError("no such file or VM", str(inode))
+        core.check_alive()  # a VM that went away: its files fail with EIO, as when QEMU dies
         return core, FILES[i].name
 
     def _dir_core(self, inode: int) -> LiveCore | None:
