@@ -55,7 +55,7 @@ crash9() {
   mv "$out.tmp" "$out"
   rm -rf "$src"  # a rebuild downloads the source again (unstable moves on)
   exec {lock}>&-
-  echo "build-tools: $("$out/bin/crash" --version | head -n 1) ready in $out"
+  echo "build-tools: $("$out/bin/crash" --version | grep -m 1 '^crash ') ready in $out"
 }
 
 crash9_built() {
