@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from vmcorefs.testing import DEBIAN12, SRC, Mount, QemuGuest, require
+from vmcorefs.testing import CRASH9, DEBIAN12, SRC, Mount, QemuGuest, require
 
 pytestmark = pytest.mark.integration
 COOKBOOK = Path(__file__).resolve().parents[2] / "docs" / "cookbook.md"
@@ -46,8 +46,11 @@ def mounted(memfd_guest: QemuGuest) -> Iterator[Mount]:
 def test_recipe(section: str, script: str, mounted: Mount, tmp_path: Path) -> None:
     vmlinux = DEBIAN12.vmlinux
     require(vmlinux.exists(), "debug vmlinux missing; run scripts/build-guest.sh --dbg")
+    # The recipes' crash is crash 9 (Debian 12's 8.0.2 cannot list 6.1's tasks).
+    if re.search(r"^crash |\| crash ", script, re.M):
+        require(CRASH9.exists(), f"crash 9 missing ({CRASH9}); run scripts/build-tools.sh crash")
     env = dict(os.environ, SOCK=mounted.socket, MNT=str(mounted.path), VMLINUX=str(vmlinux), OUT=str(tmp_path),
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(SRC))
+               PATH=f"{Path(sys.executable).parent}:{CRASH9.parent}:{os.environ['PATH']}", PYTHONPATH=str(SRC))
     # The mount holds the guest's first monitor; `vmcorefs info` in a recipe
     # talks to the second, which the test's own QMP client lets go of here.
     env["SOCK"] = mounted.guest.own_qmp_path
