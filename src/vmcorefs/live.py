@@ -361,10 +361,15 @@ class LiveCore:
     # -- --freeze ----------------------------------------------------------------
     async def _freeze_acquire(self) -> None:
         async with self._freeze_lock:
-            if self._freeze_count == 0 and await self.guest.status() == "running":
-                await self.guest.pause()
-                self._paused_by_us = True
-                log.info("guest paused (--freeze)")
+            if self._freeze_count == 0:
+                # Not while a snapshot is taken: QEMU's dump stops the guest
+                # for its duration and restarts it after, so a status read
+                # then says "paused" and the guest would run under the freeze.
+                async with self._snap_lock:
+                    if await self.guest.status() == "running":
+                        await self.guest.pause()
+                        self._paused_by_us = True
+                        log.info("guest paused (--freeze)")
             self._freeze_count += 1
 
     async def _freeze_release(self) -> None:

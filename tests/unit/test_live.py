@@ -60,7 +60,10 @@ class FakeGuest:
     async def snapshot(self) -> Snapshot:
         self.calls.append("snapshot")
         if self.gate is not None:
+            # As QEMU's dump-guest-memory: the guest is stopped while it runs.
+            was, self.status_value = self.status_value, "paused" if self.status_value == "running" else self.status_value
             await self.gate.wait()
+            self.status_value = was if self.status_value == "paused" else self.status_value
         if self.fail is not None:
             raise self.fail
         self.generation += 1  # each snapshot's notes differ, like a running guest's registers
@@ -396,4 +399,27 @@ def test_read_finding_qemu_gone(guest: FakeGuest, clock: FakeClock) -> None:
         with pytest.raises(QEMUGoneError):
             core.read(h, 0, 4096)
         assert core.gone_reason is not None
+    run(go())
+
+
+def test_freeze_open_during_another_snapshot(guest: FakeGuest, clock: FakeClock) -> None:
+    """A --freeze open that starts while another open's snapshot (QEMU's dump,
+    which stops the guest for its duration) runs still pauses the guest."""
+    async def go() -> None:
+        core = make(guest, clock, freeze=True)
+        gate = guest.gate = asyncio.Event()
+        first = asyncio.create_task(core.open("vmcoreinfo"))      # no freeze: only a snapshot
+        while guest.calls[-1:] != ["snapshot"]:
+            await asyncio.sleep(0)
+        assert guest.status_value == "paused"                    # the dump's stop
+        second = asyncio.create_task(core.open("vmcore"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        guest.gate = None
+        gate.set()
+        a, b = await first, await second
+        assert guest.status_value == "paused" and core.paused_by_us  # frozen, not left running
+        await core.release(b)
+        await core.release(a)
+        assert guest.status_value == "running"
     run(go())
