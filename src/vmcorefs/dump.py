@@ -78,6 +78,10 @@ _ZERO_CHUNK = bytes(CHUNK)
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
+class DumpError(VmcorefsError):
+    """The dump could not be written (OUTPUT's file system said why)."""
+
+
 class DumpInterrupted(VmcorefsError):
     """SIGINT or SIGTERM stopped a dump; exit 128 + the signal number."""
 
@@ -368,7 +372,7 @@ def write_kdump_zlib(src: int, out: int, p: Plan, layout: SparseFile, snap: Snap
                 drain(BUFFERS)
         drain(0)
     if index != kl.pages:
-        raise VmcorefsError(f"kdump: wrote {index} page descriptors, the header says {kl.pages}")
+        raise DumpError(f"kdump: wrote {index} page descriptors, the header says {kl.pages}")
 
 
 # -- output file -------------------------------------------------------------------
@@ -465,7 +469,7 @@ def run_makedumpfile(args: list[str], elf: str, output: str, watch: _Watch) -> N
     if proc.returncode != 0:
         lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
         why = next((ln for ln in reversed(lines) if "makedumpfile Failed" not in ln), "no output")
-        raise VmcorefsError(f"makedumpfile failed (exit {proc.returncode}): {why}")
+        raise DumpError(f"makedumpfile failed (exit {proc.returncode}): {why}")
 
 
 # -- the command ---------------------------------------------------------------------
@@ -542,6 +546,7 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
     guest is touched or when space is short, :class:`DumpInterrupted`
     (130/143), other :class:`VmcorefsError` (1)."""
     from vmcorefs.live import LiveCore
+    from vmcorefs.watchdog import watch_freeze
     from vmcorefs.qemu.scan import GuestRAM
 
     started = time.monotonic()
@@ -570,8 +575,11 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
     partial: list[str] = []
     pause: float | None = None
     state = "live"
+    watched = None
     try:
         core = LiveCore(guest, directory, freeze=not args.live, cache=False)
+        # A watchdog process resumes the guest if this process dies with it paused.
+        watched = None if args.live else watch_freeze(core, monitor)
         if args.live:
             print("vmcorefs: --live: the guest runs during the copy; the image is fuzzy"
                   " (memory of different instants)", file=sys.stderr)
@@ -645,13 +653,15 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
     except QEMUGoneError as e:
         raise QEMUGoneError(f"{e}; {_cleanup(partial, 'QEMU gone')}") from None
     except OSError as e:
-        raise VmcorefsError(f"{output}: {e.strerror}; {_cleanup(partial, core_state(args.live, state))}") from None
+        raise DumpError(f"{output}: {e.strerror}; {_cleanup(partial, core_state(args.live, state))}") from None
     finally:
         for path in partial:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+        if watched is not None:
+            watched.close()
         watch.close()
         guest.close()
         await monitor.close()
