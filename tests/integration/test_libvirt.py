@@ -32,6 +32,7 @@ from elftools.elf.elffile import ELFFile
 
 from vmcorefs.core.notes import Note, parse_notes
 from vmcorefs.testing import (
+    load_mismatches,
     DEBIAN12,
     DRGN_KALLSYMS,
     Mount,
@@ -44,7 +45,6 @@ from vmcorefs.testing import (
 pytestmark = pytest.mark.integration
 URI = "qemu:///system"
 READY = b"VMCOREFS-GUEST-READY"
-CHUNK = 1 << 20
 NT_PRSTATUS = 1
 
 
@@ -263,17 +263,7 @@ def _compare_loads(ours: BinaryIO, theirs: BinaryIO) -> None:
     """Same PT_LOAD set (p_paddr, p_memsz, p_vaddr) and every byte equal."""
     lo, lt = _loads(ELFFile(ours)), _loads(ELFFile(theirs))
     assert [(p, n, v) for p, n, _, v in lo] == [(p, n, v) for p, n, _, v in lt]
-    mismatches = []
-    for (paddr, size, off_o, _), (_, _, off_t, _) in zip(lo, lt):
-        for done in range(0, size, CHUNK):
-            n = min(CHUNK, size - done)
-            ours.seek(off_o + done)
-            theirs.seek(off_t + done)
-            a, b = ours.read(n), theirs.read(n)
-            assert len(a) == n
-            if a != b:
-                mismatches.append(hex(paddr + done))
-    assert mismatches == []
+    assert load_mismatches(ours, theirs, [(p, n, oo, ot) for (p, n, oo, _), (_, _, ot, _) in zip(lo, lt)]) == []
 
 
 def test_paused_vmcore_equals_libvirt_dump(domain: Domain, tmp_path: Path) -> None:

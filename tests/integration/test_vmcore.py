@@ -14,6 +14,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from vmcorefs.testing import (
+    load_mismatches,
     BACKPORTS,
     DEBIAN12,
     QEMU10,
@@ -78,19 +79,8 @@ def test_paused_vmcore_equals_qemu_dump(both_qemus_guest: QemuGuest, tmp_path: P
                 assert s_ours["p_offset"] >= phdrs[0]["p_offset"] + phdrs[0]["p_filesz"]
             assert _note_bytes(ours, e_ours) == _note_bytes(theirs, e_theirs)
             # Every byte of every PT_LOAD.
-            mismatches = []
-            for (paddr, size, off_o, _), (_, _, off_t, _) in zip(ours_loads, their_loads):
-                done = 0
-                while done < size:
-                    n = min(CHUNK, size - done)
-                    ours.seek(off_o + done)
-                    theirs.seek(off_t + done)
-                    a, b = ours.read(n), theirs.read(n)
-                    assert len(a) == n
-                    if a != b:
-                        mismatches.append(paddr + done)
-                    done += n
-            assert mismatches == []
+            assert load_mismatches(ours, theirs, [(p, n, oo, ot) for (p, n, oo, _), (_, _, ot, _)
+                                                  in zip(ours_loads, their_loads)]) == []
             assert os.fstat(ours.fileno()).st_size == ours_loads[-1][2] + ours_loads[-1][1]
 
 

@@ -50,6 +50,7 @@ from vmcorefs.testing.mounts import (
     wait_mounted,
 )
 from vmcorefs.testing.probes import (
+    load_mismatches,
     DRGN_KALLSYMS,
     DRGN_KALLSYMS_QEMU,
     kernel_image_phys,
@@ -73,6 +74,7 @@ from vmcorefs.testing.tools import (
 )
 
 __all__ = [
+    "load_mismatches",
     "BACKPORTS", "CACHE", "DEBIAN11", "DEBIAN12", "QEMU10", "SYSTEM_QEMU", "GuestSpec", "KernelAssets", "Qemu",
     "QemuGuest", "Unavailable", "close_all", "require",
     "SRC", "VMCOREFS", "Mount", "daemon_pid", "is_mounted", "run_vmcorefs", "spawn_vmcorefs", "unmount",

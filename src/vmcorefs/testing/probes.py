@@ -20,7 +20,7 @@ import contextlib
 import os
 import struct
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from vmcorefs.testing.guests import require
 
@@ -139,3 +139,25 @@ def memory_cgroup() -> Iterator[Callable[[], int]]:
     finally:
         with contextlib.suppress(OSError):
             cg.rmdir()
+
+
+#: Bytes compared at a time by :func:`load_mismatches`.
+COMPARE_CHUNK = 1 << 20
+
+
+def load_mismatches(ours: BinaryIO, theirs: BinaryIO,
+                    pairs: Iterable[tuple[int, int, int, int]]) -> list[int]:
+    """Guest-physical addresses (one per differing 1 MiB chunk) where two
+    cores' PT_LOADs differ: ``pairs`` of ``(p_paddr, p_memsz, p_offset in
+    ours, p_offset in theirs)``.  Asserts that ``ours`` holds every byte."""
+    out = []
+    for paddr, size, off_o, off_t in pairs:
+        for done in range(0, size, COMPARE_CHUNK):
+            n = min(COMPARE_CHUNK, size - done)
+            ours.seek(off_o + done)
+            theirs.seek(off_t + done)
+            a, b = ours.read(n), theirs.read(n)
+            assert len(a) == n, f"short read of ours at {off_o + done:#x}"
+            if a != b:
+                out.append(paddr + done)
+    return out
