@@ -546,7 +546,6 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
     guest is touched or when space is short, :class:`DumpInterrupted`
     (130/143), other :class:`VmcorefsError` (1)."""
     from vmcorefs.live import LiveCore
-    from vmcorefs.watchdog import watch_freeze
     from vmcorefs.qemu.scan import GuestRAM
 
     started = time.monotonic()
@@ -575,11 +574,8 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
     partial: list[str] = []
     pause: float | None = None
     state = "live"
-    watched = None
     try:
         core = LiveCore(guest, directory, freeze=not args.live, cache=False)
-        # A watchdog process resumes the guest if this process dies with it paused.
-        watched = None if args.live else watch_freeze(core, monitor)
         if args.live:
             print("vmcorefs: --live: the guest runs during the copy; the image is fuzzy"
                   " (memory of different instants)", file=sys.stderr)
@@ -660,8 +656,6 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
                 os.unlink(path)
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-        if watched is not None:
-            watched.close()
         watch.close()
         guest.close()
         await monitor.close()
