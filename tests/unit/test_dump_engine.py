@@ -17,7 +17,8 @@ from vmcorefs.core.elf import DumpInfo
 from vmcorefs.core.kdump import UTSNAME_SIZE, uts_looks_sane
 from vmcorefs.core.layout import PAGE_SIZE, ExtentKind
 from vmcorefs.core.memmap import GuestPhysBlock
-from vmcorefs.dump import _NoProgress, _nonzero_pages, _Watch, copy_runs, plan
+from vmcorefs.dump import Makedumpfile, _NoProgress, _nonzero_pages, _Watch, check_filter, copy_runs, plan
+from vmcorefs.errors import UsageError
 from vmcorefs.qemu.guest import Snapshot
 from vmcorefs.qemu.memory import ProcessMemory, Source
 from vmcorefs.qemu.scan import GuestRAM, zero_pfns
@@ -260,3 +261,37 @@ def test_kdump_zlib_writer_round_trip(tmp_path: Path) -> None:
         assert len(raw) < 200 * 1024
     finally:
         os.close(memfd)
+
+
+# -- check_filter: makedumpfile's page classification vs the kernel's ----------------
+
+#: VMCOREINFO of a kernel before 6.10 (PG_slab a page flag) and after (a page type).
+VMCI_61 = {"OSRELEASE": "6.1.0-28-cloud-amd64", "NUMBER(PG_slab)": "9",
+           "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)": "-129"}
+VMCI_612 = {"OSRELEASE": "6.12.95+deb12-cloud-amd64", "NUMBER(PAGE_SLAB_MAPCOUNT_VALUE)": "-1024",
+            "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)": "-129"}
+
+
+@pytest.mark.parametrize(("version", "level", "vmcoreinfo", "refused"), [
+    ((1, 7, 2), 31, VMCI_612, True),     # Debian 12's makedumpfile on a 6.10+ kernel, -d 8 in the level
+    ((1, 7, 2), 8, VMCI_612, True),
+    ((1, 7, 5), 31, VMCI_612, True),
+    ((1, 7, 2), 23, VMCI_612, False),    # 31 without user pages: slab pages are never dropped
+    ((1, 7, 2), 17, VMCI_612, False),
+    ((1, 7, 6), 31, VMCI_612, False),    # knows the slab page type
+    ((1, 8), 31, VMCI_612, False),
+    ((1, 7, 2), 31, VMCI_61, False),     # PG_slab still a flag: 1.7.2 sees it
+    ((1, 7, 2), 31, None, False),        # no VMCOREINFO: makedumpfile fails on its own
+    ((), 31, VMCI_612, False),           # version not printed: not guessed
+])
+def test_check_filter(version: tuple[int, ...], level: int, vmcoreinfo: dict[str, str] | None,
+                      refused: bool) -> None:
+    mdf = Makedumpfile(["makedumpfile", "-c", "-d", str(level)], version)
+    if not refused:
+        check_filter(mdf, level, vmcoreinfo)
+        return
+    with pytest.raises(UsageError) as e:
+        check_filter(mdf, level, vmcoreinfo)
+    msg = str(e.value)
+    assert f"--filter {level}:" in msg and f"makedumpfile {'.'.join(map(str, version))}" in msg, msg
+    assert f"use --filter {level & ~8} " in msg and "6.12.95+deb12-cloud-amd64" in msg, msg

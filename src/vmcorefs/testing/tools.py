@@ -39,11 +39,6 @@ def run_crash(vmlinux: Path, core: Path, commands: str, crash: str | Path = "cra
     require(shutil.which(str(crash)) is not None, f"{crash} not installed (scripts/setup.sh)")
     argv = [str(crash), *([] if echo else ["-s"]), str(vmlinux), str(core)]
     r = subprocess.run(argv, input=commands + "\nquit\n", capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0 and not r.stdout and not r.stderr:
-        # crash 9 has, rarely (about 1 run in 10 of one test in a loaded
-        # suite), exited 1 at start-up without printing anything: it read
-        # nothing then, so it says nothing of the core.  Once more, then fail.
-        r = subprocess.run(argv, input=commands + "\nquit\n", capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{crash} exited {r.returncode}: " + r.stdout[-2000:] + r.stderr[-2000:]
     return r.stdout + r.stderr
 
