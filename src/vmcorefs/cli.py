@@ -184,7 +184,7 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
                 # Reads fail from now on: drop cached pages that would still answer,
                 # let readers in flight get EIO (not ECONNABORTED) for a moment, unmount.
                 session.guest_gone(gone, all_reads=True)
-                asyncio.get_running_loop().call_later(GONE_GRACE, session.pyfuse3.terminate)
+                asyncio.get_running_loop().call_later(GONE_GRACE, session.terminate)
 
             core.on_gone = on_gone
             pidfd = _watch_process(asyncio.get_running_loop(), monitor.pid, core)
@@ -284,6 +284,17 @@ class _FuseSession:
                         self.native.unregister(fh)
         self.fs.drop_memory_caches(core)
 
+    def terminate(self, tries: int = 3) -> None:
+        """End pyfuse3's main loop.  pyfuse3 wakes each task waiting for
+        /dev/fuse by setting an exception on its future; one the device had
+        just woken already has a result (InvalidStateError, and the waiters
+        after it are not woken): once that task has run, the rest again."""
+        try:
+            self.pyfuse3.terminate()
+        except asyncio.InvalidStateError:
+            if tries > 1:
+                asyncio.get_running_loop().call_soon(self.terminate, tries - 1)
+
     async def run(self, pid: int | None, guest_gone: Callable[[str], None]) -> None:
         """Mount, serve until unmounted or terminated, unmount.  Raises
         :class:`MountError` when the mount cannot be made or libfuse refuses
@@ -307,14 +318,14 @@ class _FuseSession:
                 nonlocal kernel_ended, init_refused
                 if code == "U":  # unmounted: what libfuse would see as ENODEV
                     kernel_ended = True
-                    pyfuse3.terminate()
+                    self.terminate()
                 elif code == "G":
                     guest_gone("QEMU has exited")
                 elif code == "R":  # libfuse accepted the kernel's FUSE_INIT: the mount answers
                     self.ready()
                 elif code == "I":  # libfuse refused it and ends its session
                     init_refused = True
-                    pyfuse3.terminate()
+                    self.terminate()
 
             try:
                 self.native = readpath.NativeReads.attach(pid, on_event)
@@ -327,8 +338,8 @@ class _FuseSession:
         else:
             log.info("reads: Python (%s)", "--reads python" if args.reads == "python"
                      else f"native read path not built: {readpath.IMPORT_ERROR}")
-        loop.add_signal_handler(signal.SIGINT, pyfuse3.terminate)
-        loop.add_signal_handler(signal.SIGTERM, pyfuse3.terminate)
+        loop.add_signal_handler(signal.SIGINT, self.terminate)
+        loop.add_signal_handler(signal.SIGTERM, self.terminate)
         if self.native is None:
             self.ready()  # the native path says so once libfuse has accepted FUSE_INIT (R)
         try:
