@@ -26,7 +26,7 @@ apt_packages=(
   # Build dependencies of crash 9 (Debian unstable's source package, see
   # scripts/build-tools.sh), from this release's archive.
   dpkg-dev make g++ bison flex gawk texinfo binutils-dev zlib1g-dev libncurses-dev
-  liblzo2-dev libsnappy-dev libzstd-dev libmpfr-dev libgmp-dev
+  liblzo2-dev libsnappy-dev libzstd-dev libmpfr-dev libgmp-dev  # liblzo2-dev: python-lzo (kdump-lzo) too
 )
 missing=()
 for p in "${apt_packages[@]}"; do
@@ -43,7 +43,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # (Re)install when something is missing or the package's build inputs
 # changed: pyproject.toml, setup.py, or the native read path's C source.
-if ! "$venv/bin/python" -c 'import vmcorefs._readpath, pyfuse3, qemu.qmp, drgn, elftools, hypothesis, pytest, libvirt' 2>/dev/null \
+if ! "$venv/bin/python" -c 'import vmcorefs._readpath, pyfuse3, qemu.qmp, cramjam, lzo, drgn, elftools, hypothesis, pytest, libvirt' 2>/dev/null \
    || [ "$here/pyproject.toml" -nt "$venv/.installed" ] || [ "$here/setup.py" -nt "$venv/.installed" ] \
    || [ "$here/src/vmcorefs/_readpath.c" -nt "$venv/.installed" ]; then
   "$venv/bin/pip" install -q --upgrade pip >/dev/null

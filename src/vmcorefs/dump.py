@@ -10,12 +10,12 @@ opens ``vmcore`` and gives its layout and QEMU's notes), written once:
   file's allocated size is about the guest's populated RAM.
 * ``--format kdump-zlib|kdump-lzo|kdump-snappy`` (QEMU's names): the
   kdump-compressed format, made from the sparse ELF (written next to
-  OUTPUT, removed after) once the guest is resumed: ``kdump-zlib`` by
-  :func:`write_kdump_zlib` (every page, zero pages stored once, two
-  compressing threads; :mod:`vmcorefs.core.kdump` lays it out), the others
-  by ``makedumpfile -l|-p``.  ``--filter LEVEL`` is makedumpfile's ``-d
-  LEVEL`` (with ``elf`` too: ``makedumpfile -E``): page classification is
-  makedumpfile's own.
+  OUTPUT, removed after) once the guest is resumed, by :func:`write_kdump`
+  (every page, zero pages stored once, two compressing threads; zlib,
+  LZO1X-1 or raw snappy per page, :func:`codec`; :mod:`vmcorefs.core.kdump`
+  lays the file out).  ``--filter LEVEL`` is makedumpfile's ``-d LEVEL``
+  (with any format; with ``elf``: ``makedumpfile -E``): page
+  classification is makedumpfile's own.
 
 What is read, and how (never an mmap of guest RAM, nothing faulted in):
 shared backends (memfd, file) only in the ranges ``SEEK_DATA``/``SEEK_HOLE``
@@ -67,7 +67,7 @@ if TYPE_CHECKING:  # imported where used: the parser (every vmcorefs command) st
 
 #: ``--format`` values, QEMU's ``dump-guest-memory`` format names.
 FORMATS = ("elf", "kdump-zlib", "kdump-lzo", "kdump-snappy")
-#: makedumpfile's compression option and its ``-v`` feature name per kdump format.
+#: makedumpfile's compression option and its ``-v`` feature name per kdump format (``--filter``).
 KDUMP = {"kdump-zlib": ("-c", None), "kdump-lzo": ("-l", "lzo"), "kdump-snappy": ("-p", "snappy")}
 #: Bytes per read (and per buffer); ``BUFFERS`` of them exist at once.
 CHUNK = 4 << 20
@@ -267,20 +267,55 @@ def copy_runs(fd: int, p: Plan, ram: GuestRAM, watch: _Watch, progress: Progress
     return written
 
 
-# -- kdump-zlib -------------------------------------------------------------------
+# -- kdump-compressed (zlib, lzo, snappy) -----------------------------------------
 
 
-def _compress_pages(buf: bytes, level: int) -> list[bytes | None]:
-    """Each page of ``buf`` zlib-compressed (shorter than a page), or the
-    page itself when compression does not shrink it, or None for an
-    all-zero page (a worker thread: zlib releases the GIL while it deflates)."""
+@dataclass(frozen=True)
+class Codec:
+    """How one ``--format kdump-*`` compresses a page: ``status`` (the
+    header's and a compressed page descriptor's ``DUMP_DH_COMPRESSED_*``
+    flag) and ``compress`` (one page in, its compressed bytes out, which
+    the writer keeps only when shorter than a page: makedumpfile's and
+    QEMU's rule)."""
+
+    status: int
+    compress: Callable[[bytes], bytes]
+
+
+def codec(fmt: str) -> Codec:
+    """The :class:`Codec` of kdump format ``fmt`` (zlib level 1; LZO1X-1
+    through python-lzo; raw snappy through cramjam: what makedumpfile and
+    QEMU write and crash, libkdumpfile and makedumpfile read).  Raises
+    :class:`UsageError` when the binding is not installed."""
+    from vmcorefs.core import kdump
+
+    if fmt == "kdump-zlib":
+        return Codec(kdump.DUMP_DH_COMPRESSED_ZLIB, lambda page: zlib.compress(page, 1))
+    try:
+        if fmt == "kdump-lzo":
+            import lzo  # python-lzo: liblzo2's lzo1x_1_compress
+
+            return Codec(kdump.DUMP_DH_COMPRESSED_LZO, lambda page: bytes(lzo.compress(page, 1, False)))
+        if fmt == "kdump-snappy":
+            import cramjam
+
+            return Codec(kdump.DUMP_DH_COMPRESSED_SNAPPY, lambda page: bytes(cramjam.snappy.compress_raw(page)))
+    except ImportError as e:
+        raise UsageError(f"--format {fmt}: {e.name} is not installed (pip install vmcorefs again)") from None
+    raise UsageError(f"unknown kdump format {fmt!r}")
+
+
+def _compress_pages(buf: bytes, compress: Callable[[bytes], bytes]) -> list[bytes | None]:
+    """Each page of ``buf`` compressed (shorter than a page), or the page
+    itself when compression does not shrink it, or None for an all-zero
+    page (a worker thread: zlib, liblzo2 and snappy run without the GIL)."""
     out: list[bytes | None] = []
     for pos in range(0, len(buf), PAGE_SIZE):
         page = buf[pos:pos + PAGE_SIZE]
         if page == _ZERO_PAGE:
             out.append(None)
         else:
-            c = zlib.compress(page, level)
+            c = compress(page)
             out.append(c if len(c) < PAGE_SIZE else page)
     return out
 
@@ -312,26 +347,28 @@ def _guest_utsname(src: int, layout: SparseFile, snap: Snapshot) -> bytes:
     return kdump.utsname("Linux", release, "#1 (unknown)", machine)
 
 
-def write_kdump_zlib(src: int, out: int, p: Plan, layout: SparseFile, snap: Snapshot, watch: _Watch,
-                     progress: Progress, level: int = 1) -> None:
+def write_kdump(src: int, out: int, layout: SparseFile, snap: Snapshot, fmt: str, watch: _Watch,
+                progress: Progress) -> None:
     """Convert the sparse ELF in ``src`` (written by :func:`copy_runs` from
-    ``p`` and ``layout``) into kdump-compressed (zlib) in ``out``: every
-    page of every PT_LOAD, level 0, all-zero pages stored once (as QEMU's
-    ``kdump-zlib``).  File holes are zero pages and are not read; pages are
-    compressed by two worker threads, 4 MiB at a time, at most ``BUFFERS``
-    chunks in flight.  Returns early when ``watch.stop`` is set.  Raises
-    :class:`OSError`."""
+    ``layout``) into kdump-compressed ``fmt`` (``kdump-zlib|lzo|snappy``,
+    see :func:`codec`) in ``out``: every page of every PT_LOAD, level 0,
+    all-zero pages stored once (as QEMU's ``kdump-*``).  File holes are
+    zero pages and are not read; pages are compressed by two worker
+    threads, 4 MiB at a time, at most ``BUFFERS`` chunks in flight.
+    Returns early when ``watch.stop`` is set.  Raises :class:`OSError`,
+    :class:`UsageError` (no binding for ``fmt``)."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from vmcorefs.core import kdump
 
+    c = codec(fmt)
     ranges = [(seg.src, seg.length) for seg in layout.segments]
-    kl = kdump.kdump_layout(snap.dump.notes, snap.vmcoreinfo_fields, ranges, kdump.DUMP_DH_COMPRESSED_ZLIB,
+    kl = kdump.kdump_layout(snap.dump.notes, snap.vmcoreinfo_fields, ranges, c.status,
                             _guest_utsname(src, layout, snap), int(time.time()))
-    DUMP_DH_COMPRESSED_ZLIB, PAGE_DESC = kdump.DUMP_DH_COMPRESSED_ZLIB, kdump.PAGE_DESC
+    PAGE_DESC = kdump.PAGE_DESC
     os.pwrite(out, kl.head, 0)
-    zero = zlib.compress(_ZERO_PAGE, level)
-    zero_desc = PAGE_DESC.pack(kl.data_offset, len(zero), DUMP_DH_COMPRESSED_ZLIB, 0)
+    zero = c.compress(_ZERO_PAGE)  # every all-zero page points at this one
+    zero_desc = PAGE_DESC.pack(kl.data_offset, len(zero), c.status, 0)
     os.pwrite(out, zero, kl.data_offset)
     data_pos = kl.data_offset + len(zero)
     index = 0
@@ -344,13 +381,13 @@ def write_kdump_zlib(src: int, out: int, p: Plan, layout: SparseFile, snap: Snap
             pages = future.result() if future is not None else [None] * npages
             descs = bytearray()
             data = bytearray()
-            for c in pages:
-                if c is None:
+            for page in pages:
+                if page is None:
                     descs += zero_desc
                     continue
-                flags = DUMP_DH_COMPRESSED_ZLIB if len(c) < PAGE_SIZE else 0
-                descs += PAGE_DESC.pack(data_pos + len(data), len(c), flags, 0)
-                data += c
+                flags = c.status if len(page) < PAGE_SIZE else 0
+                descs += PAGE_DESC.pack(data_pos + len(data), len(page), flags, 0)
+                data += page
             if data:
                 os.pwrite(out, data, data_pos)
                 data_pos += len(data)
@@ -358,7 +395,7 @@ def write_kdump_zlib(src: int, out: int, p: Plan, layout: SparseFile, snap: Snap
             index += len(pages)
             progress.update(npages * PAGE_SIZE)
 
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="vmcorefs-zlib") as pool:
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="vmcorefs-kdump") as pool:
         for seg in layout.segments:
             for pos in range(0, seg.length, CHUNK):
                 if watch.stop.is_set():
@@ -367,7 +404,7 @@ def write_kdump_zlib(src: int, out: int, p: Plan, layout: SparseFile, snap: Snap
                 if _holes_only(src, seg.offset + pos, n):
                     pending.append((None, n // PAGE_SIZE))
                 else:
-                    pending.append((pool.submit(_compress_pages, os.pread(src, n, seg.offset + pos), level),
+                    pending.append((pool.submit(_compress_pages, os.pread(src, n, seg.offset + pos), c.compress),
                                     n // PAGE_SIZE))
                 drain(BUFFERS)
         drain(0)
@@ -462,8 +499,8 @@ def makedumpfile_args(fmt: str, level: int) -> Makedumpfile:
     flag, feature = KDUMP[fmt]
     if feature is not None and not re.search(rf"^{feature}\s+enabled", out, re.M):
         mdf = Makedumpfile([exe], version)
-        raise UsageError(f"--format {fmt}: this makedumpfile ({mdf.version_text}) was built without {feature};"
-                         " use kdump-zlib" + ("" if feature == "lzo" else " or kdump-lzo"))
+        raise UsageError(f"--format {fmt} --filter {level}: this makedumpfile ({mdf.version_text}) was built"
+                         f" without {feature}; use kdump-zlib with --filter, or {fmt} without it")
     return Makedumpfile([exe, flag, "-d", str(level)], version)
 
 
@@ -548,12 +585,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     d: argparse.ArgumentParser = sub.add_parser(
         "dump", help="write a point-in-time core file of the guest (sparse ELF or kdump-compressed)",
         description="Write OUTPUT: the guest's core at one paused instant (ELF as dump-guest-memory"
-                    " paging=false, sparse; or kdump-compressed through makedumpfile).")
+                    " paging=false, sparse; or kdump-compressed; --filter through makedumpfile).")
     d.add_argument("qmp_socket", metavar="QMP_SOCKET", nargs="?",
                    help="QEMU's QMP unix socket (-qmp unix:PATH,server=on); not with --domain")
     d.add_argument("output", metavar="OUTPUT")
     d.add_argument("--format", choices=FORMATS, default="elf",
-                   help="elf (default, sparse), or kdump-zlib|kdump-lzo|kdump-snappy (makedumpfile)")
+                   help="elf (default, sparse), or kdump-zlib|kdump-lzo|kdump-snappy (kdump-compressed)")
     d.add_argument("--filter", type=_level, default=0, metavar="LEVEL",
                    help="makedumpfile's dump level (0-31, e.g. 31: drop zero, cache, user and free pages)")
     d.add_argument("--live", action="store_true",
@@ -600,9 +637,11 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
     output = check_output(args.output, args.force)
     directory = os.path.dirname(output)
     filtering = args.format != "elf" or args.filter != 0
-    # kdump-zlib of every page is written here (two compressing threads, zero
-    # pages once); filtering and the other compressions are makedumpfile's.
-    native_kdump = args.format == "kdump-zlib" and args.filter == 0
+    # kdump-* of every page is written here (two compressing threads, zero
+    # pages once); filtering is makedumpfile's.
+    native_kdump = args.format != "elf" and args.filter == 0
+    if native_kdump:
+        codec(args.format)  # its binding is there (else exit 2 before the guest is touched)
     mdf = makedumpfile_args(args.format, args.filter) if filtering and not native_kdump else None
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -667,8 +706,8 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
                 src = os.open(elf, os.O_RDONLY | os.O_CLOEXEC)
                 dst = os.open(out_tmp, os.O_WRONLY | os.O_CLOEXEC)
                 try:
-                    await loop.run_in_executor(None, write_kdump_zlib, src, dst, p, handle.layout, handle.snap,
-                                               watch, progress)
+                    await loop.run_in_executor(None, write_kdump, src, dst, handle.layout, handle.snap,
+                                               args.format, watch, progress)
                 finally:
                     os.close(src)
                     os.close(dst)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from unit_support import fake_cpu_notes, fake_mem
@@ -176,12 +178,11 @@ def test_stop_and_write_errors(tmp_path: Path) -> None:
         os.close(memfd)
 
 
-def _read_kdump(path: Path) -> tuple[dict[str, int], dict[int, bytes]]:
+def _read_kdump(path: Path) -> tuple[dict[str, Any], dict[int, bytes]]:
     """A minimal reader of a kdump-compressed file, written from the format
     description (header, sub-header, bitmap 2, descriptors): header fields
     and every dumped page by PFN."""
     import struct
-    import zlib
 
     data = path.read_bytes()
     assert data[:8] == b"KDUMP   "
@@ -197,26 +198,46 @@ def _read_kdump(path: Path) -> tuple[dict[str, int], dict[int, bytes]]:
     bitmap2 = data[bitmap_off + half:bitmap_off + 2 * half]
     desc = bitmap_off + 2 * half
     pages = {}
+    flags_seen = set()
     for pfn in range(max_mapnr_64):
         if bitmap2[pfn >> 3] >> (pfn & 7) & 1:
             offset, size, flags, _ = struct.unpack_from("<QIIQ", data, desc)
             desc += 24
             raw = data[offset:offset + size]
-            pages[pfn] = zlib.decompress(raw) if flags & 1 else raw
+            flags_seen.add(flags)
+            pages[pfn] = _DECOMPRESS[flags](raw) if flags else raw
             assert len(pages[pfn]) == block_size
     assert bitmap1 == bitmap2
     fields = dict(version=version, status=status, block_size=block_size, max_mapnr=max_mapnr, nr_cpus=nr_cpus,
                   phys_base=phys_base, level=level, size_vci=size_vci, size_note=size_note,
-                  max_mapnr_64=max_mapnr_64, note_at=off_note, vci_at=off_vci)
+                  max_mapnr_64=max_mapnr_64, note_at=off_note, vci_at=off_vci, flags=sorted(flags_seen))
     return fields, pages
 
 
-def test_kdump_zlib_writer_round_trip(tmp_path: Path) -> None:
+def _decompress_lzo(raw: bytes) -> bytes:
+    import lzo
+
+    return bytes(lzo.decompress(raw, False, PAGE_SIZE))
+
+
+def _decompress_snappy(raw: bytes) -> bytes:
+    import cramjam
+
+    return bytes(cramjam.snappy.decompress_raw(raw))
+
+
+#: A page descriptor's flags -> its decompressor (makedumpfile's DUMP_DH_COMPRESSED_*).
+_DECOMPRESS = {1: zlib.decompress, 2: _decompress_lzo, 4: _decompress_snappy}
+
+
+@pytest.mark.parametrize(("fmt", "status"), [("kdump-zlib", 1), ("kdump-lzo", 2), ("kdump-snappy", 4)])
+def test_kdump_writer_round_trip(tmp_path: Path, fmt: str, status: int) -> None:
     """The sparse ELF of two blocks (zero pages, holes, compressible and
-    incompressible pages) converted to kdump-zlib: every page of every
-    block is there, equal to the ELF's; zero pages share one stored page;
-    the notes and VMCOREINFO are where the sub-header says."""
-    from vmcorefs.dump import write_kdump_zlib
+    incompressible pages) converted to each kdump format: every page of
+    every block is there, equal to the ELF's, compressed with the format's
+    flag (incompressible pages raw); zero pages share one stored page; the
+    notes and VMCOREINFO are where the sub-header says."""
+    from vmcorefs.dump import write_kdump
 
     vmcoreinfo = (b"OSRELEASE=6.1.0-test\nPAGESIZE=4096\nNUMBER(phys_base)=-442499072\n"
                   b"SYMBOL(init_uts_ns)=ffffffff9e613220\nOFFSET(uts_namespace.name)=4\n")
@@ -239,13 +260,14 @@ def test_kdump_zlib_writer_round_trip(tmp_path: Path) -> None:
             dst = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL)
             try:
                 copy_runs(fd, p, ram, _Watch(None), _NoProgress())
-                write_kdump_zlib(fd, dst, p, snap.vmcore, snap, _Watch(None), _NoProgress())
+                write_kdump(fd, dst, snap.vmcore, snap, fmt, _Watch(None), _NoProgress())
             finally:
                 os.close(fd)
                 os.close(dst)
         fields, pages = _read_kdump(out)
-        assert fields["version"] == 6 and fields["status"] == 1 and fields["block_size"] == PAGE_SIZE
+        assert fields["version"] == 6 and fields["status"] == status and fields["block_size"] == PAGE_SIZE
         assert fields["max_mapnr_64"] == 7 * MiB // PAGE_SIZE and fields["nr_cpus"] == 2
+        assert fields["flags"] == [0, status]  # the random pages raw, the others compressed
         assert fields["phys_base"] == -442499072 % (1 << 64) and fields["level"] == 0
         raw = out.read_bytes()
         # init_uts_ns is outside this guest's RAM: a utsname made from VMCOREINFO that readers accept.
