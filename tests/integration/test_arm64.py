@@ -1,8 +1,14 @@
-"""An arm64 guest (qemu-system-aarch64 -M virt, TCG, -cpu max) analysed from this x86-64 host.
+"""An arm64 guest (qemu-system-aarch64 -M virt, TCG, -cpu max and -cpu cortex-a57) analysed from this x86-64 host.
 
-One guest per session (:data:`~vmcorefs.testing.guests.ARM64_SPEC`: -cpu max
-with cheap pointer authentication, 2 vCPUs, 512 MiB as a memfd node and a
-private-RAM node; 12-17 s to boot under TCG on a loaded 2-core host).  The oracle is QEMU's own
+One guest per session for every test (:data:`~vmcorefs.testing.guests.ARM64_SPEC`:
+-cpu max with cheap pointer authentication, 2 vCPUs, 512 MiB as a memfd node and a
+private-RAM node; about 3 s to boot under TCG on an idle 2-core host, 12-17 s on a
+loaded one), and a second one on ``-cpu cortex-a57`` (ARMv8.0: no pointer
+authentication, no SVE; :data:`~vmcorefs.testing.guests.ARM64_A57_SPEC`, same
+memory; it boots as fast: both 4.7 s at a load average of 8-11) for the tests whose
+result depends on the CPU model only: the byte-identity of ``vmcore`` with
+QEMU's dump (its notes differ) and ``kcore`` (the page tables the kernel
+builds for that CPU), with gdb-multiarch.  The oracle is QEMU's own
 ``dump-guest-memory`` of the paused guest; the tools are drgn (debug
 vmlinux), gdb-multiarch on ``kcore`` and, when built, crash for ARM64.
 """
@@ -21,11 +27,12 @@ from elftools.elf.elffile import ELFFile
 
 from vmcorefs.core.notes import parse_notes
 from vmcorefs.testing import Mount, QemuGuest, drgn_tasks, require, run_crash, run_vmcorefs, vmcoreinfo_dict
-from vmcorefs.testing.guests import ARM64, ARM64_SPEC, CACHE
+from vmcorefs.testing.guests import ARM64, ARM64_A57_SPEC, ARM64_SPEC, CACHE
 
 pytestmark = pytest.mark.integration
 CHUNK = 1 << 20
 EM_AARCH64 = 183
+NT_ARM_SVE = 0x405
 #: crash built for ARM64 by ``scripts/build-tools.sh crash-arm64``.
 CRASH_ARM64 = CACHE / "crash-9-arm64" / "bin" / "crash"
 
@@ -35,6 +42,20 @@ def arm64_guest() -> Iterator[QemuGuest]:
     with QemuGuest(ARM64_SPEC) as g:
         print(f"arm64 guest booted in {g.boot_s:.1f} s")
         yield g
+
+
+@pytest.fixture(scope="module")
+def arm64_a57_guest() -> Iterator[QemuGuest]:
+    with QemuGuest(ARM64_A57_SPEC) as g:
+        print(f"arm64 cortex-a57 guest booted in {g.boot_s:.1f} s")
+        yield g
+
+
+@pytest.fixture(params=["max", "cortex-a57"])
+def arm64_cpu_guest(request: pytest.FixtureRequest) -> QemuGuest:
+    """The -cpu max guest, then the -cpu cortex-a57 one."""
+    name = "arm64_guest" if request.param == "max" else "arm64_a57_guest"
+    return request.getfixturevalue(name)  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +73,11 @@ def _read(f, offset: int, size: int) -> bytes:  # type: ignore[no-untyped-def]
     return bytes(f.read(size))
 
 
-def _assert_same_core(ours_path: Path, theirs_path: Path) -> None:
+def _assert_same_core(ours_path: Path, theirs_path: Path, sve: bool = True) -> None:
     """EM_AARCH64; the PT_LOADs (RAM from 1 GiB: the memfd node, then the
-    private one), the notes (NT_PRSTATUS, NT_FPREGSET, NT_ARM_SVE per vCPU,
-    VMCOREINFO) and every PT_LOAD byte of ``ours_path`` equal QEMU's dump."""
+    private one), the notes (NT_PRSTATUS, NT_FPREGSET and, with ``sve``,
+    NT_ARM_SVE per vCPU; VMCOREINFO) and every PT_LOAD byte of ``ours_path``
+    equal QEMU's dump."""
     with open(ours_path, "rb") as ours, open(theirs_path, "rb") as theirs:
         e_ours, e_theirs = ELFFile(ours), ELFFile(theirs)
         assert e_ours["e_machine"] == e_theirs["e_machine"] == "EM_AARCH64"
@@ -68,7 +90,8 @@ def _assert_same_core(ours_path: Path, theirs_path: Path) -> None:
         notes = _read(ours, note["p_offset"], note["p_filesz"])
         assert notes == _read(theirs, their_note["p_offset"], their_note["p_filesz"])
         kinds = [(n.name, n.type) for n in parse_notes(notes)]
-        assert kinds.count(("CORE", 1)) == 2 and ("VMCOREINFO", 0) in kinds
+        assert kinds.count(("CORE", 1)) == 2 and kinds.count(("CORE", 2)) == 2 and ("VMCOREINFO", 0) in kinds
+        assert kinds.count(("LINUX", NT_ARM_SVE)) == (2 if sve else 0), kinds
         mismatches = []
         for a, b in zip(loads, their_loads):
             for done in range(0, a["p_memsz"], CHUNK):
@@ -78,12 +101,14 @@ def _assert_same_core(ours_path: Path, theirs_path: Path) -> None:
         assert mismatches == []
 
 
-def test_paused_vmcore_equals_qemu_dump(arm64_guest: QemuGuest, tmp_path: Path) -> None:
-    """The live vmcore of the paused guest is QEMU's dump, byte for byte."""
+def test_paused_vmcore_equals_qemu_dump(arm64_cpu_guest: QemuGuest, tmp_path: Path) -> None:
+    """The live vmcore of the paused guest is QEMU's dump, byte for byte
+    (-cpu max: with NT_ARM_SVE notes; cortex-a57: without)."""
+    g = arm64_cpu_guest
     oracle = tmp_path / "qemu.dump"
-    with arm64_guest.paused(), Mount(arm64_guest) as m:
-        arm64_guest.dump(oracle)
-        _assert_same_core(m.vmcore, oracle)
+    with g.paused(), Mount(g) as m:
+        g.dump(oracle)
+        _assert_same_core(m.vmcore, oracle, sve=g.spec.cpu.startswith("max"))
 
 
 def test_vmcorefs_dump_equals_qemu_dump(arm64_guest: QemuGuest, tmp_path: Path) -> None:
@@ -118,11 +143,11 @@ def _kcore_translate(elf: ELFFile, vaddr: int) -> tuple[int, int]:
     raise AssertionError(f"{vaddr:#x} not in kcore")
 
 
-def test_kcore_maps_kernel_image_and_linear_map(arm64_guest: QemuGuest) -> None:
+def test_kcore_maps_kernel_image_and_linear_map(arm64_cpu_guest: QemuGuest) -> None:
     """kcore from the guest's own TTBR1 tables: the kernel image at
     ``_stext`` maps ``_stext - kimage_voffset``, the linear map covers all
     RAM (``__phys_to_virt``), and bytes equal pmem's."""
-    with arm64_guest.paused(), Mount(arm64_guest) as m, open(m.kcore, "rb") as k, open(m.pmem, "rb") as p:
+    with arm64_cpu_guest.paused(), Mount(arm64_cpu_guest) as m, open(m.kcore, "rb") as k, open(m.pmem, "rb") as p:
         vci = vmcoreinfo_dict((m.path / "vmcoreinfo").read_text())
         elf = ELFFile(k)
         assert elf["e_machine"] == "EM_AARCH64"
@@ -143,11 +168,12 @@ def test_kcore_maps_kernel_image_and_linear_map(arm64_guest: QemuGuest) -> None:
         assert len(_segments(elf, "PT_LOAD")) < 10000
 
 
-def test_gdb_multiarch_on_kcore(arm64_guest: QemuGuest, arm64_vmlinux: Path) -> None:
+def test_gdb_multiarch_on_kcore(arm64_cpu_guest: QemuGuest, arm64_vmlinux: Path) -> None:
     """gdb-multiarch with the gdbinit (KASLR offset applied) reads
     linux_banner from kcore at its randomised address."""
     require(shutil.which("gdb-multiarch") is not None, "gdb-multiarch not installed")
-    with Mount(arm64_guest) as m:
+    g = arm64_cpu_guest
+    with Mount(g) as m:
         assert "# usage: gdb-multiarch -q VMLINUX -x " in (m.path / "gdbinit").read_text()
         offset = int(vmcoreinfo_dict((m.path / "vmcoreinfo").read_text())["KERNELOFFSET"], 16)
         assert offset != 0  # QEMU's device tree gave the kernel a KASLR seed
@@ -160,7 +186,7 @@ def test_gdb_multiarch_on_kcore(arm64_guest: QemuGuest, arm64_vmlinux: Path) -> 
     nm = subprocess.run(["nm", str(arm64_vmlinux)], capture_output=True, text=True, check=True).stdout
     (linked,) = re.findall(r"^([0-9a-f]+) \S linux_banner$", nm, re.M)
     assert int(addr[1], 16) == int(linked, 16) + offset
-    assert f'"Linux version {arm64_guest.release} ' in r.stdout
+    assert f'"Linux version {g.release} ' in r.stdout
 
 
 def test_drgn_with_debuginfo(arm64_guest: QemuGuest, arm64_vmlinux: Path) -> None:

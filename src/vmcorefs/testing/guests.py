@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -178,7 +178,10 @@ class GuestSpec:
     ``boot_timeout`` (seconds) defaults to 120 s plus 1 s per 2 GiB.
     ``console``: the serial console (ttyS0, /init's shell) is also a socket
     that :meth:`QemuGuest.send_console` types into; it is logged to
-    ``serial.log`` either way.
+    ``serial.log`` either way.  ``fw_cfg=False``: the guest kernel refuses
+    to load ``qemu_fw_cfg`` (``module_blacklist=`` on its command line; the
+    initramfs is the same), so it never registers VMCOREINFO with
+    ``-device vmcoreinfo`` although the device is there.
     """
 
     name: str = "guest"
@@ -195,6 +198,7 @@ class GuestSpec:
     append: str = APPEND
     boot_timeout: float | None = None
     console: bool = False
+    fw_cfg: bool = True
 
     @property
     def timeout(self) -> float:
@@ -211,7 +215,7 @@ class GuestSpec:
             "-accel", "tcg", "-cpu", self.cpu, "-smp", str(self.vcpus),
             "-display", "none", "-vga", "none", "-nodefaults", *([] if self.reboot else ["-no-reboot"]),
             "-kernel", str(self.kernel.kernel), "-initrd", str(self.kernel.initramfs),
-            "-append", self.append,
+            "-append", self.append if self.fw_cfg else f"{self.append} module_blacklist=qemu_fw_cfg",
             *(["-chardev", f"socket,id=serial0,path={directory / CONSOLE_SOCKET},server=on,wait=off,"
                f"logfile={directory / SERIAL_LOG}", "-serial", "chardev:serial0"] if self.console
               else ["-serial", f"file:{directory / SERIAL_LOG}"]),
@@ -430,3 +434,7 @@ ARM64_SPEC = GuestSpec(
            "-object", "memory-backend-ram,id=mem1,size=256M",
            "-numa", "node,nodeid=0,cpus=0,memdev=mem0", "-numa", "node,nodeid=1,cpus=1,memdev=mem1"),
     boot_timeout=600)
+
+#: :data:`ARM64_SPEC` on ``-cpu cortex-a57`` (ARMv8.0: no pointer
+#: authentication, no SVE, so QEMU writes no NT_ARM_SVE notes).
+ARM64_A57_SPEC = replace(ARM64_SPEC, name="arm64-a57", cpu="cortex-a57")
