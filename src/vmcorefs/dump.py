@@ -632,6 +632,7 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
     (130/143), other :class:`VmcorefsError` (1)."""
     from vmcorefs.live import LiveCore
     from vmcorefs.qemu.scan import GuestRAM
+    from vmcorefs.watchdog import WatchedGuest, watch_freeze
 
     started = time.monotonic()
     output = check_output(args.output, args.force)
@@ -661,8 +662,23 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
     partial: list[str] = []
     pause: float | None = None
     state = "live"
+    watched: WatchedGuest | None = None
+
+    def partial_file() -> str:
+        """A new hidden file in OUTPUT's directory, removed at the end (by
+        the watchdog if this process is killed)."""
+        path = _tempfile(directory, os.path.basename(output))
+        partial.append(path)
+        if watched is not None:
+            watched.watchdog.remove_on_death(path)
+        return path
+
     try:
         core = LiveCore(guest, directory, freeze=not args.live, cache=False)
+        # A watchdog process resumes the guest if this process is killed with
+        # it paused, and removes the partial files; quiet: when QEMU is gone
+        # (nothing to resume) this process's error is the one line.
+        watched = watch_freeze(core, monitor, quiet=True)
         if args.live:
             print("vmcorefs: --live: the guest runs during the copy; the image is fuzzy"
                   " (memory of different instants)", file=sys.stderr)
@@ -679,8 +695,7 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
                 # Worst case: nothing compresses (kdump keeps the ELF beside it meanwhile).
                 need = (len(p.prefix) + p.populated) * (2 if filtering else 1) + (1 << 20)
                 check_space(directory, need)
-                elf = _tempfile(directory, os.path.basename(output))
-                partial.append(elf)
+                elf = partial_file()
                 progress = _progress(args.quiet, p.populated, "copying" if not filtering else "copying (ELF)")
                 copying = True
                 try:
@@ -698,8 +713,7 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
             if paused_by_us:
                 pause = time.monotonic() - t_pause
         if not watch.stop.is_set() and native_kdump:
-            out_tmp = _tempfile(directory, os.path.basename(output))
-            partial.append(out_tmp)
+            out_tmp = partial_file()
             progress = _progress(args.quiet, sum(s.length for s in handle.layout.segments), "compressing")
             copying = True
             try:
@@ -717,8 +731,7 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
             os.unlink(elf)
             elf = out_tmp
         elif not watch.stop.is_set() and mdf is not None:
-            out_tmp = _tempfile(directory, os.path.basename(output))
-            partial.append(out_tmp)
+            out_tmp = partial_file()
             os.unlink(out_tmp)  # makedumpfile refuses to overwrite
             if not args.quiet and sys.stderr.isatty():
                 print(f"vmcorefs: makedumpfile {' '.join(mdf.argv[1:])} ...", file=sys.stderr)
@@ -745,6 +758,9 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
                 os.unlink(path)
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+        if watched is not None:
+            watched.watchdog.done()  # the partial files are gone (or renamed): nothing to remove
+            watched.close()  # it resumes the guest only if our own resume failed
         watch.close()
         guest.close()
         await monitor.close()

@@ -15,9 +15,17 @@ open and resumes it at the last close.  If the daemon dies without closing
   (``R``) once its ``cont`` succeeded (or a ``stop`` failed, or the pause
   stopped being its own);
 * when the pipe closes (the daemon exited, however it exited) the watchdog
-  looks at the last byte: ``P`` means the guest may still be paused by
-  vmcorefs, so it runs the resume action of the guest's kind
+  looks at the last of those bytes: ``P`` means the guest may still be
+  paused by vmcorefs, so it runs the resume action of the guest's kind
   (:data:`RESUMERS`), then exits; anything else and it exits at once.
+* a writer of files (``vmcorefs dump``) also names each partial file it
+  creates (:data:`REMOVE` ``F``, the path, a NUL) and says :data:`DONE`
+  (``D``) once it has cleaned up by itself; a pipe that closes without
+  ``D`` (SIGKILL, the OOM killer) has the watchdog remove those files
+  after the resume.
+* ``--quiet`` (the dump, whose stderr is one line): nothing is said when
+  there was nothing to do (QEMU gone, the guest not paused); a resume, a
+  removed file or a failure is still said.
 
 The resume action for a QMP socket (:func:`resume_qmp`) connects to the
 monitor the daemon held (QEMU serves one QMP client per monitor and takes
@@ -61,12 +69,17 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 #: The byte the daemon writes before it pauses the guest (the pause may be its own from now on).
 PAUSED = b"P"
 #: The byte the daemon writes once no pause of its own is in force.
 RESUMED = b"R"
+#: ``F`` PATH ``\0``: remove PATH if the writer dies before :data:`DONE`.
+REMOVE = b"F"
+#: The writer cleaned up by itself: remove nothing.
+DONE = b"D"
 #: Seconds the watchdog tries to reach QEMU's monitor (QEMU greets the next
 #: client once it has noticed the daemon's connection close).
 RESUME_TIMEOUT = 10.0
@@ -166,36 +179,90 @@ RESUMERS: dict[str, Callable[..., str]] = {
 }
 
 
-def watch(fd: int, action: Sequence[str]) -> int:
-    """The watchdog: read the daemon's bytes on ``fd`` until EOF, then run
-    ``action`` (``[kind, *args]``) if the last byte was :data:`PAUSED`.
+@dataclass
+class Words:
+    """What the daemon said on the pipe so far (:meth:`feed` it bytes)."""
+
+    #: The last pause word was :data:`PAUSED`.
+    paused: bool = False
+    #: :data:`DONE` was said.
+    done: bool = False
+    #: Files named by :data:`REMOVE` (before any :data:`DONE`).
+    files: list[bytes] = field(default_factory=list)
+    _path: bytearray | None = None
+
+    def feed(self, data: bytes) -> None:
+        for i, byte in enumerate(data):
+            if self._path is not None:
+                if byte == 0:
+                    self.files.append(bytes(self._path))
+                    self._path = None
+                else:
+                    self._path.append(byte)
+                continue
+            word = data[i:i + 1]
+            if word == PAUSED:
+                self.paused = True
+            elif word == RESUMED:
+                self.paused = False
+            elif word == REMOVE:
+                self._path = bytearray()
+            elif word == DONE:
+                self.done = True
+                self.files.clear()
+
+
+#: Resume outcomes that did nothing (``--quiet`` says nothing about them).
+_NOTHING_DONE = ("QEMU is gone", "guest left", "the domain is gone", "domain left")
+
+
+def watch(fd: int, action: Sequence[str], quiet: bool = False) -> int:
+    """The watchdog: read the daemon's words on ``fd`` until EOF, then run
+    ``action`` (``[kind, *args]``) if the last pause word was
+    :data:`PAUSED`, then remove the files named by :data:`REMOVE` unless
+    :data:`DONE` was said.  ``quiet``: no line when nothing was done.
     Exit status: 0, or 1 when the resume failed."""
-    last = b""
+    words = Words()
     while True:
         try:
-            data = os.read(fd, 64)
+            data = os.read(fd, 4096)
         except InterruptedError:
             continue
         if not data:
             break
-        last = data[-1:]
-    if last != PAUSED:
-        return 0
-    kind, *args = action
-    try:
-        what = RESUMERS[kind](*args)
-    except OSError as e:
-        print(f"vmcorefs watchdog: the daemon died with the guest paused; cannot resume it: {e}",
-              file=sys.stderr)
-        return 1
-    print(f"vmcorefs watchdog: the daemon died with the guest paused: {what}", file=sys.stderr)
-    return 0
+        words.feed(data)
+    status = 0
+    said: list[str] = []
+    if words.paused:
+        kind, *args = action
+        try:
+            what = RESUMERS[kind](*args)
+            if not (quiet and what.startswith(_NOTHING_DONE)):
+                said.append(f"the guest was paused: {what}")
+        except OSError as e:
+            said.append(f"the guest was paused; cannot resume it: {e}")
+            status = 1
+    if not words.done:
+        for path in words.files:
+            try:
+                os.unlink(path)
+                said.append(f"removed {os.fsdecode(path)}")
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                said.append(f"cannot remove {os.fsdecode(path)}: {e.strerror}")
+    if said:
+        print(f"vmcorefs watchdog: vmcorefs died; {'; '.join(said)}", file=sys.stderr)
+    return status
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python watchdog.py KIND ARGS...``, the daemon's pipe on stdin."""
+    """``python watchdog.py [--quiet] KIND ARGS...``, the daemon's pipe on stdin."""
+    quiet = bool(argv) and argv[0] == "--quiet"
+    if quiet:
+        argv = argv[1:]
     if not argv or argv[0] not in RESUMERS:
-        print(f"usage: python watchdog.py {{{','.join(RESUMERS)}}} ARGS... (the daemon's pipe on stdin)",
+        print(f"usage: python watchdog.py [--quiet] {{{','.join(RESUMERS)}}} ARGS... (the daemon's pipe on stdin)",
               file=sys.stderr)
         return 2
     # A signal sent to the daemon's session, terminal or service (SIGTERM to
@@ -203,7 +270,7 @@ def main(argv: Sequence[str]) -> int:
     # it exits by itself once the daemon has gone.
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    return watch(0, argv)
+    return watch(0, argv, quiet)
 
 
 # -- the daemon's side --------------------------------------------------------
@@ -228,18 +295,31 @@ class Watchdog:
         return self.proc.pid
 
     def _write(self, byte: bytes) -> None:
-        if self._fd is None or byte == self.last:
-            return
-        try:
-            os.write(self._fd, byte)
+        if byte != self.last and self._send(byte):
             self.last = byte
+
+    def _send(self, data: bytes) -> bool:
+        if self._fd is None:
+            return False
+        try:
+            os.write(self._fd, data)  # a pipe write of up to PIPE_BUF bytes is whole
+            return True
         except OSError as e:  # the watchdog died (EPIPE): nothing to tell
             print(f"vmcorefs: the --freeze watchdog (pid {self.pid}) is gone: {e.strerror}", file=sys.stderr)
             self.close()
+            return False
 
     def paused(self) -> None:
         """The guest is about to be paused by us: resume it if we die."""
         self._write(PAUSED)
+
+    def remove_on_death(self, path: str) -> None:
+        """Remove ``path`` if we die before :meth:`done`."""
+        self._send(REMOVE + os.fsencode(path) + b"\0")
+
+    def done(self) -> None:
+        """We cleaned up by ourselves: remove nothing."""
+        self._send(DONE)
 
     def resumed(self) -> None:
         """No pause of ours is in force: leave the guest alone if we die."""
@@ -252,14 +332,16 @@ class Watchdog:
             self._fd = None
 
 
-def start(action: Sequence[str]) -> Watchdog:
+def start(action: Sequence[str], quiet: bool = False) -> Watchdog:
     """Spawn a watchdog that runs ``action`` (``[kind, *args]``, a key of
     :data:`RESUMERS` and its arguments) if this process exits while it said
-    :meth:`Watchdog.paused`.  Raises OSError when it cannot be spawned."""
+    :meth:`Watchdog.paused` (``quiet``: see :func:`watch`).  Raises OSError
+    when it cannot be spawned."""
     r, w = os.pipe()
     try:
         # The file, isolated (-I): no import of vmcorefs or site, whatever the caller's sys.path.
-        proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), *action], stdin=r,
+        proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), *(["--quiet"] if quiet else []),
+                                 *action], stdin=r,
                                 stdout=subprocess.DEVNULL, cwd="/", start_new_session=True, close_fds=True)
     except BaseException:
         os.close(w)
@@ -380,12 +462,12 @@ class WatchedGuest:
         self.watchdog.close()
 
 
-def watch_freeze(core: Any, monitor: object) -> WatchedGuest | None:
+def watch_freeze(core: Any, monitor: object, quiet: bool = False) -> WatchedGuest | None:
     """Put the guest of live core ``core`` (a :class:`vmcorefs.live.LiveCore`
-    under ``--freeze``) under a new watchdog and follow ``monitor``'s events
-    from the running event loop; None (logged) when the guest's kind has no
-    resume action or the watchdog cannot be spawned.  Close it with
-    :meth:`WatchedGuest.close`."""
+    under ``--freeze``) under a new watchdog (``quiet``: see :func:`watch`)
+    and follow ``monitor``'s events from the running event loop; None
+    (logged) when the guest's kind has no resume action or the watchdog
+    cannot be spawned.  Close it with :meth:`WatchedGuest.close`."""
     import asyncio
     import logging
 
@@ -395,7 +477,7 @@ def watch_freeze(core: Any, monitor: object) -> WatchedGuest | None:
         log.warning("--freeze: no watchdog for this kind of guest; it stays paused if vmcorefs is killed")
         return None
     try:
-        watchdog = start(action)
+        watchdog = start(action, quiet)
     except OSError as e:
         log.warning("--freeze: cannot start the watchdog (%s); the guest stays paused if vmcorefs is killed", e)
         return None

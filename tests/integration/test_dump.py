@@ -420,6 +420,25 @@ def test_qemu_killed_mid_copy(filled_guest: QemuGuest, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sigkill_mid_copy_watchdog_resumes_and_removes(filled_guest: QemuGuest, tmp_path: Path) -> None:
+    """SIGKILL of the dump while it holds the guest paused (nothing in it
+    runs): its watchdog resumes the guest and removes the hidden partial
+    file, and says so."""
+    out = tmp_path / "vm.elf"
+
+    def kill(p: subprocess.Popen[str]) -> None:
+        assert filled_guest.status() == "paused"  # the copy runs inside the dump's pause
+        p.kill()
+
+    r = _interrupt_mid_copy(filled_guest, out, kill)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    # Generous bounds: the watchdog waits for QEMU to take the next monitor client.
+    wait_for(lambda: filled_guest.status() == "running", 60, "the guest running again")
+    wait_for(lambda: list(tmp_path.iterdir()) == [], 60, "the partial file removed")
+    assert "vmcorefs watchdog: vmcorefs died; the guest was paused: guest resumed" in r.stderr, r.stderr
+    assert "vmcorefs-partial" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_progress_on_a_terminal_only(memfd_guest: QemuGuest, tmp_path: Path) -> None:
     """On a terminal: a progress bar (bytes, rate, ETA) then the summary;
     not a terminal: the summary alone; --quiet: nothing."""

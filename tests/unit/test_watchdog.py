@@ -173,3 +173,66 @@ def test_spawned_watchdog_exits_at_eof_in_its_own_session() -> None:
     while wd.proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert wd.proc.returncode == 0
+
+
+@pytest.mark.parametrize("done", [False, True])
+def test_watch_removes_named_files_unless_done(done: bool, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Files named by F...NUL (split across writes as a pipe may deliver
+    them) are removed after the resume when the writer dies, kept when it
+    said D (it cleaned up by itself)."""
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setitem(watchdog.RESUMERS, "test", lambda *a: calls.append(a) or "guest resumed (cont)")
+    files = [tmp_path / ".vm.elf.x.vmcorefs-partial", tmp_path / "name with\nnewline"]
+    for f in files:
+        f.write_bytes(b"partial")
+    words = b"P" + b"".join(watchdog.REMOVE + os.fsencode(f) + b"\0" for f in files) + (b"D" if done else b"")
+    r, w = os.pipe()
+    for pos in range(0, len(words), 7):
+        os.write(w, words[pos:pos + 7])
+    os.close(w)
+    try:
+        assert watch(r, ["test", "sock"], quiet=True) == 0
+    finally:
+        os.close(r)
+    assert calls == [("sock",)]
+    assert [f.exists() for f in files] == [done, done]
+    err = capsys.readouterr().err
+    assert err.count("vmcorefs watchdog:") == 1 and "guest resumed (cont)" in err
+    assert all((f"removed {f}" in err) is not done for f in files), err
+
+
+@pytest.mark.parametrize(("outcome", "quiet", "says"), [
+    ("QEMU is gone (nothing to resume)", True, False),
+    ("guest left shutdown (not paused)", True, False),
+    ("QEMU is gone (nothing to resume)", False, True),
+    ("guest resumed (cont)", True, True),
+])
+def test_quiet_watch_says_nothing_when_nothing_was_done(outcome: str, quiet: bool, says: bool,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(watchdog.RESUMERS, "test", lambda *a: outcome)
+    r, w = os.pipe()
+    os.write(w, PAUSED)
+    os.close(w)
+    try:
+        assert watch(r, ["test"], quiet=quiet) == 0
+    finally:
+        os.close(r)
+    err = capsys.readouterr().err
+    assert (outcome in err) is says and err.count("\n") == int(says)
+
+
+def test_quiet_still_says_a_failed_resume(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def fail(*_a: str) -> str:
+        raise TimeoutError("QEMU did not answer")
+
+    monkeypatch.setitem(watchdog.RESUMERS, "test", fail)
+    r, w = os.pipe()
+    os.write(w, PAUSED)
+    os.close(w)
+    try:
+        assert watch(r, ["test"], quiet=True) == 1
+    finally:
+        os.close(r)
+    assert "cannot resume it: QEMU did not answer" in capsys.readouterr().err
