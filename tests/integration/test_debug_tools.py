@@ -14,18 +14,25 @@ from typing import Iterator
 import pytest
 from elftools.elf.elffile import ELFFile
 
+from vmcorefs.core.vmcoreinfo import parse_fields
+from vmcorefs.dump import check_filter, makedumpfile_args
+from vmcorefs.errors import UsageError
 from vmcorefs.testing import (
+    BACKPORTS,
+    CRASH9,
     DEBIAN11,
     DEBIAN12,
     DRGN_KALLSYMS,
     KERNEL_SPACE,
     GuestSpec,
     Mount,
+    QEMU10,
     QemuGuest,
     drgn_tasks,
     gdb_on_kcore,
     gdb_threads,
     kernel_image_phys,
+    makedumpfile,
     require,
     run_crash,
     run_vmcorefs,
@@ -194,18 +201,41 @@ def test_kcore_layout_and_bytes(memfd_guest: QemuGuest) -> None:
             assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
-@pytest.mark.parametrize("memory", ["memfd", "private"])
-def test_without_vmcoreinfo_device(memory: str, tmp_path: Path) -> None:
-    """Without -device vmcoreinfo, vmcorefs finds the guest's VMCOREINFO in
+#: Guests whose VMCOREINFO vmcorefs must find in guest RAM: no -device
+#: vmcoreinfo on Debian 12's QEMU 7.2 (6.1) and on QEMU 10 (6.12), memfd and
+#: private RAM; and the device present but qemu_fw_cfg refused by the guest
+#: kernel, so that it never registers (``GuestSpec.fw_cfg``).
+NO_DEVICE = {
+    "6.1-memfd": GuestSpec("novmci-6.1-memfd", memory="memfd", vmcoreinfo=False),
+    "6.1-private": GuestSpec("novmci-6.1-private", memory="private", vmcoreinfo=False),
+    "6.12-memfd": GuestSpec("novmci-6.12-memfd", qemu=QEMU10, kernel=BACKPORTS, memory="memfd", vmcoreinfo=False),
+    "6.12-private": GuestSpec("novmci-6.12-private", qemu=QEMU10, kernel=BACKPORTS, memory="private",
+                              vmcoreinfo=False),
+    "6.1-unregistered": GuestSpec("unreg-6.1", memory="memfd", vmcoreinfo=True, fw_cfg=False),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_DEVICE))
+def test_without_vmcoreinfo_device(case: str, tmp_path: Path) -> None:
+    """Without VMCOREINFO from the device, vmcorefs finds the guest's own in
     guest RAM and serves it where QEMU would have: the last note of vmcore,
-    the vmcoreinfo file, gdbinit; drgn (kallsyms) and makedumpfile -d 31
-    then work as with the device, and `vmcorefs info` says where it was."""
+    the vmcoreinfo file, gdbinit; drgn (kallsyms, and with the debug
+    vmlinux), makedumpfile and crash 9 then work as with the device, and
+    `vmcorefs info` says where it was -- and, when the device is there but
+    the guest never registered, why it did not come from the device."""
+    spec = NO_DEVICE[case]
     require(shutil.which("makedumpfile") is not None, "makedumpfile not installed")
-    with QemuGuest(GuestSpec(f"novmci-{memory}", mib=256, memory=memory, vmcoreinfo=False)) as g:
+    require(spec.kernel.vmlinux.exists(), f"debug vmlinux missing ({spec.kernel.vmlinux}); run scripts/setup.sh")
+    require(CRASH9.exists(), f"crash 9 missing ({CRASH9}); run scripts/build-tools.sh crash")
+    with QemuGuest(spec) as g:
+        if not spec.fw_cfg:
+            assert "init: qemu_fw_cfg failed to load" in g.serial.read_text(errors="replace")
         info = run_vmcorefs("info", g.qmp_path)
         assert info.returncode == 0, info.stderr
-        assert re.search(r"VMCOREINFO   OSRELEASE=\S+ KERNELOFFSET=[0-9a-f]+ PAGESIZE=4096 "
-                         r"\(from guest RAM at GPA 0x[0-9a-f]+\)", info.stdout), info.stdout
+        never = "; -device vmcoreinfo is present but the guest never registered (load its qemu_fw_cfg driver)"
+        assert re.search(r"^VMCOREINFO   OSRELEASE=\S+ KERNELOFFSET=[0-9a-f]+ PAGESIZE=4096 "
+                         r"\(from guest RAM at GPA 0x[0-9a-f]+" + re.escape("" if spec.fw_cfg else never) + r"\)$",
+                         info.stdout, re.M), info.stdout
         assert "gdb -q -ex 'symbol-file -o 0x" in info.stdout
         with g.paused(), Mount(g) as m:
             assert sorted(os.listdir(m.path)) == ["gdbinit", "kcore", "pmem", "vmcore", "vmcoreinfo"]
@@ -215,6 +245,7 @@ def test_without_vmcoreinfo_device(memory: str, tmp_path: Path) -> None:
             with open(m.vmcore, "rb") as f:
                 notes = [n for seg in ELFFile(f).iter_segments() if seg["p_type"] == "PT_NOTE"
                          for n in seg.iter_notes()]
+            assert [n["n_name"] for n in notes].count("VMCOREINFO") == 1
             assert notes[-1]["n_name"] == "VMCOREINFO" and text.encode() in notes[-1]["n_desc"]
             # The kernel image lies where VMCOREINFO says (KASLR offset and phys_base right).
             with open(m.pmem, "rb") as p:
@@ -223,10 +254,25 @@ def test_without_vmcoreinfo_device(memory: str, tmp_path: Path) -> None:
             r = subprocess.run([sys.executable, "-c", DRGN_KALLSYMS, str(m.vmcore)], capture_output=True,
                                text=True, timeout=300)
             assert r.returncode == 0 and r.stdout.startswith("Linux version " + vci["OSRELEASE"]), r.stderr
+            d = drgn_tasks(m.vmcore, spec.kernel.vmlinux)
+            assert d.release == g.release and d.tasks > 10 and d.tasks == d.threads, d
+            assert sorted(c.cpu for c in d.on_cpu) == list(range(spec.vcpus)), d
+            # -d 31 where Debian 12's makedumpfile reads this kernel's slab
+            # pages right, else -d 23 (vmcorefs.dump.check_filter; docs/cookbook.md).
+            level = 31
+            try:
+                check_filter(makedumpfile_args("kdump-zlib", level), level, parse_fields(text))
+            except UsageError:
+                level = 23
+            assert (level == 23) == case.startswith("6.12"), level
             out = tmp_path / "filtered.kdump"
-            r = subprocess.run(["makedumpfile", "-c", "-d", "31", str(m.vmcore), str(out)],
-                               capture_output=True, text=True, timeout=300)
-            assert r.returncode == 0, r.stdout + r.stderr
+            makedumpfile(m.vmcore, out, "-c", "-d", str(level))
+            assert out.read_bytes()[:8] == b"KDUMP   "
+            crash = run_crash(spec.kernel.vmlinux, m.vmcore, "sys", crash=CRASH9)
+        assert re.search(rf"^\s+RELEASE: {re.escape(g.release)}$", crash, re.M), crash[-3000:]
+        assert "WARNING" not in crash and "invalid" not in crash, crash[-3000:]
+        filtered = run_crash(spec.kernel.vmlinux, out, "sys", crash=CRASH9)
+        assert re.search(rf"^\s+RELEASE: {re.escape(g.release)}$", filtered, re.M), filtered[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -244,6 +244,11 @@ async def _read_dump_start(r: int, command: asyncio.Future[Any]) -> bytes | None
 class Guest:
     """The running QEMU behind a QMP monitor."""
 
+    #: Whether :meth:`dump_info`'s notes are QEMU's own, which carry
+    #: ``-device vmcoreinfo``'s copy once the guest registered (so a device
+    #: without it means the guest never did).
+    device_notes: bool = True
+
     def __init__(self, monitor: Monitor, memory_mode: str = "auto") -> None:
         """``memory_mode``: ``auto``, ``shared`` or ``procmem`` (``--memory``);
         raises :class:`~vmcorefs.errors.UsageError` for another value."""
@@ -429,8 +434,8 @@ class Guest:
 
     async def info(self) -> dict[str, Any]:
         """What ``vmcorefs info`` prints (and ``--json`` emits): one snapshot
-        plus ``query-target``, ``query-status`` (and ``info qtree`` when
-        there is no VMCOREINFO).  Raises as :meth:`snapshot`."""
+        plus ``query-target``, ``query-status`` (and two ``qom-list`` when
+        VMCOREINFO did not come from the device).  Raises as :meth:`snapshot`."""
         snap = await self.snapshot()
         notes = parse_notes(snap.dump.notes)
         gdb = gdb_program(snap.dump.e_machine)
@@ -468,18 +473,32 @@ class Guest:
                 f" -ex 'core-file MOUNTPOINT/kcore'   (or: {gdb} -q VMLINUX -x MOUNTPOINT/gdbinit)"),
         }
 
+    async def _has_vmcoreinfo_device(self) -> bool:
+        """Whether QEMU has a ``vmcoreinfo`` device: one of the children of
+        ``/machine/peripheral`` (``-device ...,id=``) or
+        ``/machine/peripheral-anon`` (no id) in QOM (QMP ``qom-list``; ``info
+        qtree`` shows devices on buses only, and this one has none)."""
+        for container in ("/machine/peripheral", "/machine/peripheral-anon"):
+            try:
+                children = await self.monitor.execute("qom-list", {"path": container})
+            except QMPError:
+                continue
+            if any(isinstance(c, dict) and c.get("type") == "child<vmcoreinfo>" for c in children or ()):
+                return True
+        return False
+
     async def _origin_hint(self, snap: Snapshot) -> str:
-        """Where VMCOREINFO came from, with a hint when there is none."""
+        """Where VMCOREINFO came from, with a hint when it did not come from
+        the device: the device is there but the guest never registered
+        (whether or not a copy was found in guest RAM), or why there is none."""
         origin = snap.vmcoreinfo_origin
-        if snap.vmcoreinfo is not None:
+        if origin == "device":
             return origin
-        try:
-            has_device = "vmcoreinfo" in await self.monitor.hmp("info qtree")
-        except QMPError:
-            has_device = False
-        if has_device:
+        if self.device_notes and await self._has_vmcoreinfo_device():
             return (f"{origin}; -device vmcoreinfo is present but the guest never registered"
                     " (load its qemu_fw_cfg driver)")
+        if snap.vmcoreinfo is not None:
+            return origin
         if await self.status() in ("prelaunch", "inmigrate") or (
                 snap.dump.e_machine != EM_AARCH64 and not qemu_x86_cpu_states(parse_notes(snap.dump.notes))):
             return f"{origin}; the guest has not booted yet"

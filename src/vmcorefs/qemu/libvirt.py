@@ -303,6 +303,8 @@ class LibvirtGuest(Guest):
     ``info registers -a`` and run state through libvirt."""
 
     monitor: LibvirtMonitor
+    #: Notes built from registers: never the device's VMCOREINFO.
+    device_notes = False
 
     def __init__(self, monitor: LibvirtMonitor, memory_mode: str = "auto") -> None:
         super().__init__(monitor, memory_mode)
