@@ -34,6 +34,9 @@ byte and resumed after, only if it was running (``LiveCore(freeze=True)``);
 ``--live`` copies without pausing (a fuzzy image).  The output is written
 to a hidden temporary file in OUTPUT's directory and renamed at the end:
 on any failure or signal the guest is resumed and no partial file remains.
+If this process is killed outright (SIGKILL, the OOM killer), the
+``--freeze`` watchdog (:mod:`vmcorefs.watchdog`, quiet) resumes a pause of
+ours and removes the partial files it was told about.
 """
 
 from __future__ import annotations
