@@ -1,35 +1,29 @@
 """The FUSE adapter (pyfuse3, asyncio mode): inodes, directories and errno.
 
-Every decision -- which files a VM has, snapshots, ``--freeze``, page-cache
-coherence, QEMU going away -- is the :class:`~vmcorefs.live.LiveCore`'s;
-this module maps FUSE requests onto it.  The root directory holds the files
-of one live core; inodes are numbered per (directory, name) so that a
-directory level (one live core per VM) fits the same tables.
-
-Reads: with ``direct_io`` per handle as the live core decides, and
-``keep_cache`` off (the cache starts empty at each open).  FUSE_READ itself
-is answered by the native engine of :mod:`vmcorefs.readpath` when attached
-(each open registers its resolved layout there); :meth:`VmcoreFS.read`
-serves reads otherwise.  The root's extended attribute ``user.vmcorefs.stats``
-holds the read path's counters (JSON).  Errors become errno in one place,
-:func:`errno_of`.
+It maps FUSE requests onto a :class:`~vmcorefs.live.LiveCore` (the files
+of one VM at the root) or a :class:`~vmcorefs.live.LiveDirectory` (one
+directory per VM), which make every decision.  FUSE_READ is answered by the
+native engine of :mod:`vmcorefs.readpath` when attached, else by
+:meth:`VmcoreFS.read`.  The root's extended attribute ``user.vmcorefs.stats``
+holds the read path's counters (JSON).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import logging
 import os
 import stat
 import time
-from typing import TYPE_CHECKING, Any, Callable, Concatenate, Coroutine, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, TypeVar, cast
 
 import pyfuse3
 
 from vmcorefs.errors import AccessError, NoSuchFileError, QMPTimeoutError, VmcorefsError
-from vmcorefs.live import FILES, Handle, LiveCore, LiveDirectory
+from vmcorefs.live import FILES, Attributes, Handle, LiveCore, LiveDirectory
 
 if TYPE_CHECKING:
     from vmcorefs.readpath import NativeReads
@@ -38,28 +32,22 @@ log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
 BLKSIZE = 1 << 20
-#: Inode numbers each live core takes: its directory, then one per file.
+#: Inode numbers each live core takes: its directory, then one per file of FILES.
 INODE_BLOCK = 16
-#: Position of each file in FILES (its inode is the directory's + 1 + this).
-BY_NAME_INDEX = {spec.name: i for i, spec in enumerate(FILES)}
-#: Extended attribute of the root directory with the read path's counters.
+FILE_INDEX = {spec.name: i for i, spec in enumerate(FILES)}
 STATS_XATTR = b"user.vmcorefs.stats"
 
-T = TypeVar("T")
-P = ParamSpec("P")
+ERRNO = ((QMPTimeoutError, errno.ETIMEDOUT), (AccessError, errno.EACCES), (NoSuchFileError, errno.ENOENT))
+
+Handler = TypeVar("Handler", bound=Callable[..., Coroutine[Any, Any, Any]])
 
 
 def errno_of(exc: BaseException) -> int:
     """The one mapping from vmcorefs errors to errno."""
-    if isinstance(exc, QMPTimeoutError):
-        return errno.ETIMEDOUT
-    if isinstance(exc, AccessError):
-        return errno.EACCES
-    if isinstance(exc, NoSuchFileError):
-        return errno.ENOENT
-    if isinstance(exc, OSError) and exc.errno:
-        return exc.errno
-    return errno.EIO
+    for cls, code in ERRNO:
+        if isinstance(exc, cls):
+            return code
+    return exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
 
 
 def drop_cache(inode: int) -> None:
@@ -70,13 +58,12 @@ def drop_cache(inode: int) -> None:
         log.info("could not drop the page cache of inode %d: %s", inode, e)
 
 
-def _fuse_op(
-    fn: Callable[Concatenate["VmcoreFS", P], Coroutine[Any, Any, T]],
-) -> Callable[Concatenate["VmcoreFS", P], Coroutine[Any, Any, T]]:
-    """Run a FUSE handler, turning any failure into a FUSEError."""
+def _fuse_op(fn: Handler) -> Handler:
+    """Run a FUSE handler (logged with --debug), turning any failure into a FUSEError."""
     name = fn.__name__
 
-    async def wrapper(self: "VmcoreFS", /, *args: P.args, **kwargs: P.kwargs) -> T:
+    @functools.wraps(fn)
+    async def wrapper(self: VmcoreFS, /, *args: Any, **kwargs: Any) -> Any:
         if self.on_first_request is not None:
             hook, self.on_first_request = self.on_first_request, None
             hook()
@@ -93,22 +80,14 @@ def _fuse_op(
             log.error("%s failed", name, exc_info=True)
             raise pyfuse3.FUSEError(errno_of(e)) from None
 
-    wrapper.__name__ = wrapper.__qualname__ = name
-    wrapper.__doc__ = fn.__doc__
-    return wrapper
+    return cast(Handler, wrapper)
 
 
 class VmcoreFS(pyfuse3.Operations):
-    """The mounted tree: the files of one live core at the root, or (a
-    :class:`~vmcorefs.live.LiveDirectory`) one directory per VM.
-
-    Inodes: the root is 1; each live core gets a block of ``INODE_BLOCK``
-    numbers when first seen -- its directory (the root for a single core)
-    and one per entry of :data:`~vmcorefs.live.FILES` -- never reused, so a
-    VM that comes back is a new directory to the kernel.
-    """
-
-    enable_writeback_cache = False
+    """The mounted tree.  Inodes: the root is 1; each live core gets a block
+    of ``INODE_BLOCK`` numbers when first seen (its directory -- the root for
+    a lone core -- then one per file), never reused, so a VM that comes back
+    is a new directory to the kernel."""
 
     def __init__(self, root: LiveCore | LiveDirectory, file_mode: int = 0o400) -> None:
         super().__init__()
@@ -117,9 +96,8 @@ class VmcoreFS(pyfuse3.Operations):
         self.native: NativeReads | None = None
         #: Called once, at the first request after FUSE_INIT.
         self.on_first_request: Callable[[], None] | None = None
-        #: Permission bits of the files; directories get r-x where they have r.
         self.file_mode = file_mode & 0o444
-        self.dir_mode = 0o500 | self.file_mode | (self.file_mode >> 2)
+        self.dir_mode = 0o500 | self.file_mode | (self.file_mode >> 2)  # r-x where the files have r
         self.uid, self.gid = os.getuid(), os.getgid()
         self.created_ns = time.time_ns()
         self._base: dict[int, int] = {}  # id(core) -> its directory's inode
@@ -131,7 +109,7 @@ class VmcoreFS(pyfuse3.Operations):
             self._base[id(root)] = ROOT
             self._cores[ROOT] = root
 
-    # -- the tree -----------------------------------------------------------
+    # -- inodes ---------------------------------------------------------------
     def dir_of(self, core: LiveCore) -> int:
         """The directory inode of ``core`` (allocated on first use)."""
         base = self._base.get(id(core))
@@ -140,6 +118,9 @@ class VmcoreFS(pyfuse3.Operations):
             self._base[id(core)] = base
             self._cores[base] = core
         return base
+
+    def _inode(self, core: LiveCore, name: str) -> int:
+        return self.dir_of(core) + 1 + FILE_INDEX[name]
 
     def _file_of(self, inode: int) -> tuple[LiveCore, str]:
         base = inode - (inode - ROOT) % INODE_BLOCK
@@ -151,56 +132,47 @@ class VmcoreFS(pyfuse3.Operations):
         return core, FILES[i].name
 
     def _dir_core(self, inode: int) -> LiveCore | None:
-        """The core whose files ``inode`` lists; None for the root of many VMs."""
-        if inode == ROOT and isinstance(self.root, LiveDirectory):
-            return None
-        core = self._cores.get(inode)
-        if core is None or (isinstance(self.root, LiveDirectory) and self.root.cores.get(core.name) is not core):
-            raise pyfuse3.FUSEError(errno.ENOENT)  # a VM that went away
-        return core
+        """The core whose files directory ``inode`` lists; None for the root of many VMs."""
+        if inode != ROOT and inode not in self._cores:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if isinstance(self.root, LiveDirectory):
+            if inode == ROOT:
+                return None
+            if not self.root.holds(self._cores[inode]):
+                raise pyfuse3.FUSEError(errno.ENOENT)  # a VM that went away
+        return self._cores[inode]
 
     def drop_memory_caches(self, core: LiveCore) -> None:
         """Drop the cached pages of ``core``'s guest-memory files (its QEMU went away)."""
-        if core.cache:
-            loop = asyncio.get_running_loop()
-            base = self.dir_of(core)
-            for i, spec in enumerate(FILES):
-                if spec.guest_memory:
-                    loop.run_in_executor(None, drop_cache, base + 1 + i)
+        for name in core.cached_memory_files():
+            asyncio.get_running_loop().run_in_executor(None, drop_cache, self._inode(core, name))
 
-    def _attr(self, inode: int, core: LiveCore | None, size: int = 0, mtime_ns: int | None = None,
-              is_dir: bool = False) -> pyfuse3.EntryAttributes:
+    def _attr(self, inode: int, core: LiveCore | None, at: Attributes | None = None) -> pyfuse3.EntryAttributes:
+        """A file's attributes, or a directory's when ``at`` is None."""
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode
-        a.generation = 0
         a.entry_timeout = 0
         a.attr_timeout = core.attr_timeout if core is not None else 0
         a.st_uid, a.st_gid = self.uid, self.gid
-        a.st_atime_ns = a.st_ctime_ns = core.created_ns if core is not None else self.created_ns
-        a.st_mtime_ns = a.st_ctime_ns if mtime_ns is None else mtime_ns
+        a.st_atime_ns = a.st_ctime_ns = a.st_mtime_ns = core.created_ns if core is not None else self.created_ns
         a.st_blksize = BLKSIZE
-        if is_dir:
+        if at is None:
             a.st_mode, a.st_nlink = stat.S_IFDIR | self.dir_mode, 2
         else:
-            a.st_mode, a.st_nlink, a.st_size = stat.S_IFREG | self.file_mode, 1, size
-        a.st_blocks = (size + 511) // 512
+            a.st_mode, a.st_size, a.st_mtime_ns = stat.S_IFREG | self.file_mode, at.size, at.mtime_ns
+            a.st_blocks = (at.size + 511) // 512
         return a
 
     async def _entry(self, inode: int) -> pyfuse3.EntryAttributes:
         if inode == ROOT or inode in self._cores:
-            core = self._dir_core(inode)
-            return self._attr(inode, core, is_dir=True)
+            return self._attr(inode, self._dir_core(inode))
         core, name = self._file_of(inode)
-        snap = await core.current()
-        at = core.stat(name, snap)
-        return self._attr(inode, core, at.size, at.mtime_ns)
+        return self._attr(inode, core, await core.stat_now(name))
 
-    # -- FUSE operations --------------------------------------------------
+    # -- FUSE operations ------------------------------------------------------
     @_fuse_op
     async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if parent_inode != ROOT and parent_inode not in self._cores:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
         core = self._dir_core(parent_inode)
         text = name.decode(errors="surrogateescape")
         if text in (".", ".."):
@@ -210,11 +182,10 @@ class VmcoreFS(pyfuse3.Operations):
             vm = self.root.cores.get(text)
             if vm is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._attr(self.dir_of(vm), vm, is_dir=True)
-        index = BY_NAME_INDEX.get(text)
-        if index is None:
+            return self._attr(self.dir_of(vm), vm)
+        if text not in FILE_INDEX:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return await self._entry(self.dir_of(core) + 1 + index)
+        return await self._entry(self._inode(core, text))
 
     @_fuse_op
     async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -222,8 +193,6 @@ class VmcoreFS(pyfuse3.Operations):
 
     @_fuse_op
     async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
-        if inode != ROOT and inode not in self._cores:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
         self._dir_core(inode)
         return pyfuse3.FileHandleT(inode)
 
@@ -232,22 +201,13 @@ class VmcoreFS(pyfuse3.Operations):
         core = self._dir_core(fh)
         if core is None:  # one directory per VM, listed without touching any guest
             assert isinstance(self.root, LiveDirectory)
-            for i, (name, vm) in enumerate(sorted(self.root.cores.items())):
-                if i < start_id:
-                    continue
-                if not pyfuse3.readdir_reply(token, name.encode(errors="surrogateescape"),
-                                             self._attr(self.dir_of(vm), vm, is_dir=True), i + 1):
-                    break
-            return
-        snap = await core.current()
-        base = self.dir_of(core)
-        for i, (spec, _file) in enumerate(core.listed(snap)):
-            inode = base + 1 + BY_NAME_INDEX[spec.name]
-            if i < start_id:
-                continue
-            at = core.stat(spec.name, snap)
-            if not pyfuse3.readdir_reply(token, spec.name.encode(), self._attr(inode, core, at.size, at.mtime_ns),
-                                         i + 1):
+            vms = sorted(self.root.cores.items())[start_id:]
+            entries = [(name, self._attr(self.dir_of(vm), vm)) for name, vm in vms]
+        else:
+            files = (await core.listing())[start_id:]
+            entries = [(name, self._attr(self._inode(core, name), core, at)) for name, at in files]
+        for i, (name, attr) in enumerate(entries, start_id):
+            if not pyfuse3.readdir_reply(token, name.encode(errors="surrogateescape"), attr, i + 1):
                 break
 
     @_fuse_op
@@ -261,12 +221,11 @@ class VmcoreFS(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         handle = await core.open(name)
-        fh = self._next_fh
-        self._next_fh += 1
+        fh, self._next_fh = self._next_fh, self._next_fh + 1
         self.handles[fh] = (handle, inode)
         if self.native is not None:
             try:
-                self.native.register(fh, handle.file)
+                self.native.register(fh, handle.file, handle.snap.pid)
             except (ValueError, MemoryError) as e:  # served by read() below instead
                 log.warning("native read path refused %s: %s", name, e)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), direct_io=handle.direct, keep_cache=False)
@@ -300,17 +259,15 @@ class VmcoreFS(pyfuse3.Operations):
 
     @_fuse_op
     async def getxattr(self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        """``user.vmcorefs.stats`` on the mount's root: the read path's counters (JSON)."""
-        if inode == ROOT and name == STATS_XATTR:
-            core = self.root if isinstance(self.root, LiveCore) else None
-            stats: dict[str, object] = {"reads": "native" if self.native is not None else "python",
-                                        "open_handles": len(self.handles)}
-            if core is not None:
-                stats["cache"] = "direct" if not core.cache else f"max-age {core.max_age:g} s"
-            if self.native is not None:
-                stats.update(self.native.stats())
-            return json.dumps(stats, sort_keys=True).encode()
-        raise pyfuse3.FUSEError(errno.ENODATA)
+        if inode != ROOT or name != STATS_XATTR:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        stats: dict[str, object] = {"reads": "native" if self.native is not None else "python",
+                                    "open_handles": len(self.handles)}
+        if isinstance(self.root, LiveCore):
+            stats["cache"] = self.root.cache_policy
+        if self.native is not None:
+            stats.update(self.native.stats())
+        return json.dumps(stats, sort_keys=True).encode()
 
     @_fuse_op
     async def listxattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> list[bytes]:

@@ -240,6 +240,13 @@ class LiveCore:
                 continue
         return out
 
+    async def listing(self) -> list[tuple[str, Attributes]]:
+        """The files of the latest layout (:meth:`current`) with their
+        :meth:`stat`, in :data:`FILES` order: what a directory lists.
+        Raises :class:`QMPError` as :meth:`current`."""
+        snap = await self.current()
+        return [(spec.name, self.stat(spec.name, snap)) for spec, _file in self.listed(snap)]
+
     def file(self, name: str, snap: Snapshot) -> SparseFile:
         """The layout of file ``name`` in ``snap``; :class:`NoSuchFileError` if absent."""
         spec = BY_NAME.get(name)
@@ -284,6 +291,22 @@ class LiveCore:
             file = SparseFile.text("")
         at = self.attributes(file, snap)
         return Attributes(max([at.size, *held]), at.mtime_ns)
+
+    async def stat_now(self, name: str) -> Attributes:
+        """:meth:`stat` of file ``name`` in the latest layout (:meth:`current`).
+        Raises :class:`NoSuchFileError`, :class:`QMPError`."""
+        return self.stat(name, await self.current())
+
+    @property
+    def cache_policy(self) -> str:
+        """How reads are cached, for the read path's counters:
+        ``direct`` or ``max-age N s``."""
+        return f"max-age {self.max_age:g} s" if self.cache else "direct"
+
+    def cached_memory_files(self) -> list[str]:
+        """The files whose page cache may hold guest memory (a front end
+        drops it when QEMU goes away): none with ``cache=False``."""
+        return [spec.name for spec in FILES if spec.guest_memory] if self.cache else []
 
     # -- handles ---------------------------------------------------------------
     async def open(self, name: str) -> Handle:
@@ -411,6 +434,10 @@ class LiveDirectory:
         if old is not None and old is not core:
             self.remove(core.name, "replaced by a new VM of the same name")
         self.cores[core.name] = core
+
+    def holds(self, core: LiveCore) -> bool:
+        """Whether ``core`` is still in (not removed or replaced)."""
+        return self.cores.get(core.name) is core
 
     def remove(self, name: str, reason: str) -> LiveCore | None:
         """Take the VM ``name`` out: its core is gone for ``reason``."""

@@ -22,7 +22,7 @@ from vmcorefs.core.elf import DumpInfo
 from vmcorefs.core.layout import ExtentKind
 from vmcorefs.core.memmap import GuestPhysBlock
 from vmcorefs.errors import NoSuchFileError, QEMUGoneError, QMPError, QMPTimeoutError
-from vmcorefs.live import FILES, LiveCore
+from vmcorefs.live import FILES, LiveCore, LiveDirectory
 from vmcorefs.qemu.guest import Snapshot
 from vmcorefs.qemu.memory import Source
 
@@ -296,6 +296,37 @@ def test_direct_mode(guest: FakeGuest, clock: FakeClock) -> None:
         assert h.direct and core.attr_timeout == 0
         assert await core.release(h) is False
     run(go())
+
+
+def test_listing_and_cache_policy(guest: FakeGuest, clock: FakeClock) -> None:
+    async def go() -> None:
+        cached, direct = make(guest, clock, max_age=2.5), make(guest, clock, cache=False)
+        listing = await cached.listing()
+        snap = await cached.current()
+        assert [name for name, _ in listing] == ["vmcore", "pmem", "vmcoreinfo", "gdbinit"]
+        assert dict(listing)["pmem"] == cached.stat("pmem", snap) == await cached.stat_now("pmem")
+        with pytest.raises(NoSuchFileError):
+            await cached.stat_now("kcore")
+        assert (cached.cache_policy, direct.cache_policy) == ("max-age 2.5 s", "direct")
+        # Only cached pages of guest memory are left to drop when QEMU goes away.
+        assert cached.cached_memory_files() == ["vmcore", "pmem", "kcore"]
+        assert direct.cached_memory_files() == []
+    run(go())
+
+
+def test_directory_holds_only_current_cores(guest: FakeGuest, clock: FakeClock) -> None:
+    tree = LiveDirectory()
+    removed: list[LiveCore] = []
+    tree.on_remove = removed.append
+    old, new = make(guest, clock, name="vm"), make(guest, clock, name="vm")
+    tree.add(old)
+    assert tree.holds(old)
+    tree.add(new)  # a new VM of the same name replaces the old one
+    assert tree.holds(new) and not tree.holds(old) and removed == [old]
+    with pytest.raises(QEMUGoneError):
+        old.check_alive()
+    tree.remove("vm", "stopped")
+    assert not tree.holds(new) and removed == [old, new]
 
 
 def test_staleness_and_attributes(guest: FakeGuest, clock: FakeClock) -> None:
