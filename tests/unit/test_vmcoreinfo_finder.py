@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 from paging_support import MiB2, PageTables
 from vmcoreinfo_support import CPU, LIMIT, NHDR, Booted, Image, Kernel, boot, note_bytes, put_pair
 
+from vmcorefs.core.layout import PAGE_SIZE
 from vmcorefs.core.paging import START_KERNEL_MAP
 from vmcorefs.core.vmcoreinfo import (
     COPY_SPAN,
     MAX_TEXT,
     NOTE_NAME,
-    PAGE,
     Candidate,
     Finder,
     Found,
@@ -51,32 +51,32 @@ def check_live(img: Image, b: Booted, text: str | None = None) -> str:
 
 
 def test_hits_only_at_page_starts() -> None:
-    buf = bytearray(8 * PAGE)
+    buf = bytearray(8 * PAGE_SIZE)
     buf[0:10] = b"OSRELEASE="                        # text form, page 0
-    buf[PAGE + 5:PAGE + 15] = b"OSRELEASE="          # not at a page start
-    buf[2 * PAGE:2 * PAGE + 24] = note_bytes("OSRELEASE=x\n")[:24]  # note form, page 2
-    buf[3 * PAGE + 500:3 * PAGE + 524] = note_bytes("OSRELEASE=x\n")[:24]  # note not at a page start
+    buf[PAGE_SIZE + 5:PAGE_SIZE + 15] = b"OSRELEASE="          # not at a page start
+    buf[2 * PAGE_SIZE:2 * PAGE_SIZE + 24] = note_bytes("OSRELEASE=x\n")[:24]  # note form, page 2
+    buf[3 * PAGE_SIZE + 500:3 * PAGE_SIZE + 524] = note_bytes("OSRELEASE=x\n")[:24]  # note not at a page start
     rodata = b"CRASHTIME=%lld\n\0VMCOREINFO\0OSRELEASE=%s\n\0"  # the kernel's format strings
-    buf[4 * PAGE + 0x1fa:4 * PAGE + 0x1fa + len(rodata)] = rodata
-    buf[5 * PAGE:5 * PAGE + 24] = note_bytes("x", namesz=12)[:24]  # wrong n_namesz
-    buf[6 * PAGE:6 * PAGE + 24] = note_bytes("x", ntype=1)[:24]    # wrong n_type
-    buf[7 * PAGE:7 * PAGE + 24] = note_bytes("x", descsz=MAX_TEXT + 1)[:24]
-    assert find_hits(buf, 0x100000) == [Hit(0x100000, "text"), Hit(0x100000 + 2 * PAGE, "note")]
+    buf[4 * PAGE_SIZE + 0x1fa:4 * PAGE_SIZE + 0x1fa + len(rodata)] = rodata
+    buf[5 * PAGE_SIZE:5 * PAGE_SIZE + 24] = note_bytes("x", namesz=12)[:24]  # wrong n_namesz
+    buf[6 * PAGE_SIZE:6 * PAGE_SIZE + 24] = note_bytes("x", ntype=1)[:24]    # wrong n_type
+    buf[7 * PAGE_SIZE:7 * PAGE_SIZE + 24] = note_bytes("x", descsz=MAX_TEXT + 1)[:24]
+    assert find_hits(buf, 0x100000) == [Hit(0x100000, "text"), Hit(0x100000 + 2 * PAGE_SIZE, "note")]
     assert find_hits(bytes(buf), 0x100000) == find_hits(buf, 0x100000)
 
 
 def test_hits_need_a_page_aligned_buffer() -> None:
     with pytest.raises(ValueError):
-        find_hits(bytes(PAGE), 0x100010)
+        find_hits(bytes(PAGE_SIZE), 0x100010)
 
 
 def test_hits_in_a_hostile_buffer_are_bounded() -> None:
     """Memory full of both magics: one hit per page and form, no more."""
-    page = (b"\x0b\0\0\0\x10\0\0\0\0\0\0\0" + NOTE_NAME + b"\0" + b"OSRELEASE=" * 500)[:PAGE]
+    page = (b"\x0b\0\0\0\x10\0\0\0\0\0\0\0" + NOTE_NAME + b"\0" + b"OSRELEASE=" * 500)[:PAGE_SIZE]
     page = b"OSRELEASE=\0\0" + page[12:]  # n_namesz is not 11 there: only text hits
     hits = find_hits(page * 64, 0)
-    assert hits == [Hit(i * PAGE, "text") for i in range(64)]
-    noisy = (NOTE_NAME * 400)[:PAGE]
+    assert hits == [Hit(i * PAGE_SIZE, "text") for i in range(64)]
+    noisy = (NOTE_NAME * 400)[:PAGE_SIZE]
     assert find_hits(noisy * 64, 0) == []
 
 
@@ -85,17 +85,17 @@ def test_hits_in_a_hostile_buffer_are_bounded() -> None:
 def test_hits_match_a_page_by_page_oracle(data: st.DataObject) -> None:
     npages = data.draw(st.integers(1, 6))
     background = data.draw(st.sampled_from(["zeros", "random"]))
-    buf = bytearray(npages * PAGE) if background == "zeros" else \
-        bytearray(random.Random(data.draw(st.integers(0, 1 << 32))).randbytes(npages * PAGE))
+    buf = bytearray(npages * PAGE_SIZE) if background == "zeros" else \
+        bytearray(random.Random(data.draw(st.integers(0, 1 << 32))).randbytes(npages * PAGE_SIZE))
     pieces = [b"OSRELEASE=", NOTE_NAME, note_bytes("OSRELEASE=a\n")[:24], note_bytes("b", descsz=0)[:24]]
     for _ in range(data.draw(st.integers(0, 12))):
         piece = data.draw(st.sampled_from(pieces))
         at = data.draw(st.integers(0, len(buf) - len(piece)))
         if data.draw(st.booleans()):
-            at -= at % PAGE  # often at a page start
+            at -= at % PAGE_SIZE  # often at a page start
         buf[at:at + len(piece)] = piece
     want = []
-    for p in range(0, len(buf), PAGE):
+    for p in range(0, len(buf), PAGE_SIZE):
         namesz, descsz, ntype = NHDR.unpack_from(buf, p)
         if buf[p + 12:p + 23] == NOTE_NAME and namesz == 11 and ntype == 0 and 0 < descsz <= MAX_TEXT:
             want.append(Hit(p, "note"))
@@ -232,7 +232,7 @@ def test_validate_survives_unreadable_memory() -> None:
     b = boot(img, Kernel())
 
     def failing(addr: int, length: int) -> bytes:
-        if length != PAGE:  # page tables read fine, init_uts_ns does not
+        if length != PAGE_SIZE:  # page tables read fine, init_uts_ns does not
             raise GuestMemoryError("gone", addr)
         return img.read(addr, length)
 
@@ -389,7 +389,7 @@ def test_finder_note_straddling_a_hole() -> None:
     img = Image()
     live = boot(img, Kernel())
     big = live.text + "".join(f"SYMBOL(padding_{i:04d})=ffffffff82000000\n" for i in range(120))
-    assert PAGE < len(big) <= MAX_TEXT
+    assert PAGE_SIZE < len(big) <= MAX_TEXT
     img.write(0x1000000, note_bytes(big))
     img.hole(0x1001000)
     img.write(0x2000000, note_bytes(big))          # the same, whole, two pages
@@ -407,7 +407,7 @@ def test_finder_text_straddling_a_hole_loses_to_a_note() -> None:
     img = Image()
     live = boot(img, Kernel())
     big = live.text + "".join(f"SYMBOL(padding_{i:04d})=ffffffff82000000\n" for i in range(120))
-    cut = big.encode()[:PAGE]
+    cut = big.encode()[:PAGE_SIZE]
     cut = cut[:cut.rindex(b"\n") + 1]
     img.write(0x1000000, cut)                      # what a hole after the first page leaves
     img.write(0x2000000, note_bytes(big))
@@ -421,11 +421,11 @@ def test_finder_text_straddling_a_hole_loses_to_a_note() -> None:
 def test_finder_copy_at_the_end_of_memory() -> None:
     img = Image()
     live = boot(img, Kernel())
-    img.write(LIMIT - PAGE, note_bytes(live.text))
+    img.write(LIMIT - PAGE_SIZE, note_bytes(live.text))
     f = finder_for(img, live.root)
     img.feed(f)
     r = f.result()
-    assert isinstance(r, Found) and r.gpa == LIMIT - PAGE
+    assert isinstance(r, Found) and r.gpa == LIMIT - PAGE_SIZE
 
 
 def test_finder_unreadable_copy() -> None:
@@ -436,7 +436,7 @@ def test_finder_unreadable_copy() -> None:
         raise GuestMemoryError("gone", addr)
 
     f = Finder(gone, translator(img.read, [(live.root, 4)], LIMIT), LIMIT)
-    f.feed(b"OSRELEASE=" + bytes(PAGE - 10), 0x5000)
+    f.feed(b"OSRELEASE=" + bytes(PAGE_SIZE - 10), 0x5000)
     r = f.result()
     assert isinstance(r, NotFound) and "cannot be read" in r.rejected[0].reason
 
@@ -445,7 +445,7 @@ def test_finder_bounds_what_it_reports() -> None:
     img = Image()
     live = boot(img, Kernel())
     for i in range(40):
-        img.write(0x1000000 + i * PAGE, b"OSRELEASE=junk\n\x01")
+        img.write(0x1000000 + i * PAGE_SIZE, b"OSRELEASE=junk\n\x01")
     f = finder_for(img, live.root)
     img.feed(f)
     r = f.result()
@@ -463,7 +463,7 @@ def test_finder_random_layouts(data: st.DataObject) -> None:
     stale = [boot(img, Kernel(koff=koff, load=load)) for koff, load in
              [(0x1C00000, 0x8000000), (0x3000000, 0xC000000)][:data.draw(st.integers(0, 2))]]
     slots = data.draw(st.lists(st.integers(0x400, 0x1FFF), min_size=12, max_size=12, unique=True))
-    pages = [s * PAGE + 0x10000000 for s in slots]
+    pages = [s * PAGE_SIZE + 0x10000000 for s in slots]
     put_pair(img, live, pages[0], pages[1])
     used = 2
     for s in stale:
@@ -476,7 +476,7 @@ def test_finder_random_layouts(data: st.DataObject) -> None:
         img.write(pages[used], b"OSRELEASE=" + data.draw(st.binary(max_size=64)))
         used += 1
     f = finder_for(img, live.root)
-    img.feed(f, chunk=data.draw(st.sampled_from([PAGE, 16 * PAGE, 1 << 20])),
+    img.feed(f, chunk=data.draw(st.sampled_from([PAGE_SIZE, 16 * PAGE_SIZE, 1 << 20])),
              order=random.Random(data.draw(st.integers(0, 1000))))
     r = f.result()
     assert isinstance(r, Found) and r.text == live.text and r.form == "note"

@@ -16,7 +16,8 @@ from vmcoreinfo_support import CPU, Image, Kernel, boot, note_bytes, put_pair
 
 from vmcorefs.core.layout import ExtentKind
 from vmcorefs.core.memmap import GuestPhysBlock
-from vmcorefs.core.vmcoreinfo import PAGE, Found, NotFound
+from vmcorefs.core.layout import PAGE_SIZE
+from vmcorefs.core.vmcoreinfo import Found, NotFound
 from vmcorefs.errors import GuestMemoryError
 from vmcorefs.qemu.memory import ProcessMemory, Source
 from vmcorefs.qemu import scan as scan_module
@@ -53,7 +54,7 @@ def _image(stale: bool = True) -> tuple[Image, str, int]:
         put_pair(img, old, STALE_NOTE, STALE_TEXT)
         big = live.text + "".join(f"SYMBOL(padding_{i:04d})=ffffffff82000000\n" for i in range(120))
         img.write(STRADDLING, note_bytes(big))
-        img.hole(STRADDLING + PAGE)
+        img.hole(STRADDLING + PAGE_SIZE)
     return img, live.text, live.root
 
 
@@ -63,7 +64,7 @@ def _address(m: mmap.mmap) -> int:
 
 def _pagemap(addr: int, npages: int) -> list[int]:
     with open("/proc/self/pagemap", "rb", buffering=0) as f:
-        raw = os.pread(f.fileno(), 8 * npages, addr // PAGE * 8)
+        raw = os.pread(f.fileno(), 8 * npages, addr // PAGE_SIZE * 8)
     return [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)]
 
 
@@ -90,7 +91,7 @@ def guest(request: pytest.FixtureRequest) -> Iterator[Guest]:
     m.madvise(mmap.MADV_NOHUGEPAGE)  # one touched page must not populate 2 MiB
     hva = _address(m)
     for base, page in img.pages.items():
-        m[base - GPA:base - GPA + PAGE] = bytes(page)
+        m[base - GPA:base - GPA + PAGE_SIZE] = bytes(page)
     for i in range(0, 16 << 20, 1 << 20):  # read-only touches map the zero page: no data
         _ = m[(40 << 20) + i]
     mem_fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
@@ -99,7 +100,7 @@ def guest(request: pytest.FixtureRequest) -> Iterator[Guest]:
         yield Guest(memory, [Source(block, mem_fd, hva, ExtentKind.PROCMEM, "/proc/self/mem")], cpus, img, text,
                     "procmem")
         assert all(e & PM_PRESENT == 0 or e & ((1 << 55) - 1) in (0, zero_pfns()[0])
-                   for i, e in enumerate(_pagemap(hva, SIZE // PAGE)) if GPA + i * PAGE not in img.pages), \
+                   for i, e in enumerate(_pagemap(hva, SIZE // PAGE_SIZE)) if GPA + i * PAGE_SIZE not in img.pages), \
             "the scan faulted in memory that held no data"
     finally:
         os.close(mem_fd)
@@ -114,7 +115,7 @@ def test_finds_the_live_pair_reading_only_populated_pages(guest: Guest) -> None:
     assert sorted(x.gpa for x in r.rejected) == [STALE_NOTE, STALE_TEXT, STRADDLING]
     assert "shorter than n_descsz" in r.rejected[-1].reason
     assert r.stats.complete and r.stats.hits == 5
-    populated = guest.populated_pages() * PAGE
+    populated = guest.populated_pages() * PAGE_SIZE
     assert r.stats.bytes_read == populated, (r.stats, populated)
     assert r.stats.bytes_read + r.stats.bytes_skipped == SIZE
 
@@ -123,15 +124,15 @@ def test_stops_at_the_pair(guest: Guest) -> None:
     r = find_vmcoreinfo(guest.memory, guest.sources, guest.cpus, ScanLimits(chunk=1 << 16))
     assert isinstance(r, Found) and r.gpa == NOTE_AT
     assert not r.stats.complete and r.stats.stopped == "validated Linux's note and text pair"
-    assert r.stats.bytes_read < guest.populated_pages() * PAGE  # the kernel image was not read
+    assert r.stats.bytes_read < guest.populated_pages() * PAGE_SIZE  # the kernel image was not read
 
 
 def test_bounds(guest: Guest) -> None:
-    r = find_vmcoreinfo(guest.memory, guest.sources, guest.cpus, ScanLimits(max_bytes=2 * PAGE, chunk=1 << 16))
+    r = find_vmcoreinfo(guest.memory, guest.sources, guest.cpus, ScanLimits(max_bytes=2 * PAGE_SIZE, chunk=1 << 16))
     assert isinstance(r, NotFound), r  # only the stale pair (the first populated pages) was read
     assert r.reason.startswith("2 copies of VMCOREINFO in 8 KiB of populated guest RAM, none is the running")
     assert r.reason.endswith("; the scan stopped early: read 8192 bytes (max_bytes)")
-    assert r.stats.bytes_read == 2 * PAGE and not r.stats.complete
+    assert r.stats.bytes_read == 2 * PAGE_SIZE and not r.stats.complete
     r = find_vmcoreinfo(guest.memory, guest.sources, guest.cpus, ScanLimits(max_seconds=0))
     assert isinstance(r, NotFound) and "(max_seconds)" in r.reason and r.stats.bytes_read == 0
 
@@ -156,7 +157,7 @@ def test_revalidate(guest: Guest) -> None:
     _write(guest, NOTE_AT, note_bytes(guest.text.replace("6.1.0-57", "6.1.0-58")))
     r = revalidate(found, guest.memory, guest.sources, guest.cpus)
     assert isinstance(r, NotFound) and "holds another text" in r.reason
-    _write(guest, NOTE_AT, bytes(PAGE))
+    _write(guest, NOTE_AT, bytes(PAGE_SIZE))
     r = revalidate(found, guest.memory, guest.sources, guest.cpus)
     assert isinstance(r, NotFound) and "changed: not a VMCOREINFO note header" in r.reason
     r = revalidate(found, guest.memory, guest.sources, [])
@@ -176,15 +177,15 @@ def test_read_phys(guest: Guest) -> None:
     with GuestRAM(guest.memory, guest.sources) as ram:
         assert ram.phys_limit == GPA + SIZE
         assert ram.read_phys(NOTE_AT, 100) == guest.image.read(NOTE_AT, 100)
-        assert ram.read_phys(NOTE_AT - 10, 3 * PAGE) == guest.image.read(NOTE_AT - 10, 3 * PAGE)
+        assert ram.read_phys(NOTE_AT - 10, 3 * PAGE_SIZE) == guest.image.read(NOTE_AT - 10, 3 * PAGE_SIZE)
         assert ram.read_phys(GPA + SIZE - 8, 100) == bytes(8)  # short at the block's end
-        assert ram.read_phys(GPA + (50 << 20), PAGE) == bytes(PAGE)  # never populated
+        assert ram.read_phys(GPA + (50 << 20), PAGE_SIZE) == bytes(PAGE_SIZE)  # never populated
         with pytest.raises(GuestMemoryError):
-            ram.read_phys(GPA - PAGE, 8)
+            ram.read_phys(GPA - PAGE_SIZE, 8)
         with pytest.raises(GuestMemoryError):
             ram.read_phys(GPA + SIZE, 8)
         runs = [(d, n, k) for d, n, k in ram.populated(guest.sources[0])]
-        assert sum(n for _, n, _ in runs) == guest.populated_pages() * PAGE
+        assert sum(n for _, n, _ in runs) == guest.populated_pages() * PAGE_SIZE
         assert all(k == "resident" for _, _, k in runs)
         assert [d for d, _, _ in runs] == sorted(d for d, _, _ in runs)
 
@@ -201,7 +202,7 @@ def test_no_copies() -> None:
         src = Source(GuestPhysBlock(GPA, SIZE, 0, "mem0", "ram"), fd, 0, ExtentKind.SHARED, "/memfd:ram")
         r = find_vmcoreinfo(memory, [src], [CPU(live.root)])
         assert isinstance(r, NotFound) and r.reason == f"no copy of VMCOREINFO in {len(img.pages) * 4} KiB of populated guest RAM"
-        assert r.stats.bytes_read == len(img.pages) * PAGE
+        assert r.stats.bytes_read == len(img.pages) * PAGE_SIZE
         assert r.stats.complete
     finally:
         os.close(fd)
@@ -247,9 +248,9 @@ def test_pagemap_kinds_of_our_own_memory() -> None:
         off = -base % HUGE  # a 2 MiB-aligned window of 4 MiB
         m.madvise(mmap.MADV_NOHUGEPAGE, off, HUGE)
         m.madvise(mmap.MADV_HUGEPAGE, off + HUGE, HUGE)
-        m[off + 5 * PAGE] = 1                 # written: data
-        _ = m[off + 7 * PAGE]                 # read: the zero page
-        _ = m[off + HUGE + 3 * PAGE]          # read in a THP region: the huge zero page (if THP allows)
+        m[off + 5 * PAGE_SIZE] = 1                 # written: data
+        _ = m[off + 7 * PAGE_SIZE]                 # read: the zero page
+        _ = m[off + HUGE + 3 * PAGE_SIZE]          # read in a THP region: the huge zero page (if THP allows)
         block = GuestPhysBlock(0, 2 * HUGE, base + off, "pc.ram", "ram")
         mem_fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
         memory = ProcessMemory(os.getpid(), "procmem")
@@ -257,8 +258,8 @@ def test_pagemap_kinds_of_our_own_memory() -> None:
             with GuestRAM(memory, [Source(block, mem_fd, base + off, ExtentKind.PROCMEM, "/proc/self/mem")]) as ram:
                 runs = list(ram.populated(ram.sources[0]))
                 huge_mapped = _pagemap(base + off + HUGE, 1)[0] & ((1 << 55) - 1) == huge != 0
-                assert runs == [(5 * PAGE, PAGE, "resident")] + ([] if huge_mapped else [(HUGE, HUGE, "resident")])
-                assert ram.read_phys(5 * PAGE, 2) == b"\x01\0" and ram.read_phys(7 * PAGE, PAGE) == bytes(PAGE)
+                assert runs == [(5 * PAGE_SIZE, PAGE_SIZE, "resident")] + ([] if huge_mapped else [(HUGE, HUGE, "resident")])
+                assert ram.read_phys(5 * PAGE_SIZE, 2) == b"\x01\0" and ram.read_phys(7 * PAGE_SIZE, PAGE_SIZE) == bytes(PAGE_SIZE)
         finally:
             os.close(mem_fd)
             memory.close()

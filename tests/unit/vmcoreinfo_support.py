@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from paging_support import MiB2, PageTables, PhysMem
 
 from vmcorefs.core.paging import START_KERNEL_MAP
-from vmcorefs.core.vmcoreinfo import NOTE_NAME, PAGE, Finder
+from vmcorefs.core.layout import PAGE_SIZE
+from vmcorefs.core.vmcoreinfo import NOTE_NAME, Finder
 from vmcorefs.errors import GuestMemoryError
 
 NHDR = struct.Struct("<III")
@@ -32,8 +33,8 @@ class Image(PhysMem):
         out = bytearray()
         pos = addr
         while pos < addr + length:
-            base = pos - pos % PAGE
-            n = min(base + PAGE, addr + length) - pos
+            base = pos - pos % PAGE_SIZE
+            n = min(base + PAGE_SIZE, addr + length) - pos
             page = self.pages.get(base)
             out += page[pos - base:pos - base + n] if page is not None else bytes(n)
             pos += n
@@ -43,14 +44,14 @@ class Image(PhysMem):
         pos = 0
         while pos < len(data):
             a = addr + pos
-            n = min(PAGE - a % PAGE, len(data) - pos)
-            self.page(a)[a % PAGE:a % PAGE + n] = data[pos:pos + n]
+            n = min(PAGE_SIZE - a % PAGE_SIZE, len(data) - pos)
+            self.page(a)[a % PAGE_SIZE:a % PAGE_SIZE + n] = data[pos:pos + n]
             pos += n
 
     def hole(self, addr: int) -> None:
-        self.pages.pop(addr - addr % PAGE, None)
+        self.pages.pop(addr - addr % PAGE_SIZE, None)
 
-    def feed(self, finder: Finder, chunk: int = 16 * PAGE, order: random.Random | None = None) -> None:
+    def feed(self, finder: Finder, chunk: int = 16 * PAGE_SIZE, order: random.Random | None = None) -> None:
         """Feed the populated pages, in runs of at most ``chunk`` bytes
         (in address order, or shuffled with ``order``)."""
         runs: list[tuple[int, bytearray]] = []

@@ -33,7 +33,7 @@ from vmcorefs.core import paging_arm64
 from vmcorefs.core.elf import DumpInfo, build_vmcore
 from vmcorefs.core.layout import SparseFile
 from vmcorefs.core.notes import parse_notes, qemu_x86_cpu_states
-from vmcorefs.core.paging import ReadPhys, Run, clip_runs, cr3_to_root, kernel_root_from_vmcoreinfo, walk
+from vmcorefs.core.paging import CR4_LA57, ReadPhys, Run, clip_runs, cr3_to_root, kernel_root_from_vmcoreinfo, walk
 from vmcorefs.errors import FormatError
 
 #: ``<elf.h>`` machines whose kernel page tables are walked.
@@ -41,8 +41,6 @@ EM_386, EM_X86_64, EM_AARCH64 = 3, 62, 183
 
 #: Bound on kcore PT_LOADs (a real kernel needs a few thousand).
 KCORE_MAX_RUNS = 1 << 16
-#: CR4.LA57: 5-level paging.
-CR4_LA57 = 1 << 12
 
 
 def build_kcore(info: DumpInfo, runs: Iterable[Run]) -> SparseFile:

@@ -74,6 +74,8 @@ PTRS_PER_TABLE = 512
 PAGE_PRESENT = 1 << 0
 PAGE_PSE = 1 << 7
 PHYS_ADDR_MASK = 0x000F_FFFF_FFFF_F000
+#: CR4.LA57: 5-level paging.
+CR4_LA57 = 1 << 12
 
 #: Linux x86-64 ``__START_KERNEL_map``: kernel image symbols live at
 #: ``__START_KERNEL_map + (phys - phys_base)``.

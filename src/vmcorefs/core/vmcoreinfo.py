@@ -70,10 +70,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from vmcorefs.core.paging import ReadPhys, START_KERNEL_MAP, cr3_to_root, kernel_root_from_vmcoreinfo, walk
+from vmcorefs.core.layout import PAGE_SIZE
+from vmcorefs.core.paging import (CR4_LA57, START_KERNEL_MAP, ReadPhys, cr3_to_root, kernel_root_from_vmcoreinfo,
+                                   walk)
 from vmcorefs.errors import FormatError, GuestMemoryError
 
-PAGE = 4096
 #: Largest VMCOREINFO text accepted: Linux's ``VMCOREINFO_BYTES`` is
 #: PAGE_SIZE (4 KiB on x86-64); a 2026 patch ("vmcoreinfo: increase
 #: vmcoreinfo buffer to 8KB") makes it 8 KiB, two pages.
@@ -100,7 +101,6 @@ UTS_RELEASE = 2 * UTS_FIELD
 #: Offsets of ``name`` in ``struct uts_namespace`` to try when VMCOREINFO
 #: has no ``OFFSET(uts_namespace.name)`` (before Linux 5.x: after a kref).
 UTS_NAME_OFFSETS = (0, 4, 8)
-CR4_LA57 = 1 << 12
 #: PTI: a user-mode CR3 points at the user half of an 8 KiB PGD pair; the
 #: kernel's PGD is the same address with this bit clear.
 PTI_USER_PGD = 1 << 12
@@ -202,19 +202,19 @@ def find_hits(buf: bytes | bytearray, gpa: int) -> list[Hit]:
     GiB, at most two comparisons per page whatever ``buf`` holds.  Raises
     ValueError when ``gpa`` is not page-aligned.
     """
-    if gpa % PAGE:
+    if gpa % PAGE_SIZE:
         raise ValueError(f"buffer address {gpa:#x} is not page-aligned")
     hits: list[Hit] = []
-    starts = buf[0::PAGE]
+    starts = buf[0::PAGE_SIZE]
     i = starts.find(TEXT_MAGIC[:1])
     while i >= 0:
-        if buf.startswith(TEXT_MAGIC, i * PAGE):
-            hits.append(Hit(gpa + i * PAGE, "text"))
+        if buf.startswith(TEXT_MAGIC, i * PAGE_SIZE):
+            hits.append(Hit(gpa + i * PAGE_SIZE, "text"))
         i = starts.find(TEXT_MAGIC[:1], i + 1)
-    names = buf[NOTE_NAME_OFFSET::PAGE]
+    names = buf[NOTE_NAME_OFFSET::PAGE_SIZE]
     i = names.find(NOTE_NAME[:1])
     while i >= 0:
-        page = i * PAGE
+        page = i * PAGE_SIZE
         if buf.startswith(NOTE_NAME, page + NOTE_NAME_OFFSET):
             namesz, descsz, ntype = NHDR.unpack_from(buf, page)
             if namesz == len(NOTE_NAME) and ntype == 0 and 0 < descsz <= MAX_TEXT:
@@ -273,8 +273,8 @@ def _text_problem(raw: bytes) -> str:
     if not _RELEASE.fullmatch(fields.get("OSRELEASE", "")):
         return "OSRELEASE is not 1..64 visible characters"
     size = fields.get("PAGESIZE", "")
-    if not size.isdigit() or len(size) > 8 or int(size) < PAGE or int(size) & (int(size) - 1):
-        return f"PAGESIZE={size[:20]!r} is not a power of two >= {PAGE}"
+    if not size.isdigit() or len(size) > 8 or int(size) < PAGE_SIZE or int(size) & (int(size) - 1):
+        return f"PAGESIZE={size[:20]!r} is not a power of two >= {PAGE_SIZE}"
     return ""
 
 
@@ -330,8 +330,8 @@ def validate(fields: Mapping[str, str], translate: Translate, read_phys: ReadPhy
             else list(UTS_NAME_OFFSETS)
     except FormatError as e:
         return str(e)
-    if fields.get("PAGESIZE") != str(PAGE):
-        return f"PAGESIZE={fields.get('PAGESIZE')} is not x86-64's {PAGE}"
+    if fields.get("PAGESIZE") != str(PAGE_SIZE):
+        return f"PAGESIZE={fields.get('PAGESIZE')} is not x86-64's {PAGE_SIZE}"
     start = stext - koff - START_KERNEL_MAP
     if koff % KERNEL_ALIGN or start % KERNEL_ALIGN or not 0 <= start < image_size:
         return (f"KERNELOFFSET={koff:x} and SYMBOL(_stext)={stext:x} do not put the kernel at a"
@@ -363,7 +363,7 @@ def validate(fields: Mapping[str, str], translate: Translate, read_phys: ReadPhy
 
 
 def _uts_problem(read_phys: ReadPhys, pa: int, offsets: Sequence[int], release: str) -> str:
-    if not all(0 <= off < PAGE for off in offsets):
+    if not all(0 <= off < PAGE_SIZE for off in offsets):
         return f"OFFSET(uts_namespace.name)={offsets[0]} is implausible"
     span = max(offsets) + UTS_RELEASE + UTS_FIELD
     try:
@@ -508,17 +508,17 @@ def translator(read_phys: ReadPhys, roots: Sequence[tuple[int, int]], phys_limit
     def translate(vaddr: int) -> int | None:
         if not 0 <= vaddr < _U64:
             return None
-        page = vaddr - vaddr % PAGE
+        page = vaddr - vaddr % PAGE_SIZE
         if page not in cache:
             pa = None
             for root, levels in roots:
                 w = walk(read_phys, root, levels=levels, phys_limit=phys_limit, start=page,
-                         end=page + PAGE, max_tables=2 * levels)
+                         end=page + PAGE_SIZE, max_tables=2 * levels)
                 pa = w.translate(page)
                 if pa is not None:
                     break
             cache[page] = pa
         base = cache[page]
-        return None if base is None else base + vaddr % PAGE
+        return None if base is None else base + vaddr % PAGE_SIZE
 
     return translate

@@ -45,9 +45,9 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
+from vmcorefs.core.layout import PAGE_SIZE
 from vmcorefs.core.vmcoreinfo import (
     COPY_SPAN,
-    PAGE,
     CPUState,
     Finder,
     Found,
@@ -113,12 +113,12 @@ def _own_zero_pfn(size: int, huge: bool) -> int:
                 return 0
         _ = m[off]  # read fault: maps the (huge) zero page, writes nothing
         with open("/proc/self/pagemap", "rb", buffering=0) as f:
-            raw = os.pread(f.fileno(), 8, (addr + off) // PAGE * 8)
+            raw = os.pread(f.fileno(), 8, (addr + off) // PAGE_SIZE * 8)
         ent = int.from_bytes(raw, "little") if len(raw) == 8 else 0
         pfn = ent & PM_PFN_MASK
         # A page of our own (THP without its zero page) would be exclusively
         # mapped, and reused by others once freed: never take it for a zero page.
-        if not ent & PM_PRESENT or ent & PM_MMAP_EXCLUSIVE or pfn % (size // PAGE):
+        if not ent & PM_PRESENT or ent & PM_MMAP_EXCLUSIVE or pfn % (size // PAGE_SIZE):
             return 0
         return pfn
     except OSError:
@@ -130,7 +130,7 @@ def _own_zero_pfn(size: int, huge: bool) -> int:
 @functools.cache
 def zero_pfns() -> tuple[int, int]:
     """``(zero page PFN, huge zero page PFN)`` of this host, 0 when unknown."""
-    small = _own_zero_pfn(PAGE, False)
+    small = _own_zero_pfn(PAGE_SIZE, False)
     huge = _own_zero_pfn(HUGE, True)
     return small, (huge if huge != small else 0)
 
@@ -146,7 +146,7 @@ def _zero_page_entries(raw: bytes, small: int, huge: int) -> Iterator[int]:
     costs a read of zeros QEMU already maps.
     """
     ents = memoryview(raw).cast("Q")
-    for pfn, span in ((small, 1), (huge, HUGE // PAGE)):
+    for pfn, span in ((small, 1), (huge, HUGE // PAGE_SIZE)):
         if not 0 < pfn < 1 << 48:
             continue
         needle = pfn.to_bytes(6, "little")
@@ -207,7 +207,7 @@ class GuestRAM:
             return None
         small, huge = self._zero
         out = bytearray()
-        first = hva // PAGE
+        first = hva // PAGE_SIZE
         while len(out) < npages:
             n = min(PAGEMAP_BATCH, npages - len(out))
             try:
@@ -232,8 +232,8 @@ class GuestRAM:
         if src.method == "shared":
             yield from self._file_data(src)
             return
-        for first in range(0, size // PAGE, PAGEMAP_BATCH):
-            kinds = self._kinds(src.base + first * PAGE, min(PAGEMAP_BATCH, size // PAGE - first))
+        for first in range(0, size // PAGE_SIZE, PAGEMAP_BATCH):
+            kinds = self._kinds(src.base + first * PAGE_SIZE, min(PAGEMAP_BATCH, size // PAGE_SIZE - first))
             if kinds is None:
                 if not self.memory.alive():
                     raise QEMUGoneError("QEMU has exited")
@@ -241,7 +241,7 @@ class GuestRAM:
                 return
             for m in _RUNS.finditer(kinds):
                 kind = RESIDENT if kinds[m.start()] == 1 else SWAPPED
-                yield (first + m.start()) * PAGE, (m.end() - m.start()) * PAGE, kind
+                yield (first + m.start()) * PAGE_SIZE, (m.end() - m.start()) * PAGE_SIZE, kind
 
     def _file_data(self, src: Source) -> Iterator[tuple[int, int, str]]:
         """Data ranges of a shared backing file, by SEEK_DATA/SEEK_HOLE on a
@@ -263,8 +263,8 @@ class GuestRAM:
                         return
                     yield off - start, end - off, RESIDENT  # no SEEK_DATA: read it all
                     return
-                data -= (data - start) % PAGE
-                hole = min(end, hole + (-(hole - start) % PAGE))
+                data -= (data - start) % PAGE_SIZE
+                hole = min(end, hole + (-(hole - start) % PAGE_SIZE))
                 if data >= end:
                     return
                 yield data - start, hole - data, RESIDENT
@@ -299,17 +299,17 @@ class GuestRAM:
         if src.method == "shared":
             self.read(src, delta, view)
             return bytes(buf)
-        first = (src.base + delta) // PAGE
-        npages = (src.base + delta + length + PAGE - 1) // PAGE - first
-        kinds = self._kinds(first * PAGE, npages)
+        first = (src.base + delta) // PAGE_SIZE
+        npages = (src.base + delta + length + PAGE_SIZE - 1) // PAGE_SIZE - first
+        kinds = self._kinds(first * PAGE_SIZE, npages)
         if kinds is None:
             self.read(src, delta, view)
             return bytes(buf)
         for i, k in enumerate(kinds):
             if not k:
                 continue
-            lo = max(0, (first + i) * PAGE - (src.base + delta))
-            hi = min(length, (first + i + 1) * PAGE - (src.base + delta))
+            lo = max(0, (first + i) * PAGE_SIZE - (src.base + delta))
+            hi = min(length, (first + i + 1) * PAGE_SIZE - (src.base + delta))
             self.read(src, delta + lo, view[lo:hi])
         return bytes(buf)
 
