@@ -381,7 +381,12 @@ def write_kdump(src: int, out: int, layout: SparseFile, snap: Snapshot, fmt: str
         nonlocal data_pos, index
         while len(pending) > limit:
             future, npages = pending.pop(0)
-            pages = future.result() if future is not None else [None] * npages
+            if future is None:  # file holes: all zero pages
+                os.pwrite(out, zero_desc * npages, kl.desc_offset + index * PAGE_DESC.size)
+                index += npages
+                progress.update(npages * PAGE_SIZE)
+                continue
+            pages = future.result()
             descs = bytearray()
             data = bytearray()
             for page in pages:
