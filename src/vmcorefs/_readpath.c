@@ -35,7 +35,10 @@
  * cannot be read become zeros; bytes past the end of a backing file become
  * zeros; an error that means QEMU has exited (ESRCH, or end of file on
  * /proc/PID/mem with the process gone) fails the read with EIO and reports
- * 'G' on the event descriptor.  When the kernel ends the connection
+ * 'G' on the event descriptor.  A handle registered with a QEMU of its own
+ * (mount --all serves several from one engine) reads that process's memory
+ * and pagemap; once it has exited only that handle's reads fail (no 'G').
+ * When the kernel ends the connection
  * (unmount, abort) the device thread reports 'U' and stops.  libfuse's
  * answer to FUSE_INIT is reported as 'R' (accepted) or 'I' (refused).
  *
@@ -112,6 +115,15 @@ struct extent {
     int fd;
 };
 
+/*
+ * The QEMU process whose memory a layout's EXT_PROCMEM extents name: pid for
+ * process_vm_readv and liveness (0: none), its /proc/PID/pagemap (-1: none).
+ */
+struct qemu {
+    pid_t pid;
+    int pagemap_fd;
+};
+
 /* One registered handle: shared by the table and the reads in flight. */
 struct layout {
     atomic_int refs;
@@ -121,11 +133,17 @@ struct layout {
     size_t prefix_len;
     struct extent *ext;
     size_t n;
+    /* The engine's QEMU, or (mount --all: one engine, several QEMUs) the
+     * handle's own, whose pagemap descriptor is then the layout's. */
+    struct qemu q;
+    int own_pagemap;
 };
 
 static void layout_unref(struct layout *l)
 {
     if (l && atomic_fetch_sub(&l->refs, 1) == 1) {
+        if (l->own_pagemap && l->q.pagemap_fd >= 0)
+            close(l->q.pagemap_fd);
         free(l->prefix);
         free(l->ext);
         free(l);
@@ -328,8 +346,14 @@ static int table_drop(struct engine *e, uint64_t fh)
  * Register fh: a copy of prefix and of extents x[0..n) (see layout_check).
  * 0; -EINVAL with *why and *bad set; -ENOMEM.
  */
+/*
+ * Register handle fh.  pid is the QEMU its EXT_PROCMEM extents belong to:
+ * 0 or the engine's own for the engine's QEMU, another for a handle of
+ * another QEMU (mount --all), whose reads use that process (and its pagemap)
+ * and, once it has exited, fail with EIO without ending the others' reads.
+ */
 static int engine_register(struct engine *e, uint64_t fh, uint64_t size, const void *prefix, size_t prefix_len,
-                           const struct extent *x, size_t n, const char **why, size_t *bad)
+                           const struct extent *x, size_t n, pid_t pid, const char **why, size_t *bad)
 {
     *why = layout_check(x, n, prefix_len, size, bad);
     if (*why)
@@ -348,6 +372,13 @@ static int engine_register(struct engine *e, uint64_t fh, uint64_t size, const v
     l->size = size;
     l->prefix_len = prefix_len;
     l->n = n;
+    l->q = (struct qemu){.pid = e->pid, .pagemap_fd = e->pagemap_fd};
+    if (pid > 0 && pid != e->pid) {
+        char path[64];
+        snprintf(path, sizeof path, "/proc/%d/pagemap", (int)pid);
+        l->q = (struct qemu){.pid = pid, .pagemap_fd = open(path, O_RDONLY | O_CLOEXEC)}; /* -1: read every page */
+        l->own_pagemap = 1;
+    }
     if (prefix_len)
         memcpy(l->prefix, prefix, prefix_len);
     if (n)
@@ -374,11 +405,12 @@ static int qemu_alive(pid_t pid)
  * /proc/PID/mem, with the same access check (ptrace) and the same effect
  * on QEMU (a read fault maps the zero page, allocates nothing).
  */
-static ssize_t read_once(struct engine *e, const struct extent *x, uint64_t src, unsigned char *buf, uint64_t len)
+static ssize_t read_once(struct engine *e, const struct qemu *q, const struct extent *x, uint64_t src,
+                         unsigned char *buf, uint64_t len)
 {
-    if (x->kind == EXT_PROCMEM && e->pid > 0 && !atomic_load(&e->no_vm_readv)) {
+    if (x->kind == EXT_PROCMEM && q->pid > 0 && !atomic_load(&e->no_vm_readv)) {
         struct iovec local = {buf, len}, remote = {(void *)(uintptr_t)src, len};
-        ssize_t n = process_vm_readv(e->pid, &local, 1, &remote, 1, 0);
+        ssize_t n = process_vm_readv(q->pid, &local, 1, &remote, 1, 0);
         if (n >= 0 || (errno != ENOSYS && errno != EPERM))
             return n;
         atomic_store(&e->no_vm_readv, 1); /* e.g. a seccomp filter: /proc/PID/mem from now on */
@@ -391,15 +423,16 @@ static ssize_t read_once(struct engine *e, const struct extent *x, uint64_t src,
 }
 
 /* read_into(): fill buf from x at src; 0, or -1 when QEMU has exited. */
-static int read_mem_plain(struct engine *e, const struct extent *x, uint64_t src, unsigned char *buf, uint64_t len)
+static int read_mem_plain(struct engine *e, const struct qemu *q, const struct extent *x, uint64_t src,
+                          unsigned char *buf, uint64_t len)
 {
     uint64_t pos = 0;
     while (pos < len) {
-        ssize_t n = read_once(e, x, src + pos, buf + pos, len - pos);
+        ssize_t n = read_once(e, q, x, src + pos, buf + pos, len - pos);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            if (errno == ESRCH || !qemu_alive(e->pid))
+            if (errno == ESRCH || !qemu_alive(q->pid))
                 return -1;
             /* Unreadable page (EIO/EFAULT for a page QEMU unmapped): zeros. */
             uint64_t next = (src + pos) / PAGE * PAGE + PAGE - src;
@@ -410,7 +443,7 @@ static int read_mem_plain(struct engine *e, const struct extent *x, uint64_t src
             continue;
         }
         if (n == 0) {
-            if (x->kind == EXT_PROCMEM && !qemu_alive(e->pid))
+            if (x->kind == EXT_PROCMEM && !qemu_alive(q->pid))
                 return -1;
             memset(buf + pos, 0, len - pos);
             return 0;
@@ -478,14 +511,14 @@ static uint64_t own_zero_pfn(size_t size, int huge)
  * MAX_REPLY, into ents[PM_MAX_PAGES]; the number of pages, or 0 when
  * unknown (no pagemap, QEMU gone, a range that wraps).
  */
-static uint64_t pagemap_of(struct engine *e, uint64_t src, uint64_t len, uint64_t *ents)
+static uint64_t pagemap_of(const struct qemu *q, uint64_t src, uint64_t len, uint64_t *ents)
 {
-    if (e->pagemap_fd < 0 || len == 0 || len > MAX_REPLY || src + len < src)
+    if (q->pagemap_fd < 0 || len == 0 || len > MAX_REPLY || src + len < src)
         return 0;
     uint64_t first = src / PAGE, n = (src + len - 1) / PAGE - first + 1;
     if (n > PM_MAX_PAGES)
         return 0;
-    ssize_t r = pread(e->pagemap_fd, ents, n * sizeof *ents, (off_t)(first * sizeof *ents));
+    ssize_t r = pread(q->pagemap_fd, ents, n * sizeof *ents, (off_t)(first * sizeof *ents));
     return r == (ssize_t)(n * sizeof *ents) ? n : 0;
 }
 
@@ -495,10 +528,10 @@ static uint64_t pagemap_of(struct engine *e, uint64_t src, uint64_t len, uint64_
  * than reading it, costs no copy and does not make the kernel map the zero
  * page into QEMU (which grows QEMU's page tables by 2 MiB per GiB read).
  */
-static int untouched(struct engine *e, uint64_t src, uint64_t len)
+static int untouched(struct engine *e, const struct qemu *q, uint64_t src, uint64_t len)
 {
     uint64_t ents[PM_MAX_PAGES];
-    uint64_t n = pagemap_of(e, src, len, ents);
+    uint64_t n = pagemap_of(q, src, len, ents);
     if (n == 0)
         return 0;
     for (uint64_t i = 0; i < n; i++)
@@ -508,12 +541,13 @@ static int untouched(struct engine *e, uint64_t src, uint64_t len)
 }
 
 /* read_into() for /proc/PID/mem: untouched pages as zeros, the rest read. */
-static int read_procmem(struct engine *e, const struct extent *x, uint64_t src, unsigned char *buf, uint64_t len)
+static int read_procmem(struct engine *e, const struct qemu *q, const struct extent *x, uint64_t src,
+                        unsigned char *buf, uint64_t len)
 {
     uint64_t ents[PM_MAX_PAGES];
-    uint64_t n = pagemap_of(e, src, len, ents);
+    uint64_t n = pagemap_of(q, src, len, ents);
     if (n == 0)
-        return read_mem_plain(e, x, src, buf, len);
+        return read_mem_plain(e, q, x, src, buf, len);
     uint64_t first = src / PAGE, pos = 0, i = 0;
     while (pos < len) {
         int touched = !zero_entry(e, ents[i]);
@@ -524,7 +558,7 @@ static int read_procmem(struct engine *e, const struct extent *x, uint64_t src, 
             end = len;
         if (!touched)
             memset(buf + pos, 0, end - pos);
-        else if (read_mem_plain(e, x, src + pos, buf + pos, end - pos) < 0)
+        else if (read_mem_plain(e, q, x, src + pos, buf + pos, end - pos) < 0)
             return -1;
         pos = end;
     }
@@ -532,13 +566,14 @@ static int read_procmem(struct engine *e, const struct extent *x, uint64_t src, 
 }
 
 /* Fill buf with the len bytes of memory piece x (EXT_SHARED, EXT_PROCMEM); 0, or -1 when QEMU has exited. */
-static int read_mem(struct engine *e, const struct extent *x, unsigned char *buf, uint64_t len)
+static int read_mem(struct engine *e, const struct qemu *q, const struct extent *x, unsigned char *buf,
+                    uint64_t len)
 {
     switch (x->kind) {
     case EXT_PROCMEM:
-        return read_procmem(e, x, x->src, buf, len);
+        return read_procmem(e, q, x, x->src, buf, len);
     case EXT_SHARED:
-        return read_mem_plain(e, x, x->src, buf, len);
+        return read_mem_plain(e, q, x, x->src, buf, len);
     default:
         warn_kind(e, x->kind);
         memset(buf, 0, len);
@@ -579,7 +614,7 @@ static int copy_reply(struct engine *e, struct fuse_out_header *oh, const struct
             break;
         case EXT_SHARED:
         case EXT_PROCMEM:
-            if (read_mem(e, &p, dst, p.length) < 0)
+            if (read_mem(e, &l->q, &p, dst, p.length) < 0)
                 return -1;
             break;
         case EXT_ZERO:
@@ -720,7 +755,7 @@ static int splice_reply(struct engine *e, struct fuse_out_header *oh, const stru
             slots += pages_spanned(p.src, p.length);
             break;
         case EXT_PROCMEM:
-            if (!untouched(e, p.src, p.length))
+            if (!untouched(e, &l->q, p.src, p.length))
                 return 0; /* private RAM with data: copied */
             slots += pages_spanned(0, p.length);
             break;
@@ -796,7 +831,9 @@ static void serve_read(struct engine *e, uint64_t unique, const struct layout *l
     if (splice_reply(e, &oh, l, off, len))
         return;
     if (copy_reply(e, &oh, l, off, len) < 0) {
-        if (!atomic_exchange(&e->gone, 1))
+        /* The engine's QEMU has exited: every read fails from now on.  Another
+         * QEMU of a handle's own: its reads fail, each finding it gone. */
+        if (l->q.pid == e->pid && !atomic_exchange(&e->gone, 1))
             emit(e, 'G');
         reply_err(e, unique, EIO);
     }
@@ -1053,11 +1090,12 @@ static int engine_open(struct engine *e, int dev_fd, int app_fd, int event_fd, p
         char path[64];
         snprintf(path, sizeof path, "/proc/%d/pagemap", (int)pid);
         e->pagemap_fd = open(path, O_RDONLY | O_CLOEXEC); /* -1: read every page */
-        e->zero_pfn = own_zero_pfn(PAGE, 0);
-        uint64_t huge = own_zero_pfn(HUGE, 1);
-        if (huge != e->zero_pfn)
-            e->huge_zero_pfn = huge;
     }
+    /* Also without a QEMU of its own: handles may name theirs (engine_register). */
+    e->zero_pfn = own_zero_pfn(PAGE, 0);
+    uint64_t huge = own_zero_pfn(HUGE, 1);
+    if (huge != e->zero_pfn)
+        e->huge_zero_pfn = huge;
     int fl = fcntl(dev_fd, F_GETFL);
     if (fl < 0 || fcntl(dev_fd, F_SETFL, fl | O_NONBLOCK) < 0) {
         err = -errno;
@@ -1199,7 +1237,8 @@ static PyObject *Engine_register(Engine *self, PyObject *args)
     unsigned long long fh, size;
     Py_buffer prefix;
     PyObject *extents;
-    if (!Engine_check(self) || !PyArg_ParseTuple(args, "KKy*O", &fh, &size, &prefix, &extents))
+    int pid = 0;
+    if (!Engine_check(self) || !PyArg_ParseTuple(args, "KKy*O|i", &fh, &size, &prefix, &extents, &pid))
         return NULL;
     PyObject *seq = PySequence_Fast(extents, "extents must be a sequence");
     struct extent *x = NULL;
@@ -1225,7 +1264,8 @@ static PyObject *Engine_register(Engine *self, PyObject *args)
     }
     const char *why = NULL;
     size_t bad = 0;
-    int err = engine_register(&self->e, fh, size, prefix.buf, (size_t)prefix.len, x, (size_t)n, &why, &bad);
+    int err = engine_register(&self->e, fh, size, prefix.buf, (size_t)prefix.len, x, (size_t)n, (pid_t)pid, &why,
+                              &bad);
     if (err == -EINVAL && (size_t)prefix.len > size)
         PyErr_Format(PyExc_ValueError, "handle %llu: %s (%zd > %llu bytes)", fh, why, prefix.len, size);
     else if (err == -EINVAL)
@@ -1307,9 +1347,10 @@ static PyMethodDef Engine_methods[] = {
      "Start the device and reply threads (OSError, and no thread left running, if one cannot start)."},
     {"stop", (PyCFunction)Engine_stop, METH_NOARGS, "Stop both threads and wait for them."},
     {"register", (PyCFunction)Engine_register, METH_VARARGS,
-     "register(fh, size, prefix, extents): serve READs of fh natively.\n"
+     "register(fh, size, prefix, extents, pid=0): serve READs of fh natively.\n"
      "extents: sorted (offset, length, kind, src, fd) like vmcorefs.core.layout.Extent; kind EXT_SHARED\n"
      "(src: offset in fd, spliced) or EXT_PROCMEM (src: QEMU's address, fd: /proc/PID/mem).\n"
+     "pid: the QEMU process of the EXT_PROCMEM extents when not the engine's (0: the engine's).\n"
      "ValueError for another kind or a layout that is not one."},
     {"unregister", (PyCFunction)Engine_unregister, METH_O, "Forget fh; True if it was registered."},
     {"set_gone", (PyCFunction)Engine_set_gone, METH_NOARGS, "QEMU has exited: fail every read with EIO."},

@@ -214,19 +214,21 @@ async def _serve_all(args: argparse.Namespace, mountpoint: str, ready: Callable[
     libvirt's lifecycle events; no guest is touched until one of its files
     is used."""
     from vmcorefs.live import MAX_AGE, LiveCore, LiveDirectory
-    from vmcorefs.qemu.domains import DomainWatcher, LazyGuest
+    from vmcorefs.qemu.domains import DomainWatcher, FreezeWatchedGuest, LazyGuest
     from vmcorefs.qemu.libvirt import DEFAULT_URI
 
     uri = args.connect or DEFAULT_URI
     tree = LiveDirectory()
-    guests: dict[str, LazyGuest] = {}
+    guests: dict[str, LazyGuest | FreezeWatchedGuest] = {}
     loop = asyncio.get_running_loop()
     session: _FuseSession | None = None
 
     def started(name: str) -> None:
         if name in tree.cores:
             return
-        guest = guests[name] = LazyGuest(uri, name, args.memory, args.timeout)
+        lazy = LazyGuest(uri, name, args.memory, args.timeout)
+        # --freeze: a domain's first pause starts its watchdog (resumes it if this daemon dies).
+        guest = guests[name] = FreezeWatchedGuest(lazy) if args.freeze else lazy
         tree.add(LiveCore(guest, os.path.join(mountpoint, name), freeze=args.freeze, cache=not args.direct,
                           max_age=args.max_age or MAX_AGE, name=name))
         log.info("domain %s: %s/%s", name, mountpoint, name)
@@ -243,8 +245,8 @@ async def _serve_all(args: argparse.Namespace, mountpoint: str, ready: Callable[
     watcher = DomainWatcher(uri, loop, started, stopped)
     await loop.run_in_executor(None, watcher.start)
     try:
-        # Several QEMU processes: the native path reads private RAM through
-        # each handle's /proc/PID/mem descriptor (pid 0: no process_vm_readv).
+        # Several QEMU processes: the engine has none of its own (pid 0); each
+        # open registers its snapshot's QEMU pid (process_vm_readv, pagemap).
         session = _FuseSession(args, mountpoint, tree, ready)
         await session.run(0, lambda reason: None)
         for core in list(tree.cores.values()):

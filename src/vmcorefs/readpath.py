@@ -116,11 +116,14 @@ class NativeReads:
         for code in data.decode(errors="replace"):
             self.on_event(code)
 
-    def register(self, fh: int, file: SparseFile) -> None:
+    def register(self, fh: int, file: SparseFile, pid: int | None = None) -> None:
         """Serve FUSE_READ of handle ``fh`` from ``file`` (resolved: its
-        segments are ``SHARED``/``PROCMEM`` extents).  Raises ``ValueError``
-        for a layout the engine refuses, ``MemoryError``."""
-        self.engine.register(fh, file.size, file.prefix, file.segments)
+        segments are ``SHARED``/``PROCMEM`` extents).  ``pid`` is the QEMU
+        process of its ``PROCMEM`` extents (None: the one given to
+        :meth:`attach`; ``mount --all`` attaches none and names each
+        handle's).  Raises ``ValueError`` for a layout the engine refuses,
+        ``MemoryError``."""
+        self.engine.register(fh, file.size, file.prefix, file.segments, pid or 0)
 
     def unregister(self, fh: int) -> None:
         self.engine.unregister(fh)

@@ -213,7 +213,7 @@ static void op_register(struct input *in)
         next.known = 0;
     const char *why;
     size_t bad;
-    int err = engine_register(&E, fh, next.size, next.prefix, next.prefix_len, next.ext, next.n, &why, &bad);
+    int err = engine_register(&E, fh, next.size, next.prefix, next.prefix_len, next.ext, next.n, 0, &why, &bad);
     if (err == 0) {
         next.registered = 1;
         *m = next;

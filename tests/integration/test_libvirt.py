@@ -16,14 +16,11 @@ import contextlib
 import importlib.util
 import json
 import os
-import shutil
+import re
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -32,100 +29,57 @@ from elftools.elf.elffile import ELFFile
 
 from vmcorefs.core.notes import Note, parse_notes
 from vmcorefs.testing import (
-    load_mismatches,
+    CRASH9,
     DEBIAN12,
     DRGN_KALLSYMS,
+    KERNEL_SPACE,
     Mount,
+    crash_sections,
+    drgn_tasks,
+    gdb_on_kcore,
+    gdb_threads,
     is_mounted,
+    load_mismatches,
+    makedumpfile,
     require,
+    run_crash,
     run_vmcorefs,
     wait_for,
 )
+from vmcorefs.testing.libvirt import (
+    URI,
+    Domain,
+    LibvirtUnavailable,
+    destroy,
+    domain_xml,
+    libvirtd_answers,
+    restart_libvirtd,
+    start_libvirtd,
+    stop_libvirtd,
+    virsh,
+)
+from vmcorefs.testing.libvirt import boot_domain as _boot
 
 pytestmark = pytest.mark.integration
-URI = "qemu:///system"
-READY = b"VMCOREFS-GUEST-READY"
 NT_PRSTATUS = 1
-
-
-def virsh(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert r.returncode == 0, f"virsh {' '.join(args)}: {r.stderr.strip()}"
-    return r
-
-
-def libvirtd_answers() -> bool:
-    return virsh("list", check=False, timeout=30).returncode == 0
-
-
-def _pid_file(path: str) -> int | None:
-    with contextlib.suppress(OSError, ValueError):
-        return int(Path(path).read_text().split()[0])
-    return None
-
-
-def restart_libvirtd() -> None:
-    """Restart libvirtd (running domains keep running); back once it answers."""
-    if os.path.isdir("/run/systemd/system") and subprocess.run(
-            ["systemctl", "is-active", "--quiet", "libvirtd"], check=False).returncode == 0:
-        subprocess.run(["systemctl", "restart", "libvirtd"], check=True)
-    else:
-        pid = _pid_file("/run/libvirtd.pid")
-        assert pid is not None, "libvirtd runs without systemd and without /run/libvirtd.pid"
-        os.kill(pid, signal.SIGTERM)
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 120, "libvirtd exit", interval=0.2)
-        subprocess.run(["libvirtd", "-d"], check=True)
-    wait_for(libvirtd_answers, 300, "libvirtd answering again", interval=0.5)
-
-
-def _running(pid_file: str) -> int | None:
-    """The PID in ``pid_file`` if that process exists."""
-    pid = _pid_file(pid_file)
-    return pid if pid is not None and os.path.exists(f"/proc/{pid}") else None
-
-
-def _start_daemon(command: str, pid_file: str) -> None:
-    """``COMMAND -d`` (it forks); back once its pid file names it (10 s at most)."""
-    subprocess.run([command, "-d"], check=False)
-    with contextlib.suppress(AssertionError):
-        wait_for(lambda: _running(pid_file) is not None, 10, f"{command} pid file", interval=0.1)
 
 
 @pytest.fixture(scope="module")
 def libvirtd() -> Iterator[None]:
     """libvirtd (and virtlogd) answering on qemu:///system; started here
     (without systemd) when needed, and then stopped at the end (the
-    libvirtd of the moment: a test may restart it).  libvirtd
-    probes QEMU when it starts: on a busy machine that takes a while."""
-    for tool in ("virsh", "libvirtd", "virtlogd"):
-        require(shutil.which(tool) is not None, f"{tool} missing (apt-get install libvirt-daemon-system)")
+    libvirtd of the moment: a test may restart it)."""
     require(importlib.util.find_spec("libvirt") is not None, "libvirt-python missing (pip install vmcorefs[libvirt])")
     require(DEBIAN12.missing() is None, DEBIAN12.missing() or "")
-    started: list[str] = []  # pid files
     try:
-        if not libvirtd_answers():
-            os.makedirs("/var/log/libvirt", exist_ok=True)
-            if _running("/run/virtlogd.pid") is None:
-                _start_daemon("virtlogd", "/run/virtlogd.pid")
-                started.append("/run/virtlogd.pid")
-            deadline = time.monotonic() + 300
-            while not libvirtd_answers():
-                if _running("/run/libvirtd.pid") is None:  # not started, or an old one just exited
-                    _start_daemon("libvirtd", "/run/libvirtd.pid")
-                    if "/run/libvirtd.pid" not in started:
-                        started.append("/run/libvirtd.pid")
-                require(time.monotonic() < deadline, "cannot start libvirtd (libvirtd -d)")
-                time.sleep(0.5)
+        started = start_libvirtd()
+    except LibvirtUnavailable as e:
+        require(False, str(e))
+        raise
+    try:
         yield
     finally:
-        for pid_file in reversed(started):
-            pid = _running(pid_file)
-            if pid is not None:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGTERM)
-                with contextlib.suppress(AssertionError):  # libvirtd ends its own QEMU probes first
-                    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 60, "daemon exit", interval=0.2)
+        stop_libvirtd(started)
 
 
 @pytest.fixture(autouse=True)
@@ -136,85 +90,9 @@ def _libvirtd_survives(libvirtd: None) -> Iterator[None]:
     assert libvirtd_answers(), "libvirtd stopped answering"
 
 
-@dataclass
-class Domain:
-    """A transient libvirt domain booted from the test kernel."""
-
-    name: str
-    uuid: str
-    dir: Path
-    memory: str
-
-    @property
-    def serial(self) -> Path:
-        return self.dir / "serial.log"
-
-    def state(self) -> str:
-        return virsh("domstate", self.name).stdout.strip()
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        virsh("suspend", self.name)
-        try:
-            yield
-        finally:
-            virsh("resume", self.name)
-
-
-def _domain_xml(name: str, uid: str, directory: Path, memory: str, vmcoreinfo: bool) -> str:
-    backing = ("<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"
-               if memory == "memfd" else "")
-    return f"""<domain type='qemu'>
-  <name>{name}</name>
-  <uuid>{uid}</uuid>
-  <memory unit='MiB'>256</memory>
-  <vcpu>2</vcpu>
-  {backing}
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{directory / 'vmlinuz'}</kernel>
-    <initrd>{directory / 'initramfs.cpio.gz'}</initrd>
-    <cmdline>console=ttyS0 panic=-1 printk.devkmsg=on</cmdline>
-  </os>
-  <features>{"<vmcoreinfo state='on'/>" if vmcoreinfo else ""}</features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <serial type='file'><source path='{directory / 'serial.log'}'/><target port='0'/></serial>
-    <controller type='usb' model='none'/>
-    <memballoon model='none'/>
-    <video><model type='none'/></video>
-  </devices>
-</domain>
-"""
-
-
-def boot_domain(memory: str, vmcoreinfo: bool, tag: str = "") -> Domain:
-    """A transient domain (``virsh create``) of the test kernel, booted; its
-    directory (kernel, initramfs, serial log) is readable by libvirt-qemu."""
-    directory = Path(tempfile.mkdtemp(prefix=f"vmcorefs-libvirt-{memory}-"))
-    uid = str(uuid.uuid4())
-    dom = Domain(f"vmcorefs-test-{memory}{tag}-{os.getpid()}", uid, directory, memory)
-    try:
-        os.chmod(directory, 0o755)  # QEMU runs as libvirt-qemu
-        shutil.copy(DEBIAN12.kernel, directory / "vmlinuz")
-        shutil.copy(DEBIAN12.initramfs, directory / "initramfs.cpio.gz")
-        for f in ("vmlinuz", "initramfs.cpio.gz"):
-            os.chmod(directory / f, 0o644)
-        (directory / "domain.xml").write_text(_domain_xml(dom.name, uid, directory, memory, vmcoreinfo))
-        virsh("create", str(directory / "domain.xml"))
-        wait_for(lambda: dom.serial.exists() and READY in dom.serial.read_bytes(), 180, f"{dom.name} boot",
-                 interval=0.2)
-    except BaseException:
-        destroy(dom)
-        raise
-    return dom
-
-
-def destroy(dom: Domain) -> None:
-    virsh("destroy", dom.name, check=False)
-    shutil.rmtree(dom.dir, ignore_errors=True)
+def boot_domain(memory: str, vmcoreinfo: bool, tag: str = "", mib: int = 256) -> Domain:
+    """A transient test domain named after its kind and this process."""
+    return _boot(f"vmcorefs-test-{memory}{tag}-{os.getpid()}", memory, vmcoreinfo, mib)
 
 
 @pytest.fixture(scope="module")
@@ -266,31 +144,119 @@ def _compare_loads(ours: BinaryIO, theirs: BinaryIO) -> None:
     assert load_mismatches(ours, theirs, [(p, n, oo, ot) for (p, n, oo, _), (_, _, ot, _) in zip(lo, lt)]) == []
 
 
-def test_paused_vmcore_equals_libvirt_dump(domain: Domain, tmp_path: Path) -> None:
-    """With the domain paused (virsh suspend), vmcore's PT_LOADs equal libvirt's
-    own memory-only ELF dump byte for byte, and the vCPU registers
+def check_against_libvirt_dump(dom: Domain, vmcore: Path, oracle: Path) -> list[tuple[int, int]]:
+    """``dom`` paused: ``vmcore``'s PT_LOADs equal libvirt's own memory-only
+    ELF dump (written to ``oracle``) byte for byte, and the vCPU registers
     (CORE/NT_PRSTATUS notes) are the same; VMCOREINFO too when the domain
-    has the vmcoreinfo device."""
-    oracle = tmp_path / "libvirt.dump"
+    has the vmcoreinfo device.  Returns the (p_paddr, p_memsz) of the PT_LOADs."""
+    assert dom.state() == "paused"
+    with open(vmcore, "rb") as ours:
+        virsh("dump", "--memory-only", "--format", "elf", dom.name, str(oracle))
+        assert dom.state() == "paused"
+        with open(oracle, "rb") as theirs:
+            e_ours, e_theirs = ELFFile(ours), ELFFile(theirs)
+            assert e_ours["e_machine"] == e_theirs["e_machine"] == "EM_X86_64"
+            assert e_ours["e_ident"] == e_theirs["e_ident"]
+            assert e_ours["e_flags"] == e_theirs["e_flags"]
+            n_ours, n_theirs = _notes(ours, e_ours), _notes(theirs, e_theirs)
+            prstatus = [n for n in n_theirs if n.name == "CORE" and n.type == NT_PRSTATUS]
+            assert len(prstatus) == 2
+            assert [n for n in n_ours if n.name == "CORE"] == prstatus
+            assert len([n for n in n_ours if n.name == "QEMU"]) == 2
+            theirs_vci = [n for n in n_theirs if n.name == "VMCOREINFO"]
+            (ours_vci,) = [n for n in n_ours if n.name == "VMCOREINFO"]  # from guest RAM
+            if theirs_vci:
+                assert ours_vci == theirs_vci[0]
+            _compare_loads(ours, theirs)
+            return [(p, n) for p, n, _, _ in _loads(e_ours)]
+
+
+def test_paused_vmcore_equals_libvirt_dump(domain: Domain, tmp_path: Path) -> None:
+    """With the domain paused (virsh suspend), vmcore equals libvirt's own
+    memory-only ELF dump (:func:`check_against_libvirt_dump`)."""
     with DomainMount(domain) as m, domain.paused():
-        with open(m.vmcore, "rb") as ours:
-            virsh("dump", "--memory-only", "--format", "elf", domain.name, str(oracle))
-            assert domain.state() == "paused"
-            with open(oracle, "rb") as theirs:
-                e_ours, e_theirs = ELFFile(ours), ELFFile(theirs)
-                assert e_ours["e_machine"] == e_theirs["e_machine"] == "EM_X86_64"
-                assert e_ours["e_ident"] == e_theirs["e_ident"]
-                assert e_ours["e_flags"] == e_theirs["e_flags"]
-                n_ours, n_theirs = _notes(ours, e_ours), _notes(theirs, e_theirs)
-                prstatus = [n for n in n_theirs if n.name == "CORE" and n.type == NT_PRSTATUS]
-                assert len(prstatus) == 2
-                assert [n for n in n_ours if n.name == "CORE"] == prstatus
-                assert len([n for n in n_ours if n.name == "QEMU"]) == 2
-                theirs_vci = [n for n in n_theirs if n.name == "VMCOREINFO"]
-                (ours_vci,) = [n for n in n_ours if n.name == "VMCOREINFO"]  # from guest RAM
-                if theirs_vci:
-                    assert ours_vci == theirs_vci[0]
-                _compare_loads(ours, theirs)
+        check_against_libvirt_dump(domain, m.vmcore, tmp_path / "libvirt.dump")
+    oracle_removed(tmp_path)
+
+
+def test_ram_above_4g_equals_libvirt_dump(libvirtd: None, tmp_path: Path) -> None:
+    """A 4.5 GiB ``pc`` domain (private RAM: 3.5 GiB below the PCI hole, the
+    rest from 4 GiB): paused, vmcore equals libvirt's dump byte for byte."""
+    dom = boot_domain("private", vmcoreinfo=False, tag="-4g", mib=4608)
+    try:
+        with DomainMount(dom) as m, dom.paused():
+            loads = check_against_libvirt_dump(dom, m.vmcore, tmp_path / "libvirt.dump")
+        oracle_removed(tmp_path)
+        assert any(paddr >= 4 << 30 for paddr, _ in loads), loads
+        assert sum(size for _, size in loads) >= 4608 << 20, loads
+    finally:
+        destroy(dom)
+
+
+def oracle_removed(directory: Path) -> None:
+    """Remove libvirt's dump (guest-sized) as soon as it was compared."""
+    (directory / "libvirt.dump").unlink(missing_ok=True)
+
+
+def test_drgn_with_debuginfo(domain: Domain) -> None:
+    """Frozen: drgn with the debug vmlinux lists the tasks and unwinds the
+    task on each vCPU (the notes' registers, built from ``info registers``)."""
+    require(DEBIAN12.vmlinux.exists(), f"debug vmlinux missing ({DEBIAN12.vmlinux}); run scripts/setup.sh")
+    with DomainMount(domain, "--freeze") as m:
+        d = drgn_tasks(m.vmcore, DEBIAN12.vmlinux)
+    assert d.release == DEBIAN12.release
+    assert d.tasks > 10 and d.tasks == d.threads, d
+    assert sorted(c.cpu for c in d.on_cpu) == [0, 1], d
+    assert all(c.frames >= 1 for c in d.on_cpu), d
+
+
+def test_makedumpfile_then_crash9(domain: Domain, tmp_path: Path) -> None:
+    """makedumpfile -c -d 31 of the live vmcore (frozen: one instant), then
+    crash 9's ``sys`` and ``ps`` on the kdump file."""
+    require(DEBIAN12.vmlinux.exists(), f"debug vmlinux missing ({DEBIAN12.vmlinux}); run scripts/setup.sh")
+    out = tmp_path / "filtered.kdump"
+    with DomainMount(domain, "--freeze") as m:
+        makedumpfile(m.vmcore, out, "-c", "-d", "31")
+    assert out.read_bytes()[:8] == b"KDUMP   "
+    assert out.stat().st_size < (256 << 20) // 4
+    require(CRASH9.exists(), f"crash 9 missing ({CRASH9}); run scripts/build-tools.sh crash")
+    s = crash_sections(run_crash(DEBIAN12.vmlinux, out, "sys\nps", crash=CRASH9, echo=True))
+    assert f"RELEASE: {DEBIAN12.release}" in s["sys"], s["sys"]
+    assert re.search(r"^\s+CPUS: 2$", s["sys"], re.M), s["sys"]
+    tasks = re.findall(r"^[ >]\s*(\d+)\s+\d+\s+\d+\s+[0-9a-f]+\s+[A-Z]{2}\s", s["ps"], re.M)
+    assert len(tasks) > 10 and "1" in tasks, s["ps"]
+
+
+def test_gdb_on_kcore(domain: Domain) -> None:
+    """gdb with the debug vmlinux on kcore through gdbinit (KASLR offset
+    from the VMCOREINFO found in guest RAM): the banner, one thread per vCPU."""
+    require(DEBIAN12.vmlinux.exists(), f"debug vmlinux missing ({DEBIAN12.vmlinux}); run scripts/setup.sh")
+    with DomainMount(domain, "--freeze") as m:
+        out = gdb_on_kcore(DEBIAN12.vmlinux, m.path, "print linux_banner", "info threads")
+    assert f'"Linux version {DEBIAN12.release} ' in out, out
+    threads = gdb_threads(out)
+    assert [n for n, _, _ in threads] == [1, 2], out
+    kernel = [fn for _, pc, fn in threads if pc is None or pc >= KERNEL_SPACE]
+    assert kernel and all(fn != "??" for fn in kernel), out
+
+
+def test_vmcorefs_dump_domain(domain: Domain, tmp_path: Path) -> None:
+    """``vmcorefs dump --domain``: of the paused domain, the same PT_LOADs
+    and registers as libvirt's own dump, the domain left paused; of the
+    running domain, the domain running again after; libvirtd alive."""
+    out = tmp_path / "vmcorefs.elf"
+    with domain.paused():
+        r = run_vmcorefs("dump", "--quiet", "--domain", domain.name, str(out))
+        assert r.returncode == 0, r.stderr
+        assert domain.state() == "paused"
+        check_against_libvirt_dump(domain, out, tmp_path / "libvirt.dump")
+    oracle_removed(tmp_path)
+    assert domain.state() == "running"
+    r = run_vmcorefs("dump", "--force", "--connect", URI, "--domain", domain.name, str(out))
+    assert r.returncode == 0, r.stderr
+    assert "guest paused" in r.stderr.splitlines()[-1], r.stderr
+    assert domain.state() == "running"
+    assert libvirtd_answers()
 
 
 def test_drgn_kallsyms(domain: Domain) -> None:
@@ -383,7 +349,7 @@ def test_domain_not_running(libvirtd: None, tmp_path: Path) -> None:
     """A defined but inactive domain: exit 2, one line, nothing mounted."""
     name = f"vmcorefs-test-inactive-{os.getpid()}"
     xml = tmp_path / "inactive.xml"
-    xml.write_text(_domain_xml(name, str(uuid.uuid4()), tmp_path, "private", False))
+    xml.write_text(domain_xml(name, str(uuid.uuid4()), tmp_path, "private", False))
     virsh("define", str(xml))
     try:
         mnt = tmp_path / "mnt"

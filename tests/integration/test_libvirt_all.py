@@ -7,16 +7,27 @@ file is open; libvirtd answers after every test (``_libvirtd_survives``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import pytest
-from test_libvirt import URI, Domain, _libvirtd_survives, boot_domain, destroy, libvirtd  # noqa: F401
+from test_libvirt import (  # noqa: F401
+    URI,
+    Domain,
+    _libvirtd_survives,
+    boot_domain,
+    check_against_libvirt_dump,
+    destroy,
+    libvirtd,
+    oracle_removed,
+)
 
 from vmcorefs.testing import DRGN_KALLSYMS, Mount, wait_for
 
@@ -32,6 +43,14 @@ def two_domains(libvirtd: None) -> Iterator[tuple[Domain, Domain]]:  # noqa: F81
     yield a, b
     destroy(a)
     destroy(b)
+
+
+@pytest.fixture(scope="module")
+def second_private(libvirtd: None) -> Iterator[Domain]:  # noqa: F811
+    """Another domain with libvirt's default private RAM (another QEMU process)."""
+    dom = boot_domain("private", vmcoreinfo=True, tag="-all2")
+    yield dom
+    destroy(dom)
 
 
 class AllMount(Mount):
@@ -97,3 +116,57 @@ def test_all_refuses_a_socket_or_domain(tmp_path: Path) -> None:
 
     r = run_vmcorefs("mount", "--all", "--domain", "x", str(tmp_path))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--all" in r.stderr
+
+
+def test_each_domain_read_from_its_own_qemu(two_domains: tuple[Domain, Domain], second_private: Domain,
+                                            tmp_path: Path) -> None:
+    """Two domains with private RAM in one mount: each paused domain's vmcore
+    equals its own libvirt dump byte for byte, read natively from its own
+    QEMU (pages that hold no data spliced as zeros: its pagemap)."""
+    a, c = two_domains[0], second_private
+    with AllMount() as m:
+        for dom in (a, c):
+            before = m.stats()
+            with dom.paused():
+                check_against_libvirt_dump(dom, m.path / dom.name / "vmcore", tmp_path / "libvirt.dump")
+            oracle_removed(tmp_path)
+            after = m.stats()
+            # Headers alone are one spliced reply; without the domain's own
+            # pagemap no private RAM would be (each 1 MiB reply copied).
+            spliced = after["spliced"] - before["spliced"]
+            print(f"{dom.name}: {spliced} replies spliced, {after['copied'] - before['copied']} copied")
+            assert spliced >= 16, (dom.name, before, after)
+
+
+def test_freeze_watchdog_under_all(two_domains: tuple[Domain, Domain], second_private: Domain) -> None:
+    """--all --freeze, the daemon SIGKILLed while it holds one domain paused
+    (its vmcore open): that domain's watchdog resumes it through libvirt; a
+    domain never opened is untouched; one the user had paused (its vmcore
+    open too) stays paused."""
+    a, b = two_domains
+    user_paused = second_private
+    m = AllMount("--freeze").__enter__()
+    try:
+        assert m.daemon_pid is not None
+        subprocess.run(["virsh", "-c", URI, "suspend", user_paused.name], check=True, capture_output=True)
+        try:
+            with contextlib.ExitStack() as handles:
+                for dom in (a, user_paused):
+                    f = open(m.path / dom.name / "vmcore", "rb")
+                    handles.callback(_close_quietly, f)  # the mount is dead by then
+                    f.read(4096)
+                assert a.state() == "paused"
+                assert b.state() == "running"
+                os.killpg(os.getpgid(m.daemon_pid), signal.SIGKILL)
+                wait_for(lambda: a.state() == "running", 60, f"{a.name} resumed by its watchdog")
+            assert b.state() == "running"
+            assert user_paused.state() == "paused"
+        finally:
+            subprocess.run(["virsh", "-c", URI, "resume", user_paused.name], check=False, capture_output=True)
+    finally:
+        m.close()
+
+
+def _close_quietly(f: BinaryIO) -> None:
+    with contextlib.suppress(OSError):
+        f.close()

@@ -62,7 +62,7 @@ MEM = 4 << 20  # bytes of each kind of backing memory
 class Rig:
     """An engine between a fake kernel (``kernel``) and a fake pyfuse3 (``app``)."""
 
-    def __init__(self, start: bool = True, deny: tuple[int, ...] = ()) -> None:
+    def __init__(self, start: bool = True, deny: tuple[int, ...] = (), pid: int | None = None) -> None:
         self.kernel, dev = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.app, app = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (self.kernel, dev):
@@ -88,7 +88,7 @@ class Rig:
         self.proc_mem = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
         if deny:
             deny_syscalls(*deny)
-        self.engine = _readpath.Engine(self.fds[0], self.fds[1], events_w, os.getpid())
+        self.engine = _readpath.Engine(self.fds[0], self.fds[1], events_w, os.getpid() if pid is None else pid)
         if start:
             self.engine.start()
 
@@ -266,6 +266,57 @@ def test_gone_fails_reads_with_eio() -> None:
         r.engine.set_gone()
         assert r.read(1, 0, 8192) == (-errno.EIO, b"")
     finally:
+        r.close()
+
+
+#: A process with private memory like Rig's (half random bytes, half never
+#: touched); prints the memory's address.
+_OTHER_QEMU = f"""
+import ctypes, mmap, random, time
+m = mmap.mmap(-1, {MEM}, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m[:{MEM // 2}] = random.Random(3).randbytes({MEM // 2})
+print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
+time.sleep(600)
+"""
+
+
+def test_handles_of_other_processes() -> None:
+    """mount --all: an engine of no QEMU (pid 0) reads a handle registered
+    with a pid from that process -- process_vm_readv, and its pagemap, so
+    untouched pages are spliced as zeros (without the pid they are read and
+    copied) -- and once it has exited fails that handle's reads with EIO,
+    reporting nothing: the other handles read on."""
+    other = subprocess.Popen([sys.executable, "-c", _OTHER_QEMU], stdout=subprocess.PIPE, text=True)
+    r = Rig(pid=0)
+    mem = -1
+    try:
+        assert other.stdout is not None
+        addr = int(other.stdout.readline())
+        mem = os.open(f"/proc/{other.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        data = random.Random(3).randbytes(MEM // 2)
+        layout = [Extent(0, MEM, ExtentKind.PROCMEM, addr, mem)]
+        r.engine.register(1, MEM, b"", layout, other.pid)
+        r.engine.register(2, MEM, b"", layout)
+        r.engine.register(3, MEM, b"", [Extent(0, MEM, ExtentKind.SHARED, 0, r.memfd)])
+        size = (r.engine.stats()["pipe_bytes"] // 4096 - 1) * 4096  # a reply that fits one pipe
+        for fh, spliced in ((1, 1), (2, 0)):
+            before = r.engine.stats()
+            assert r.read(fh, 0, 8192) == (0, data[:8192])
+            assert r.read(fh, MEM // 2, size) == (0, bytes(size))
+            after = r.engine.stats()
+            assert after["spliced"] - before["spliced"] == spliced, fh
+        other.kill()
+        other.wait()
+        assert r.read(1, 0, 8192) == (-errno.EIO, b"")
+        assert r.read(3, 0, 8192) == (0, r.shared[:8192])
+        os.set_blocking(r.events_r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r.events_r, 1)
+    finally:
+        other.kill()
+        other.wait()
+        if mem >= 0:
+            os.close(mem)
         r.close()
 
 

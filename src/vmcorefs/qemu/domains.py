@@ -5,7 +5,9 @@ libvirt's lifecycle events (``virConnectDomainEventRegisterAny`` with
 ``VIR_DOMAIN_EVENT_ID_LIFECYCLE``), not polling: libvirt's default event
 loop runs in a thread of its own and hands each start and stop to the
 asyncio loop.  :class:`LazyGuest` is a domain's guest that talks to it only
-when first used, so that listing 50 domains touches none of them.
+when first used, so that listing 50 domains touches none of them;
+:class:`FreezeWatchedGuest` adds the ``--freeze`` watchdog of a domain
+when it is first paused.
 """
 
 from __future__ import annotations
@@ -65,6 +67,55 @@ class LazyGuest:
             self.guest.close()
             await self.guest.monitor.close()
             self.guest = None
+
+
+class FreezeWatchedGuest:
+    """A :class:`LazyGuest` under ``mount --all --freeze``: the first
+    :meth:`pause` starts the domain's own ``--freeze`` watchdog
+    (:mod:`vmcorefs.watchdog`), which resumes the domain through libvirt if
+    the daemon dies while holding it paused; domains never paused get none.
+    Without a watchdog (it cannot be spawned) the pause goes on, logged."""
+
+    def __init__(self, lazy: LazyGuest) -> None:
+        self.lazy = lazy
+        self.watched: Any = None  # vmcorefs.watchdog.WatchedGuest, once paused
+
+    async def snapshot(self) -> Snapshot:
+        return await self.lazy.snapshot()
+
+    async def status(self) -> str:
+        return await self.lazy.status()
+
+    async def pause(self) -> None:
+        if self.watched is None:
+            from vmcorefs.watchdog import WatchedGuest, action_for, start
+
+            guest = await self.lazy.get()
+            action = action_for(guest.monitor)
+            try:
+                if action is None:
+                    raise OSError("no resume action for this kind of guest")
+                self.watched = WatchedGuest(guest, start(action))
+            except OSError as e:
+                log.warning("--freeze: no watchdog for domain %s (%s); it stays paused if vmcorefs is killed",
+                            self.lazy.name, e)
+                await self.lazy.pause()
+                return
+        await self.watched.pause()
+
+    async def resume(self) -> None:
+        if self.watched is not None:
+            await self.watched.resume()
+        else:
+            await self.lazy.resume()
+
+    async def close(self) -> None:
+        """Let the watchdog go (after the last resume: a pause still ours is
+        then its to undo), then close the guest."""
+        if self.watched is not None:
+            self.watched.close()
+            self.watched = None
+        await self.lazy.close()
 
 
 class DomainWatcher:

@@ -92,11 +92,13 @@ class Snapshot:
     #: Where VMCOREINFO came from: ``device`` (QEMU's notes), ``guest RAM at
     #: GPA 0x...`` (found by vmcorefs), or ``none (why)``.
     vmcoreinfo_origin: str = "device"
+    #: The QEMU process whose memory the ``PROCMEM`` sources read (None: unknown).
+    pid: int | None = None
 
     @classmethod
     def build(cls, blocks: list[GuestPhysBlock], sources: list[Source], dump: DumpInfo,
               alive: Callable[[], bool], taken: float | None = None,
-              vmcoreinfo_origin: str | None = None) -> "Snapshot":
+              vmcoreinfo_origin: str | None = None, pid: int | None = None) -> "Snapshot":
         """The layouts of ``vmcore`` and ``pmem`` for ``blocks`` read through
         ``sources``, with ``dump``'s notes (VMCOREINFO taken from them)."""
         text = vmcoreinfo_text(parse_notes(dump.notes))
@@ -114,6 +116,7 @@ class Snapshot:
             alive=alive,
             _starts=tuple(b.gpa for b in blocks),
             vmcoreinfo_origin=vmcoreinfo_origin,
+            pid=pid,
         )
 
     @cached_property
@@ -357,7 +360,8 @@ class Guest:
         if vmcoreinfo_text(parse_notes(dump.notes)) is None:
             dump, origin = await asyncio.get_running_loop().run_in_executor(
                 None, self._vmcoreinfo_from_ram, dump, sources)
-        return Snapshot.build(blocks, sources, dump, self.memory.alive, vmcoreinfo_origin=origin)
+        return Snapshot.build(blocks, sources, dump, self.memory.alive, vmcoreinfo_origin=origin,
+                              pid=self.memory.pid)
 
     async def _populated(self, blocks: list[GuestPhysBlock], dump: DumpInfo) -> list[GuestPhysBlock]:
         """``blocks`` (``info mtree -f``) reduced to what QEMU's dump holds:
