@@ -13,12 +13,8 @@ import asyncio
 import contextlib
 import re
 import shutil
-import socket
 import struct
 import subprocess
-import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -30,59 +26,27 @@ from vmcorefs.core.notes import parse_notes
 from vmcorefs.core.x86_notes import QEMUCPUState, X86VCPU, build_x86_notes
 from vmcorefs.qemu.monitor import connect
 from vmcorefs.qemu.registers import read_x86_vcpus, uses_tcg, x86_notes
-from vmcorefs.testing import (DEBIAN11, DEBIAN12, QEMU10, SYSTEM_QEMU, GuestSpec, KernelAssets, Qemu, QemuGuest,
-                              require, wait_for)
+from vmcorefs.testing import (BUSY_LOOP, DEBIAN11, DEBIAN12, KERNEL_SPACE, QEMU10, SYSTEM_QEMU, GuestSpec,
+                              KernelAssets, Qemu, QemuGuest, drgn_tasks, pause_with_a_user_vcpu, require)
 
 pytestmark = pytest.mark.integration
 QEMUS = {"qemu7.2": SYSTEM_QEMU, "qemu10.0": QEMU10}
-KERNEL_SPACE = 0xFFFF800000000000
-
-
-def drain(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        while sock.recv(65536):
-            pass
 
 
 @contextlib.contextmanager
 def busy_guest(name: str, qemu: Qemu, kernel: KernelAssets) -> Iterator[QemuGuest]:
     """A 2-vCPU test guest whose shell runs a busy loop, so that a vCPU is
-    often in user mode.  The kernel console (and /init's shell) is on a
-    second serial port, a socket we type the loop into."""
-    directory = Path(tempfile.mkdtemp(prefix=f"vmcorefs-{name}-"))
-    sock, log = directory / "console.sock", directory / "console.log"
-    spec = GuestSpec(name, qemu=qemu, kernel=kernel, append="console=ttyS1 panic=-1",
-                     extra=("-chardev", f"socket,id=con,path={sock},server=on,wait=off,logfile={log}",
-                            "-serial", "chardev:con"))
-    g = QemuGuest(spec, directory=directory)
-    console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        wait_for(sock.exists, 30, "console socket")
-        console.connect(str(sock))
-        # Drain it: QEMU's serial port stalls the guest when the socket is full.
-        threading.Thread(target=drain, args=(console,), daemon=True).start()
-        wait_for(lambda: log.exists() and b"VMCOREFS-GUEST-READY" in log.read_bytes(), spec.timeout, "guest boot")
-        console.sendall(b"while :; do :; done &\n")
+    often in user mode."""
+    with QemuGuest(GuestSpec(name, qemu=qemu, kernel=kernel, console=True)) as g:
+        g.send_console(BUSY_LOOP)
         yield g
-    finally:
-        g.close()
-        console.close()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def paused_with_a_user_vcpu(g: QemuGuest) -> Iterator[None]:
     """The guest paused at an instant with one vCPU in user mode and one in
     the kernel (tries for up to ~30 s); resumed after."""
-    for _ in range(300):
-        g.qmp("stop")
-        cpls = re.findall(r" CPL=(\d)", g.hmp("info registers -a"))
-        if "3" in cpls and "0" in cpls:
-            break
-        g.qmp("cont")
-        time.sleep(0.1)
-    else:
-        pytest.fail("no instant with a vCPU in user mode")
+    pause_with_a_user_vcpu(g)
     try:
         yield
     finally:
@@ -188,49 +152,21 @@ def dump_and_ours(g: QemuGuest, tmp: Path) -> tuple[Path, Path, list[X86VCPU]]:
     return theirs_dump, ours_dump, cpus
 
 
-DRGN = r"""
-import sys, drgn
-from drgn.helpers.linux.pid import for_each_task
-from drgn.helpers.linux.cpumask import for_each_online_cpu
-from drgn.helpers.linux.sched import cpu_curr
-prog = drgn.Program()
-prog.set_core_dump(sys.argv[1])
-prog.load_debug_info([sys.argv[2]])
-print("tasks", len(list(for_each_task(prog))))
-for cpu in for_each_online_cpu(prog):
-    task = cpu_curr(prog, cpu)
-    trace = prog.stack_trace(task)
-    print("cpu", cpu, task.comm.string_().decode(), "frames", len(trace), hex(trace[0].pc))
-    print(trace)
-"""
-
-
 def test_drgn_reads_a_dump_with_our_notes(guest: QemuGuest, tmp_path: Path) -> None:
     """drgn lists the tasks and unwinds both on-CPU tasks from our notes --
     the same output as from QEMU's own notes."""
     vmlinux = DEBIAN12.vmlinux
     require(vmlinux.exists(), f"debug vmlinux missing ({vmlinux}); run scripts/build-guest.sh --dbg")
     theirs_dump, ours_dump, cpus = dump_and_ours(guest, tmp_path)
-    outputs = []
-    for dump in (ours_dump, theirs_dump):
-        r = subprocess.run([sys.executable, "-c", DRGN, str(dump), str(vmlinux)],
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-        outputs.append(r.stdout)
-    out = outputs[0]
-    assert outputs[0] == outputs[1]
-    assert int(re.search(r"tasks (\d+)", out)[1]) > 10, out  # type: ignore[index]
-    blocks = re.split(r"^(?=cpu \d+ )", out, flags=re.M)[1:]
-    assert len(blocks) == 2, out
-    for block, regs in zip(blocks, cpus):
-        m = re.match(r"cpu (\d+) (\S+) frames (\d+) (0x[0-9a-f]+)\n", block)
-        assert m, out
-        cpu, comm, n, pc = m.groups()
-        assert int(cpu) == regs.cpu_index and int(pc, 16) == regs.regs["rip"], out  # from our prstatus
+    ours = drgn_tasks(ours_dump, vmlinux)
+    assert ours == drgn_tasks(theirs_dump, vmlinux)
+    assert ours.tasks > 10 and len(ours.on_cpu) == 2, ours
+    for c, regs in zip(ours.on_cpu, cpus):
+        assert c.cpu == regs.cpu_index and c.pc == regs.regs["rip"], ours  # from our prstatus
         if regs.cpl == 3:  # the busy shell: one user-space frame
-            assert comm == "sh" and f"#0  {pc}\n" in block, out
+            assert c.comm == "sh" and f"#0  {c.pc:#x}\n" in c.trace, ours
         else:  # a kernel task: symbolised frames down to the start of its stack
-            assert int(n) >= 3 and re.search(r"^#0  [a-z_]\w* \(", block, re.M), out
+            assert c.frames >= 3 and re.search(r"^#0  [a-z_]\w* \(", c.trace, re.M), ours
 
 
 def test_crash_reads_a_dump_with_our_notes(tmp_path: Path) -> None:

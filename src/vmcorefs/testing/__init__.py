@@ -13,7 +13,8 @@ default /var/cache/vmcorefs) and QEMU; mounts need FUSE and root.
   ``with`` block), :func:`run_vmcorefs`, :func:`spawn_vmcorefs`,
   :func:`is_mounted`, :func:`unmount`, :func:`wait_for`.
 * :mod:`~vmcorefs.testing.probes`: the drgn kallsyms program, VMCOREINFO
-  arithmetic (printk head), the page cache a test brought in.
+  arithmetic (printk head), the page cache a test brought in, an x86 guest
+  paused with a vCPU in user mode.
 * :mod:`~vmcorefs.testing.tools`: crash (Debian's, or :data:`CRASH9`),
   drgn with the debug vmlinux, gdb on kcore, makedumpfile, as the tests run them.
 
@@ -50,6 +51,8 @@ from vmcorefs.testing.mounts import (
     wait_mounted,
 )
 from vmcorefs.testing.probes import (
+    BUSY_LOOP,
+    pause_with_a_user_vcpu,
     load_mismatches,
     DRGN_KALLSYMS,
     DRGN_KALLSYMS_QEMU,
@@ -80,7 +83,7 @@ __all__ = [
     "SRC", "VMCOREFS", "Mount", "daemon_pid", "is_mounted", "run_vmcorefs", "spawn_vmcorefs", "unmount",
     "unmount_and_wait", "wait_for", "wait_mounted",
     "DRGN_KALLSYMS", "DRGN_KALLSYMS_QEMU", "kernel_image_phys", "printk_head_addr", "printk_head_id",
-    "memory_cgroup", "vmcoreinfo_dict",
+    "memory_cgroup", "vmcoreinfo_dict", "BUSY_LOOP", "pause_with_a_user_vcpu",
     "CRASH9", "DRGN_DEBUGINFO", "KERNEL_SPACE", "DrgnTasks", "OnCpu", "crash_sections", "drgn_tasks",
     "gdb_on_kcore", "gdb_threads", "makedumpfile", "run_crash",
 ]

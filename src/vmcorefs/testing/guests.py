@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -181,7 +181,10 @@ class GuestSpec:
     ``serial.log`` either way.  ``fw_cfg=False``: the guest kernel refuses
     to load ``qemu_fw_cfg`` (``module_blacklist=`` on its command line; the
     initramfs is the same), so it never registers VMCOREINFO with
-    ``-device vmcoreinfo`` although the device is there.
+    ``-device vmcoreinfo`` although the device is there.  ``bare``: no
+    kernel (no ``-kernel``, ``-initrd``, ``-append``): the machine runs its
+    firmware, or stays at reset with ``-S`` in ``extra``; it is ready once
+    its monitor listens.
     """
 
     name: str = "guest"
@@ -199,6 +202,7 @@ class GuestSpec:
     boot_timeout: float | None = None
     console: bool = False
     fw_cfg: bool = True
+    bare: bool = False
 
     @property
     def timeout(self) -> float:
@@ -206,7 +210,7 @@ class GuestSpec:
 
     def missing(self) -> str | None:
         """Why this guest cannot boot here, or None."""
-        return self.qemu.missing() or self.kernel.missing()
+        return self.qemu.missing() or (None if self.bare else self.kernel.missing())
 
     def command(self, directory: Path) -> list[str]:
         """The QEMU command line, with its sockets and logs in ``directory``."""
@@ -214,8 +218,9 @@ class GuestSpec:
             self.qemu.binary, *(["-L", str(self.qemu.firmware)] if self.qemu.firmware else []),
             "-accel", "tcg", "-cpu", self.cpu, "-smp", str(self.vcpus),
             "-display", "none", "-vga", "none", "-nodefaults", *([] if self.reboot else ["-no-reboot"]),
-            "-kernel", str(self.kernel.kernel), "-initrd", str(self.kernel.initramfs),
-            "-append", self.append if self.fw_cfg else f"{self.append} module_blacklist=qemu_fw_cfg",
+            *([] if self.bare else [
+                "-kernel", str(self.kernel.kernel), "-initrd", str(self.kernel.initramfs),
+                "-append", self.append if self.fw_cfg else f"{self.append} module_blacklist=qemu_fw_cfg"]),
             *(["-chardev", f"socket,id=serial0,path={directory / CONSOLE_SOCKET},server=on,wait=off,"
                f"logfile={directory / SERIAL_LOG}", "-serial", "chardev:serial0"] if self.console
               else ["-serial", f"file:{directory / SERIAL_LOG}"]),
@@ -243,6 +248,31 @@ class GuestSpec:
         return args + list(self.extra)
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def wait_booted(name: str, ready: Callable[[], bool], serial: Path, timeout: float,
+                exited: Callable[[], str | None] = lambda: None) -> None:
+    """The one readiness wait of the test guests (QEMU's, libvirt's): poll
+    ``ready()`` every 0.1 s, e.g. for :data:`READY` in the serial log
+    ``serial``.  Raises RuntimeError when ``exited()`` gives a reason (the
+    guest's process is gone), TimeoutError after ``timeout`` seconds; both
+    say ``name`` and end with the tail of ``serial``."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        reason = exited()
+        if reason is not None:
+            raise RuntimeError(f"guest {name}: {reason}; serial: {_read(serial)[-3000:].decode(errors='replace')}")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"guest {name} did not boot in {timeout:g} s; "
+                               f"serial: {_read(serial)[-3000:].decode(errors='replace')}")
+        time.sleep(0.1)
+
+
 def _drain(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         while sock.recv(65536):
@@ -263,7 +293,7 @@ class QemuGuest:
         why = spec.missing()
         require(why is None, why or "")
         self.spec = spec
-        self.release = spec.kernel.release
+        self.release = "" if spec.bare else spec.kernel.release
         self.dir = directory or Path(tempfile.mkdtemp(prefix=f"vmcorefs-{spec.name}-"))
         self._own_dir = directory is None
         self.qmp_path = str(self.dir / QMP_SOCKET)
@@ -294,23 +324,23 @@ class QemuGuest:
 
     def wait_ready(self, timeout: float | None = None) -> QemuGuest:
         """Wait until /init announces itself on the serial console (again,
-        after a reset: empty ``serial`` first).  Raises RuntimeError if QEMU
-        exits, TimeoutError after ``timeout`` (default ``spec.timeout``) s."""
-        timeout = self.spec.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"QEMU of guest {self.spec.name} exited ({self.proc.returncode}): "
-                                   f"{self.log()[-2000:]}; serial: {self._serial_tail()}")
-            if self.serial.exists() and READY in self.serial.read_bytes():
-                if self.boot_s is None:
-                    self.boot_s = time.monotonic() - self._t_start
-                return self
-            time.sleep(0.1)
-        raise TimeoutError(f"guest {self.spec.name} did not boot in {timeout:g} s; serial: {self._serial_tail()}")
-
-    def _serial_tail(self) -> str:
-        return self.serial.read_text(errors="replace")[-3000:] if self.serial.exists() else ""
+        after a reset: empty ``serial`` first); a ``bare`` machine, until its
+        monitors listen.  Raises RuntimeError if QEMU exits, TimeoutError
+        after ``timeout`` (default ``spec.timeout``) s."""
+        def exited() -> str | None:
+            if self.proc.poll() is None:
+                return None
+            return f"QEMU exited ({self.proc.returncode}): {self.log()[-2000:]}"
+        if self.spec.bare:
+            sockets = (Path(self.qmp_path), Path(self.own_qmp_path))
+            wait_booted(self.spec.name, lambda: all(p.exists() for p in sockets), self.serial, timeout or 30.0,
+                        exited)
+        else:
+            wait_booted(self.spec.name, lambda: READY in _read(self.serial), self.serial,
+                        self.spec.timeout if timeout is None else timeout, exited)
+        if self.boot_s is None:
+            self.boot_s = time.monotonic() - self._t_start
+        return self
 
     def __enter__(self) -> QemuGuest:
         try:

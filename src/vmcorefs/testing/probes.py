@@ -12,17 +12,21 @@
 * :func:`memory_cgroup`: the page cache this process brought in (not the
   host's ``Cached``, which every other process moves), for tests of the
   cached read mode.
+* :data:`BUSY_LOOP` and :func:`pause_with_a_user_vcpu`: an x86 guest paused
+  with one vCPU in user mode and one in the kernel (notes tests, captures).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import struct
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
-from vmcorefs.testing.guests import require
+from vmcorefs.testing.guests import QemuGuest, require
 
 DRGN_KALLSYMS = r"""
 import sys, drgn
@@ -161,3 +165,25 @@ def load_mismatches(ours: BinaryIO, theirs: BinaryIO,
             if a != b:
                 out.append(paddr + done)
     return out
+
+
+#: Typed on the console of a ``GuestSpec(console=True)`` guest: a shell busy
+#: loop, so that a vCPU is often in user mode.
+BUSY_LOOP = b"while :; do :; done &\n"
+
+
+def pause_with_a_user_vcpu(guest: QemuGuest, tries: int = 300) -> str:
+    """Pause the x86 ``guest`` at an instant where one vCPU is in user mode
+    (CPL 3) and one in the kernel (CPL 0), trying up to ``tries`` times 0.1 s
+    apart (run :data:`BUSY_LOOP` first).  Returns that instant's ``info
+    registers -a``; the guest stays paused.  RuntimeError if none is caught
+    (the guest is then running)."""
+    for _ in range(tries):
+        guest.qmp("stop")
+        text = guest.hmp("info registers -a")
+        cpls = re.findall(r" CPL=(\d)", text)
+        if "3" in cpls and "0" in cpls:
+            return text
+        guest.qmp("cont")
+        time.sleep(0.1)
+    raise RuntimeError(f"guest {guest.spec.name}: no instant with a vCPU in user mode in {tries} tries")

@@ -63,20 +63,25 @@ print("tasks", len(list(for_each_task(prog))), "threads", len(list(prog.threads(
 for cpu in for_each_online_cpu(prog):
     task = cpu_curr(prog, cpu)
     trace = prog.stack_trace(task)
-    print("cpu", cpu, task.comm.string_().decode(), "frames", len(trace), trace[0].name, trace[len(trace) - 1].name)
+    print("cpu", cpu, task.comm.string_().decode(), "frames", len(trace), trace[0].name, trace[len(trace) - 1].name,
+          hex(trace[0].pc))
+    print(trace)
 """
 
 
 @dataclass(frozen=True)
 class OnCpu:
     """The task on one CPU and drgn's unwind of it: ``innermost`` and
-    ``outermost`` are frame names (``0x...`` when unsymbolised)."""
+    ``outermost`` are frame names (``0x...`` when unsymbolised), ``pc`` the
+    innermost frame's, ``trace`` drgn's whole stack trace as it prints it."""
 
     cpu: int
     comm: str
     frames: int
     innermost: str
     outermost: str
+    pc: int
+    trace: str
 
 
 @dataclass(frozen=True)
@@ -98,8 +103,12 @@ def drgn_tasks(core: Path, vmlinux: Path, timeout: float = 300) -> DrgnTasks:
     release = re.search(r"^release (\S+)$", r.stdout, re.M)
     counts = re.search(r"^tasks (\d+) threads (\d+)$", r.stdout, re.M)
     assert release and counts, r.stdout
-    on_cpu = [OnCpu(int(c), comm, int(n), inner, outer) for c, comm, n, inner, outer
-              in re.findall(r"^cpu (\d+) (\S+) frames (\d+) (\S+) (\S+)$", r.stdout, re.M)]
+    on_cpu = []
+    for block in re.split(r"^(?=cpu \d+ )", r.stdout, flags=re.M)[1:]:
+        m = re.match(r"cpu (\d+) (\S+) frames (\d+) (\S+) (\S+) (0x[0-9a-f]+)\n", block)
+        assert m, r.stdout
+        c, comm, n, inner, outer, pc = m.groups()
+        on_cpu.append(OnCpu(int(c), comm, int(n), inner, outer, int(pc, 16), block[m.end():]))
     return DrgnTasks(release[1], int(counts[1]), int(counts[2]), on_cpu)
 
 
