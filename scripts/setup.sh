@@ -43,7 +43,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # (Re)install when something is missing or the package's build inputs
 # changed: pyproject.toml, setup.py, or the native read path's C source.
-if ! "$venv/bin/python" -c 'import vmcorefs._readpath, pyfuse3, qemu.qmp, cramjam, lzo, drgn, elftools, hypothesis, pytest, libvirt' 2>/dev/null \
+if ! "$venv/bin/python" -c 'import vmcorefs._readpath, pyfuse3, qemu.qmp, isal, cramjam, lzo, drgn, elftools, hypothesis, pytest, libvirt' 2>/dev/null \
    || [ "$here/pyproject.toml" -nt "$venv/.installed" ] || [ "$here/setup.py" -nt "$venv/.installed" ] \
    || [ "$here/src/vmcorefs/_readpath.c" -nt "$venv/.installed" ]; then
   "$venv/bin/pip" install -q --upgrade pip >/dev/null

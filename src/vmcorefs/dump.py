@@ -56,7 +56,6 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -288,15 +287,18 @@ class Codec:
 
 
 def codec(fmt: str) -> Codec:
-    """The :class:`Codec` of kdump format ``fmt`` (zlib level 1; LZO1X-1
-    through python-lzo; raw snappy through cramjam: what makedumpfile and
-    QEMU write and crash, libkdumpfile and makedumpfile read).  Raises
-    :class:`UsageError` when the binding is not installed."""
+    """The :class:`Codec` of kdump format ``fmt`` (a zlib stream at level
+    1 through ISA-L (isal), 5-10x faster than zlib's own level 1 and as
+    small; LZO1X-1 through python-lzo; raw snappy through cramjam: what
+    makedumpfile and QEMU write and crash, libkdumpfile and makedumpfile
+    read).  Raises :class:`UsageError` when the binding is not installed."""
     from vmcorefs.core import kdump
 
-    if fmt == "kdump-zlib":
-        return Codec(kdump.DUMP_DH_COMPRESSED_ZLIB, lambda page: zlib.compress(page, 1))
     try:
+        if fmt == "kdump-zlib":
+            from isal import isal_zlib
+
+            return Codec(kdump.DUMP_DH_COMPRESSED_ZLIB, lambda page: isal_zlib.compress(page, 1))
         if fmt == "kdump-lzo":
             import lzo  # python-lzo: liblzo2's lzo1x_1_compress
 
