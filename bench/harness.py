@@ -15,7 +15,9 @@ still open, including scratch files in ``/dev/shm``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import re
 import signal
 import subprocess
 import time
@@ -104,10 +106,32 @@ class Guest(QemuGuest):
             memory = "private-noreserve"
             self.note = "memory-backend-ram,reserve=off (-m alone exceeds the host's overcommit limit)"
         spec = GuestSpec(f"bench-{size_gib}g-{kind}", memory=memory, mib=size_gib * 1024, vcpus=smp)
+        spec = dataclasses.replace(spec, console=True)  # fill() types on it
         try:
             super().__init__(spec)
         except Unavailable as e:
             raise SystemExit(f"bench: {e} (make setup)") from None
+
+    def fill(self, mib: int, timeout: float = 1200) -> float:
+        """Type on the guest's console: mount a tmpfs at /fill and write
+        ``mib`` MiB of /dev/urandom into it (guest RAM really in use,
+        incompressible: what a dump must move); seconds until the guest
+        said it was done.  Raises RuntimeError when dd failed."""
+        start = len(self.serial.read_bytes())
+        t = time.perf_counter()
+        # The marker is split in the typed line ('FILL''ED'): only echo's output has it whole.
+        self.send_console(f"mkdir -p /fill && mount -t tmpfs -o size={mib + 64}m fill /fill"
+                          f" && dd if=/dev/urandom of=/fill/data bs=1M count={mib} 2>/dev/null;"
+                          f" echo FILL''ED-$?\n".encode())
+        while True:
+            m = re.search(rb"FILLED-(\d+)", self.serial.read_bytes()[start:])
+            if m:
+                if m.group(1) != b"0":
+                    raise RuntimeError(f"guest fill of {mib} MiB failed (exit {m.group(1).decode()})")
+                return time.perf_counter() - t
+            if time.perf_counter() - t > timeout:
+                raise RuntimeError(f"guest fill of {mib} MiB not done in {timeout:.0f} s")
+            time.sleep(0.2)
 
     def memfd_fd(self) -> str:
         """/proc/PID/fd/N of the guest's memfd backend (the physical limit)."""

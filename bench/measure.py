@@ -313,13 +313,15 @@ def qemu_kdump(g: Guest, outdir: str) -> dict[str, float]:
 
 # -- (7) vmcorefs dump ------------------------------------------------------------
 
-def vmcorefs_dump(g: Guest, outdir: str, fmt: str = "elf") -> dict[str, float]:
+def vmcorefs_dump(g: Guest, outdir: str, fmt: str = "elf", key: str = "") -> dict[str, float]:
     """(7): ``vmcorefs dump --format FMT`` of the running guest into
     ``outdir``: wall time, guest pause (QEMU's STOP to RESUME), output and
-    allocated size, the command's peak RSS (``wait4``), and the guest pages
-    the dump made the host hold (QEMU's resident guest memory, after minus
-    before).  Key prefix ``vdump`` (elf) or ``vkdump`` (kdump-*)."""
-    key = "vdump" if fmt == "elf" else "vkdump"
+    allocated size, the command's peak RSS (``wait4``), the guest RAM the
+    host held before (QEMU's resident guest pages: what "populated" means
+    for the allocated size) and the guest pages the dump made the host hold
+    (the same, after minus before).  Key prefix ``key``, by default
+    ``vdump`` (elf) or ``vkdump`` (kdump-*)."""
+    key = key or ("vdump" if fmt == "elf" else "vkdump")
     resident0 = qemu_resident(g)
     with ScratchFile(outdir, f"{key}.{fmt}") as out:
         g.clear_events()
@@ -338,4 +340,43 @@ def vmcorefs_dump(g: Guest, outdir: str, fmt: str = "elf") -> dict[str, float]:
         st = os.stat(out.path)
     return {f"{key}_s": elapsed, f"{key}_pause_s": stop_to_resume(g), f"{key}_size_bytes": st.st_size,
             f"{key}_alloc_bytes": st.st_blocks * 512, f"{key}_rss_bytes": usage.ru_maxrss * 1024,
-            f"{key}_growth_bytes": qemu_resident(g) - resident0}
+            f"{key}_populated_bytes": resident0, f"{key}_growth_bytes": qemu_resident(g) - resident0}
+
+
+def qemu_elf(g: Guest, outdir: str, key: str) -> dict[str, float]:
+    """(7) anchor: QEMU's ``dump-guest-memory paging=false`` (ELF) into a
+    file in ``outdir`` (``/dev/null``: into nothing, a lower bound of its
+    time), without drgn after it: wall time (= the guest's pause: QEMU stops
+    it for the whole dump), allocated size, and the guest pages the dump
+    faulted into host memory.  Skipped when the file (every page of guest
+    RAM) does not fit in ``outdir`` or QEMU would fault more never-touched
+    pages into a memfd than the host has."""
+    file_bytes, inflate = dump_need(g)
+    if inflate > host_free() - MARGIN:
+        raise Skip(f"cannot run: QEMU's dump would fault {inflate / GiB:.0f} GiB of never-touched guest RAM"
+                   f" into the memfd, {host_free() / GiB:.1f} GiB of host memory free")
+    resident0 = before_qemu_dumps(g)
+    if outdir == "/dev/null":
+        t = time.perf_counter()
+        g.qmp("dump-guest-memory", paging=False, protocol="file:/dev/null")
+        return {f"{key}_s": time.perf_counter() - t, f"{key}_growth_bytes": qemu_resident(g) - resident0}
+    st = os.statvfs(outdir)
+    free = st.f_bavail * st.f_frsize
+    if os.path.realpath(outdir).startswith("/dev/shm"):
+        free = min(free, host_free() - inflate - MARGIN)  # tmpfs pages are host memory
+    if file_bytes + GiB > free:
+        raise Skip(f"cannot run: QEMU's ELF is {file_bytes / GiB:.0f} GiB (every page written),"
+                   f" {free / GiB:.1f} GiB free in {outdir}")
+    with ScratchFile(outdir, f"{key}.elf") as f:
+        t = time.perf_counter()
+        g.qmp("dump-guest-memory", paging=False, protocol=f"file:{f.path}")
+        elapsed = time.perf_counter() - t
+        alloc = os.stat(f.path).st_blocks * 512
+    return {f"{key}_s": elapsed, f"{key}_alloc_bytes": alloc, f"{key}_growth_bytes": qemu_resident(g) - resident0}
+
+
+def guest_fill(g: Guest, mib: int) -> dict[str, float]:
+    """Have the guest write ``mib`` MiB of /dev/urandom into a tmpfs of its
+    own (guest RAM really in use, incompressible), typed on its console;
+    seconds it took."""
+    return {"fill_s": g.fill(mib)}

@@ -93,6 +93,15 @@ METRICS: list[tuple[str, str, Callable[[float], str]]] = [
     ("vkdump_s", "(7) vmcorefs dump --format kdump-zlib: wall time", _s),
     ("vkdump_pause_s", "(7) vmcorefs dump --format kdump-zlib: guest paused", _s),
     ("vkdump_size_bytes", "(7) vmcorefs dump --format kdump-zlib: output size", _bytes),
+    ("fill_s", "(7) before the dumps: the guest writes --fill-mib MiB of random bytes to a tmpfs", _s),
+    ("vdump_populated_bytes", "(7) guest RAM the host held before the dump (QEMU's resident guest pages)", _bytes),
+    ("vdumpdisk_s", "(7) vmcorefs dump (sparse ELF to the scratch disk): wall time", _s),
+    ("vdumpdisk_pause_s", "(7) vmcorefs dump to disk: guest paused (STOP→RESUME)", _s),
+    ("vdumpdisk_alloc_bytes", "(7) vmcorefs dump to disk: allocated size", _bytes),
+    ("vdumpdisk_growth_bytes", "(7) vmcorefs dump to disk: guest pages it made the host hold", _bytes),
+    ("dumpdisk_s", "(7) dump-guest-memory ELF to the scratch disk: wall time (= guest pause)", _s),
+    ("dumpdisk_alloc_bytes", "(7) dump-guest-memory ELF to disk: allocated size", _bytes),
+    ("dumpnull_s", "(7) dump-guest-memory ELF into /dev/null (no storage): wall time (= guest pause)", _s),
 ]
 FORMAT = {k: f for k, _, f in METRICS}
 
@@ -114,6 +123,12 @@ RATIOS: list[tuple[str, str, str]] = [
     ("(7) allocated size, dump-guest-memory ÷ vmcorefs dump", "dump_file_bytes", "vdump_alloc_bytes"),
     ("(7) kdump-zlib wall time, QEMU ÷ vmcorefs dump", "qkdump_s", "vkdump_s"),
     ("(7) kdump-zlib output, vmcorefs dump ÷ QEMU", "vkdump_size_bytes", "qkdump_out_bytes"),
+    ("(7) disk: speed-up of vmcorefs dump over dump-guest-memory ELF (dumpdisk_s ÷ vdumpdisk_s)", "dumpdisk_s",
+     "vdumpdisk_s"),
+    ("(7) disk: guest pause, dump-guest-memory ÷ vmcorefs dump", "dumpdisk_s", "vdumpdisk_pause_s"),
+    ("(7) dump-guest-memory into /dev/null ÷ vmcorefs dump to disk (QEMU's lower bound)", "dumpnull_s",
+     "vdumpdisk_s"),
+    ("(7) allocated size of vmcorefs dump ÷ populated guest RAM", "vdump_alloc_bytes", "vdump_populated_bytes"),
 ]
 
 

@@ -144,16 +144,24 @@ def bench_guest(size: int, kind: str, a: argparse.Namespace, rec: Recorder) -> N
         if "freeze" in a.only:
             with Mount(g, "--freeze") as m:
                 rec.run(["freeze_pause_ms"], measure.freeze_pause, g, m, times=R)
+        # The dumps on a guest that wrote --fill-mib MiB of random bytes into a tmpfs of its own.
+        if a.fill_mib and {"vdump", "vkdump", "dump", "qkdump"} & set(a.only):
+            rec.run(["fill_s"], measure.guest_fill, g, a.fill_mib)
         # Before QEMU's own dumps, which fault every page of a memfd guest in.
         if "vdump" in a.only:
             rec.run(["vdump_s", "vdump_pause_s", "vdump_alloc_bytes"], measure.vmcorefs_dump, g, "/dev/shm",
                     times=R)
+            rec.run(["vdumpdisk_s", "vdumpdisk_pause_s", "vdumpdisk_alloc_bytes"], measure.vmcorefs_dump, g,
+                    a.scratch, "elf", "vdumpdisk", times=R)
         if "vkdump" in a.only:
             rec.run(["vkdump_s", "vkdump_pause_s", "vkdump_size_bytes"], measure.vmcorefs_dump, g, a.scratch,
                     "kdump-zlib", times=heavy)
         # Last: QEMU's own dumps fault every page of a memfd guest in.
         if "dump" in a.only:
             rec.run(["ttfa_dump_s", "dump_s", "dump_host_bytes"], measure.ttfa_dump, g, times=R)
+            rec.run(["dumpdisk_s", "dumpdisk_alloc_bytes"], measure.qemu_elf, g, a.scratch, "dumpdisk",
+                    times=heavy)
+            rec.run(["dumpnull_s"], measure.qemu_elf, g, "/dev/null", "dumpnull", times=heavy)
         if "qkdump" in a.only:
             rec.run(["qkdump_s", "qkdump_out_bytes", "qkdump_read_bytes"], measure.qemu_kdump, g, tmp,
                     times=heavy)
@@ -186,6 +194,9 @@ def main() -> int:
     p.add_argument("--heavy-max-gib", type=int, default=16,
                    help="above this size, makedumpfile and QEMU's kdump run once (default 16)")
     p.add_argument("--scratch", default="/var/tmp", help="directory for makedumpfile/kdump output (disk)")
+    p.add_argument("--fill-mib", type=int, default=1024,
+                   help="before the dump groups, the guest writes this many MiB of random bytes into a tmpfs"
+                        " (default 1024; 0: not)")
     p.add_argument("--out", default=str(HERE / "out"))
     p.add_argument("--pool", action="store_true",
                    help="with --from-json: pool the samples of the same size and kind instead of replacing them")
@@ -246,6 +257,9 @@ def main() -> int:
         notes = run["meta"]["notes"]
         if any(s > a.heavy_max_gib for s in sizes):
             notes.append(f"Above {a.heavy_max_gib} GiB, makedumpfile and QEMU's kdump-zlib ran once per guest.")
+        if a.fill_mib and {"vdump", "vkdump", "dump", "qkdump"} & set(a.only):
+            notes.append(f"Before the dump groups (7), each guest wrote {a.fill_mib} MiB of /dev/urandom into a"
+                         f" tmpfs of its own (incompressible guest RAM really in use).")
         notes.append(f"The full read of (2) is time-boxed to {a.timebox:.0f} s (the part read is shown); "
                      f"(3) reads the first {a.seq_prefix_gib:g} GiB (or all of a smaller guest) with dd; "
                      f"(4) takes {a.rand_n} random pages of guest RAM per repetition.")
