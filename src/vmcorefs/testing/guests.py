@@ -255,11 +255,15 @@ def _read(path: Path) -> bytes:
         return b""
 
 
+def booted(serial: Path) -> bool:
+    """Whether /init has announced itself (:data:`READY`) in the serial log ``serial``."""
+    return READY in _read(serial)
+
+
 def wait_booted(name: str, ready: Callable[[], bool], serial: Path, timeout: float,
                 exited: Callable[[], str | None] = lambda: None) -> None:
     """The one readiness wait of the test guests (QEMU's, libvirt's): poll
-    ``ready()`` every 0.1 s, e.g. for :data:`READY` in the serial log
-    ``serial``.  Raises RuntimeError when ``exited()`` gives a reason (the
+    ``ready()`` every 0.1 s, e.g. ``booted(serial)``.  Raises RuntimeError when ``exited()`` gives a reason (the
     guest's process is gone), TimeoutError after ``timeout`` seconds; both
     say ``name`` and end with the tail of ``serial``."""
     deadline = time.monotonic() + timeout
@@ -336,7 +340,7 @@ class QemuGuest:
             wait_booted(self.spec.name, lambda: all(p.exists() for p in sockets), self.serial, timeout or 30.0,
                         exited)
         else:
-            wait_booted(self.spec.name, lambda: READY in _read(self.serial), self.serial,
+            wait_booted(self.spec.name, lambda: booted(self.serial), self.serial,
                         self.spec.timeout if timeout is None else timeout, exited)
         if self.boot_s is None:
             self.boot_s = time.monotonic() - self._t_start

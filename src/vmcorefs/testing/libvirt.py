@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from vmcorefs.testing.guests import DEBIAN12, READY, KernelAssets
+from vmcorefs.testing.guests import DEBIAN12, KernelAssets, booted, wait_booted
 from vmcorefs.testing.mounts import wait_for
 
 URI = "qemu:///system"
@@ -195,8 +195,7 @@ def boot_domain(name: str, memory: str, vmcoreinfo: bool, mib: int = 256, kernel
             os.chmod(directory / f, 0o644)
         (directory / "domain.xml").write_text(domain_xml(name, dom.uuid, directory, memory, vmcoreinfo, mib))
         virsh("create", str(directory / "domain.xml"))
-        wait_for(lambda: dom.serial.exists() and READY in dom.serial.read_bytes(), timeout, f"{name} boot",
-                 interval=0.2)
+        wait_booted(name, lambda: booted(dom.serial), dom.serial, timeout)
     except BaseException:
         destroy(dom)
         raise
