@@ -92,9 +92,11 @@ def boot_cost(size_gib: int) -> int:
 
 class Guest(QemuGuest):
     """A TCG guest (:mod:`vmcorefs.testing`) with ``size_gib`` GiB of RAM,
-    ``kind`` "memfd" or "private", and where its RAM lives on the host."""
+    ``kind`` "memfd" or "private", and where its RAM lives on the host;
+    ``vmcoreinfo=False``: no ``-device vmcoreinfo`` (vmcorefs finds
+    VMCOREINFO in guest RAM)."""
 
-    def __init__(self, size_gib: int, kind: str, smp: int = 2) -> None:
+    def __init__(self, size_gib: int, kind: str, smp: int = 2, vmcoreinfo: bool = True) -> None:
         if kind not in ("memfd", "private"):
             raise ValueError(kind)
         self.size_gib, self.kind = size_gib, kind
@@ -105,7 +107,8 @@ class Guest(QemuGuest):
             # refuses one private mapping larger than the host's RAM.
             memory = "private-noreserve"
             self.note = "memory-backend-ram,reserve=off (-m alone exceeds the host's overcommit limit)"
-        spec = GuestSpec(f"bench-{size_gib}g-{kind}", memory=memory, mib=size_gib * 1024, vcpus=smp)
+        spec = GuestSpec(f"bench-{size_gib}g-{kind}{'' if vmcoreinfo else '-novci'}", memory=memory,
+                         mib=size_gib * 1024, vcpus=smp, vmcoreinfo=vmcoreinfo)
         spec = dataclasses.replace(spec, console=True)  # fill() types on it
         try:
             super().__init__(spec)

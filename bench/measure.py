@@ -380,3 +380,33 @@ def guest_fill(g: Guest, mib: int) -> dict[str, float]:
     own (guest RAM really in use, incompressible), typed on its console;
     seconds it took."""
     return {"fill_s": g.fill(mib)}
+
+
+# -- (8) VMCOREINFO from guest RAM ------------------------------------------------
+
+#: Opens of vmcore after the first, for the steady-state open time.
+FINDER_LATER_OPENS = 5
+
+
+def _open_close(path: Path) -> float:
+    t = time.perf_counter()
+    with open(path, "rb") as f:
+        f.read(64)
+    return time.perf_counter() - t
+
+
+def finder_open(g: Guest, tag: str) -> dict[str, float]:
+    """(8) `vmcorefs mount`, then the first open+close of ``MNT/vmcore``
+    (64 bytes read), then :data:`FINDER_LATER_OPENS` more (their median).
+    ``tag``: ``dev`` (a guest with -device vmcoreinfo) or ``nodev`` (without:
+    the mount's first snapshot scans guest RAM for VMCOREINFO; later opens
+    re-validate what it found).  Each call is a new daemon, so a new scan."""
+    with Mount(g) as m:
+        first = _open_close(m.vmcore)
+        later = sorted(_open_close(m.vmcore) for _ in range(FINDER_LATER_OPENS))
+        if not (m.path / "vmcoreinfo").exists():
+            raise RuntimeError(f"no vmcoreinfo file on the mount of {g.spec.name}")
+    assert m.mount_s is not None
+    return {f"finder_mount_{tag}_s": m.mount_s, f"finder_open1_{tag}_ms": first * 1e3,
+            f"finder_open_{tag}_ms": later[len(later) // 2] * 1e3,
+            f"finder_first_{tag}_s": m.mount_s + first}

@@ -315,6 +315,59 @@ def markdown(run: dict[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
+# -- (8) VMCOREINFO from guest RAM --------------------------------------------------
+
+def finder_markdown(run: dict[str, Any]) -> str:
+    """The finder's section: per guest, mount + first open of ``vmcore`` with
+    ``-device vmcoreinfo`` and without (VMCOREINFO found in guest RAM), the
+    ratio of their medians, their parts, and the host's load average.  Empty
+    when the run has no finder samples."""
+    guests = [g for g in run["guests"]
+              if any(k.startswith("finder_") for k in (*g["samples"], *g["notes"]))]
+    if not guests:
+        return ""
+    meta = run["meta"]
+    lines = [
+        f"Run of {meta['date']} on {meta['machine']}; {meta['repeat']} mount(s) per guest, each a new daemon "
+        f"(so a new scan); `{meta['command']}`, {meta['duration_s'] / 60:.0f} min.",
+        "",
+        "| guest | mount + first open, device | same, no device | ratio | mount: device / none "
+        "| first open: device / none | later opens: device / none | load average |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes: list[str] = []
+
+    def both(g: dict[str, Any], metric: str, fmt: Callable[[float], str]) -> str:
+        out = []
+        for tag in ("dev", "nodev"):
+            key = metric.format(tag)
+            vals = g["samples"].get(key)
+            if vals:
+                out.append(cell(vals, fmt))
+            elif key in g["notes"]:
+                text = f"{g['size_gib']} GiB {g['kind']}: {g['notes'][key]}"
+                if text not in notes:
+                    notes.append(text)
+                out.append(f"n/a[^finder{notes.index(text) + 1}]")
+            else:
+                out.append("")
+        return " / ".join(out)
+
+    for g in guests:
+        dev, nodev = (g["samples"].get(f"finder_first_{t}_s") for t in ("dev", "nodev"))
+        ratio = _x(med(nodev) / med(dev)) if dev and nodev else ""
+        first = both(g, "finder_first_{}_s", _s).split(" / ")
+        la = g.get("loadavg")
+        lines.append(f"| {g['size_gib']} GiB {g['kind']} | {first[0]} | {first[1]} | {ratio} "
+                     f"| {both(g, 'finder_mount_{}_s', _s)} | {both(g, 'finder_open1_{}_ms', _ms)} "
+                     f"| {both(g, 'finder_open_{}_ms', _ms)} "
+                     f"| {f'{la[0]:.1f} → {la[1]:.1f}' if la else ''} |")
+    out = "\n".join(lines) + "\n"
+    if notes:
+        out += "\n" + "\n".join(f"[^finder{i + 1}]: {n}" for i, n in enumerate(notes)) + "\n"
+    return out
+
+
 # -- plot -----------------------------------------------------------------------
 
 def plot(run: dict[str, Any], paths: list[str]) -> None:
