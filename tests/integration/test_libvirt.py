@@ -350,7 +350,7 @@ def test_domain_not_running(libvirtd: None, tmp_path: Path) -> None:
     name = f"vmcorefs-test-inactive-{os.getpid()}"
     xml = tmp_path / "inactive.xml"
     xml.write_text(domain_xml(name, str(uuid.uuid4()), tmp_path, "private", False))
-    virsh("define", str(xml))
+    virsh("define", str(xml), timeout=600)  # libvirtd may probe QEMU first: slow on a loaded host
     try:
         mnt = tmp_path / "mnt"
         mnt.mkdir()

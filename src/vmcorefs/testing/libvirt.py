@@ -148,7 +148,8 @@ class Domain:
 
 
 def domain_xml(name: str, uid: str, directory: Path, memory: str, vmcoreinfo: bool, mib: int = 256) -> str:
-    """A TCG domain of 2 vCPUs and ``mib`` MiB (``pc`` machine): libvirt's
+    """A TCG domain of 2 vCPUs (ACPI on: without its MADT the guest brings
+    up one CPU) and ``mib`` MiB (``pc`` machine): libvirt's
     default private RAM (``memory='private'``) or memfd RAM shared with
     vmcorefs (``'memfd'``); kernel, initramfs and serial log in ``directory``."""
     backing = ("<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"
@@ -165,7 +166,7 @@ def domain_xml(name: str, uid: str, directory: Path, memory: str, vmcoreinfo: bo
     <initrd>{directory / 'initramfs.cpio.gz'}</initrd>
     <cmdline>console=ttyS0 panic=-1 printk.devkmsg=on no_timer_check</cmdline>
   </os>
-  <features>{"<vmcoreinfo state='on'/>" if vmcoreinfo else ""}</features>
+  <features><acpi/><apic/>{"<vmcoreinfo state='on'/>" if vmcoreinfo else ""}</features>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
