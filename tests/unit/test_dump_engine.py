@@ -5,6 +5,7 @@ a file and compared with what the layout says, byte for byte."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -23,7 +24,7 @@ from vmcorefs.dump import Makedumpfile, _NoProgress, _nonzero_pages, _Watch, che
 from vmcorefs.errors import UsageError
 from vmcorefs.qemu.guest import Snapshot
 from vmcorefs.qemu.memory import ProcessMemory, Source
-from vmcorefs.qemu.scan import GuestRAM, zero_pfns
+from vmcorefs.qemu.scan import HUGE, GuestRAM, zero_pfns
 
 MiB = 1 << 20
 IDENT64 = b"\x7fELF\x02\x01\x01" + bytes(9)
@@ -338,3 +339,74 @@ def test_check_filter(version: tuple[int, ...], level: int, vmcoreinfo: dict[str
     msg = str(e.value)
     assert f"--filter {level}:" in msg and f"makedumpfile {'.'.join(map(str, version))}" in msg, msg
     assert f"use --filter {level & ~8} " in msg and "6.12.95+deb12-cloud-amd64" in msg, msg
+
+
+def _merged(runs: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    out: list[tuple[int, int, str]] = []
+    for off, n, kind in runs:
+        if out and out[-1][0] + out[-1][1] == off and out[-1][2] == kind:
+            out[-1] = (out[-1][0], out[-1][1] + n, kind)
+        else:
+            out.append((off, n, kind))
+    return out
+
+
+def test_pagemap_scan_runs_equal_pagemap_entries() -> None:
+    """GuestRAM.populated of private RAM by the PAGEMAP_SCAN ioctl (Linux
+    6.7+) gives the runs that reading every pagemap entry gives: written
+    pages, not untouched ones, not the zero page, not the huge zero page."""
+    size = 16 * MiB
+    m = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    off = -base % HUGE  # a 2 MiB aligned block, so THP can back it
+    try:
+        with contextlib.suppress(OSError):
+            m.madvise(mmap.MADV_HUGEPAGE, off + 8 * MiB, 8 * MiB)
+        for page in (0, 1, 2, 7, 100, 101, 1023):
+            m[off + page * PAGE_SIZE] = 1
+        _ = m[off + 50 * PAGE_SIZE]  # the zero page
+        _ = m[off + 8 * MiB]  # the huge zero page where THP and its zero page are on
+        m[off + 12 * MiB + 5] = 1  # a THP (or a page) of data
+        block = GuestPhysBlock(0, size, base + off, "ram", "ram")
+        memory = ProcessMemory(os.getpid(), "procmem")
+        try:
+            (src,) = memory.sources([block])
+            with GuestRAM(memory, [src]) as scan, GuestRAM(memory, [src]) as entries:
+                entries._scan_ok = False
+                by_entries = _merged(list(entries.populated(src)))
+                require_scan = scan._scan_regions(src.base, size) is not None
+                by_scan = _merged(list(scan.populated(src)))
+            assert by_scan == by_entries, (by_scan, by_entries)
+            assert by_entries[0] == (0, 3 * PAGE_SIZE, "resident")
+            assert all(not (o <= 50 * PAGE_SIZE < o + n) for o, n, _ in by_entries)
+            if not require_scan:
+                pytest.skip("this kernel has no PAGEMAP_SCAN (Linux < 6.7): only the entry path ran")
+        finally:
+            memory.close()
+    finally:
+        m.close()
+
+
+def test_pagemap_scan_over_many_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sparse 4 GiB mapping whose 64 runs take several PAGEMAP_SCAN calls
+    of 10 regions: the same runs as the pagemap entries say."""
+    monkeypatch.setattr("vmcorefs.qemu.scan.SCAN_REGIONS", 10)
+    size = 4 << 30
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x4000)  # MAP_NORESERVE
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    try:
+        for i in range(0, size, 64 * MiB):
+            m[i + (i // (64 * MiB)) * PAGE_SIZE % (64 * MiB)] = 1
+        block = GuestPhysBlock(0, size, base, "ram", "ram")
+        memory = ProcessMemory(os.getpid(), "procmem")
+        try:
+            (src,) = memory.sources([block])
+            with GuestRAM(memory, [src]) as scan, GuestRAM(memory, [src]) as entries:
+                entries._scan_ok = False
+                by_entries = list(entries.populated(src))
+                by_scan = list(scan.populated(src))
+            assert len(by_entries) == 64 and by_scan == by_entries
+        finally:
+            memory.close()
+    finally:
+        m.close()
