@@ -15,7 +15,13 @@ harness=("$venv/bin/python" -m vmcorefs.testing)
 cleanup() {
   fusermount3 -u "$mnt" 2>/dev/null || true
   fusermount3 -u "$work/frozen" 2>/dev/null || true
+  fusermount3 -u "$work/all" 2>/dev/null || true
   [ -s "$work/guest/qemu.pid" ] && kill "$(cat "$work/guest/qemu.pid")" 2>/dev/null || true
+  # libvirt domains booted (NAME DIR per line), then the daemons started, if any.
+  if [ -f "$work/domains" ]; then
+    while read -r name dir; do "${harness[@]}" libvirt-destroy "$name" "$dir" || true; done < "$work/domains"
+  fi
+  [ -f "$work/libvirtd.started" ] && { "${harness[@]}" libvirtd-stop "$work/libvirtd.started" || true; }
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -94,4 +100,35 @@ done
 
 say "Unmounting"
 fusermount3 -u "$mnt"
+kill "$(cat "$work/guest/qemu.pid")"
+
+# libvirt: libvirtd started as the tests start it (without systemd) unless
+# it runs; two transient TCG domains of the test kernel (virsh create).
+say "libvirt: two domains, then vmcorefs mount --all (one directory per running domain)"
+"${harness[@]}" libvirtd-start "$work/libvirtd.started"
+doms=("vmcorefs-demo-private-$$" "vmcorefs-demo-memfd-$$")
+for i in 0 1; do
+  name=${doms[$i]}
+  if [ "$i" = 0 ]; then opts=(--memory private); else opts=(--memory memfd --vmcoreinfo); fi
+  dir=$("${harness[@]}" libvirt-boot "$name" "${opts[@]}")
+  echo "$name $dir" >> "$work/domains"
+  echo "$name is up (${opts[*]})"
+done
+virsh -c qemu:///system list
+mkdir -p "$work/all"
+"$vmcorefs" mount --all "$work/all"
+ls -l "$work/all"
+ls -l "$work/all/${doms[0]}"
+
+say "drgn without debuginfo on ${doms[0]} (private RAM, VMCOREINFO found in guest RAM)"
+"${harness[@]}" drgn-kallsyms "$work/all/${doms[0]}/vmcore" jiffies_64
+
+say "makedumpfile --dump-dmesg on ${doms[1]} (memfd RAM)"
+makedumpfile --message-level 4 --dump-dmesg "$work/all/${doms[1]}/vmcore" "$work/dmesg-libvirt.txt"
+head -1 "$work/dmesg-libvirt.txt"; echo "..."; tail -2 "$work/dmesg-libvirt.txt"
+
+say "Unmounting, destroying the domains"
+fusermount3 -u "$work/all"
+while read -r name dir; do "${harness[@]}" libvirt-destroy "$name" "$dir"; done < "$work/domains"
+rm "$work/domains"
 echo "done."

@@ -12,6 +12,16 @@
     printk-head MNT
         The guest's printk ring head id, read from MNT/pmem (it moves with
         every kernel message).
+    libvirtd-start STATE
+        Start virtlogd and libvirtd (without systemd) unless qemu:///system
+        answers; the pid files of what was started go to STATE.
+    libvirtd-stop STATE
+        Stop the daemons that libvirtd-start listed in STATE.
+    libvirt-boot NAME [--memory private|memfd] [--mib N] [--vmcoreinfo]
+        Start transient TCG domain NAME of the test kernel (2 vCPUs), wait
+        until it is up and print its directory (kernel, serial log).
+    libvirt-destroy NAME DIR
+        Destroy domain NAME and remove its directory DIR.
 """
 
 from __future__ import annotations
@@ -44,6 +54,24 @@ def boot(a: argparse.Namespace) -> int:
     return 0
 
 
+def libvirt(a: argparse.Namespace) -> int:
+    from vmcorefs.testing import libvirt as lv
+
+    try:
+        if a.command == "libvirtd-start":
+            a.state.write_text("".join(f"{p}\n" for p in lv.start_libvirtd()))
+        elif a.command == "libvirtd-stop":
+            lv.stop_libvirtd(a.state.read_text().split() if a.state.exists() else [])
+        elif a.command == "libvirt-boot":
+            print(lv.boot_domain(a.name, a.memory, a.vmcoreinfo, a.mib).dir)
+        else:
+            lv.destroy(lv.Domain(a.name, "", a.dir, ""))
+    except (lv.LibvirtUnavailable, AssertionError, TimeoutError, OSError) as e:
+        print(f"vmcorefs.testing: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vmcorefs.testing", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,9 +87,22 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("symbols", nargs="*")
     h = sub.add_parser("printk-head", help="the printk ring head id from MNT/pmem")
     h.add_argument("mnt", type=Path)
+    for command in ("libvirtd-start", "libvirtd-stop"):
+        sub.add_parser(command, help="start libvirtd if needed" if command.endswith("start")
+                       else "stop what libvirtd-start started").add_argument("state", type=Path)
+    lb = sub.add_parser("libvirt-boot", help="boot a transient libvirt domain of the test kernel")
+    lb.add_argument("name")
+    lb.add_argument("--memory", choices=["memfd", "private"], default="private")
+    lb.add_argument("--mib", type=int, default=256)
+    lb.add_argument("--vmcoreinfo", action="store_true", help="<features><vmcoreinfo state='on'/>")
+    ld = sub.add_parser("libvirt-destroy", help="destroy a domain of libvirt-boot")
+    ld.add_argument("name")
+    ld.add_argument("dir", type=Path)
     a = p.parse_args(argv)
     if a.command == "boot":
         return boot(a)
+    if a.command.startswith("libvirt"):
+        return libvirt(a)
     if a.command == "drgn-kallsyms":
         os.execv(sys.executable, [sys.executable, "-c", DRGN_KALLSYMS, a.core, *a.symbols])
     vci = vmcoreinfo_dict((a.mnt / "vmcoreinfo").read_text())
