@@ -410,3 +410,23 @@ def test_pagemap_scan_over_many_calls(monkeypatch: pytest.MonkeyPatch) -> None:
             memory.close()
     finally:
         m.close()
+
+
+def test_kdump_zlib_pages_no_bigger_than_zlib_level_1() -> None:
+    """kdump-zlib keeps the shorter of ISA-L's and zlib's level 1 (QEMU's and
+    makedumpfile's), and stores pages nothing shrinks raw, as they do."""
+    from vmcorefs.dump import codec
+
+    c = codec("kdump-zlib")
+    text = Path(__file__).read_bytes() * 3
+    pages = [text[i:i + PAGE_SIZE] for i in range(0, len(text) - PAGE_SIZE, 1000)]
+    pages += [fake_mem(i, PAGE_SIZE) for i in range(20)] + [os.urandom(PAGE_SIZE) for _ in range(20)]
+
+    def stored(n: int) -> int:
+        return n if n < PAGE_SIZE else PAGE_SIZE
+
+    for page in pages:
+        ours = c.compress(page)
+        assert stored(len(ours)) <= stored(len(zlib.compress(page, 1)))
+        if len(ours) < PAGE_SIZE:
+            assert zlib.decompress(ours) == page
