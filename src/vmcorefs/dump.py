@@ -366,6 +366,12 @@ def _guest_utsname(src: int, layout: SparseFile, snap: Snapshot) -> bytes:
     return kdump.utsname("Linux", release, "#1 (unknown)", machine)
 
 
+#: Chunks handed to the two compressing threads and not yet written: enough to
+#: keep both busy while one is written (each holds a CHUNK and its output:
+#: the writer's RSS stays under 80 MiB).
+_KDUMP_IN_FLIGHT = 3
+
+
 def write_kdump(src: int, out: int, layout: SparseFile, snap: Snapshot, fmt: str, watch: _Watch,
                 progress: Progress) -> None:
     """Convert the sparse ELF in ``src`` (written by :func:`copy_runs` from
@@ -373,7 +379,7 @@ def write_kdump(src: int, out: int, layout: SparseFile, snap: Snapshot, fmt: str
     see :func:`codec`) in ``out``: every page of every PT_LOAD, level 0,
     all-zero pages stored once (as QEMU's ``kdump-*``).  File holes are
     zero pages and are not read; pages are compressed by two worker
-    threads, 4 MiB at a time, at most ``BUFFERS`` chunks in flight.
+    threads, 4 MiB at a time, at most ``_KDUMP_IN_FLIGHT`` + 1 chunks in flight.
     Returns early when ``watch.stop`` is set.  Raises :class:`OSError`,
     :class:`UsageError` (no binding for ``fmt``)."""
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -430,7 +436,7 @@ def write_kdump(src: int, out: int, layout: SparseFile, snap: Snapshot, fmt: str
                 else:
                     pending.append((pool.submit(_compress_pages, os.pread(src, n, seg.offset + pos), c.compress),
                                     n // PAGE_SIZE))
-                drain(BUFFERS)
+                drain(_KDUMP_IN_FLIGHT)
         drain(0)
     if index != kl.pages:
         raise DumpError(f"kdump: wrote {index} page descriptors, the header says {kl.pages}")
