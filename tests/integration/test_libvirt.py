@@ -283,9 +283,11 @@ def test_info(domain: Domain) -> None:
     r = run_vmcorefs("info", "--connect", URI, "--domain", domain.uuid)
     assert r.returncode == 0, r.stderr
     assert f"libvirt      {URI} domain {domain.name} {domain.uuid}" in r.stdout
-    # Passthrough taints the domain; libvirt logs it.
+    # Passthrough taints the domain: libvirt logs it and virsh dominfo says so
+    # (what the README and docs/cookbook.md tell users).
     log = Path(f"/var/log/libvirt/qemu/{domain.name}.log")
     assert "tainted: custom-monitor" in log.read_text(errors="replace")
+    assert "tainted: custom monitor control commands issued" in virsh("dominfo", domain.name).stdout
 
 
 def test_freeze_through_libvirt(private_domain: Domain) -> None:
