@@ -236,3 +236,73 @@ def test_quiet_still_says_a_failed_resume(monkeypatch: pytest.MonkeyPatch, capsy
     finally:
         os.close(r)
     assert "cannot resume it: QEMU did not answer" in capsys.readouterr().err
+
+
+class _Lazy:
+    """A LazyGuest of ``guest`` (what ``mount --all`` keeps per domain)."""
+
+    name = "dom"
+
+    def __init__(self, guest: Guest) -> None:
+        self.guest = guest
+
+    async def get(self) -> Guest:
+        return self.guest
+
+    async def status(self) -> str:
+        return "running"
+
+    async def pause(self) -> None:
+        await self.guest.pause()
+
+    async def resume(self) -> None:
+        await self.guest.resume()
+
+    async def close(self) -> None:
+        self.guest.calls.append("close")
+
+
+def test_all_freeze_starts_a_domain_watchdog_at_its_first_pause(pipe: tuple[int, Watchdog],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """mount --all --freeze: no watchdog for a domain until it is first
+    paused; then one, told of each pause and resume, let go at close."""
+    from vmcorefs.qemu.domains import FreezeWatchedGuest
+
+    r, wd = pipe
+    g = Guest()
+    started: list[list[str]] = []
+    monkeypatch.setattr(watchdog, "action_for", lambda monitor: ["libvirt", "URI", "UUID"])
+    monkeypatch.setattr(watchdog, "start", lambda action: started.append(list(action)) or wd)
+    fw = FreezeWatchedGuest(_Lazy(g))  # type: ignore[arg-type]
+
+    async def go() -> None:
+        assert await fw.status() == "running" and started == []
+        await fw.pause()
+        assert started == [["libvirt", "URI", "UUID"]] and said(r) == PAUSED
+        await fw.resume()
+        assert said(r) == RESUMED
+        await fw.pause()
+        await fw.resume()
+        assert said(r) == PAUSED + RESUMED and len(started) == 1
+        await fw.close()
+        assert g.calls == ["stop", "cont", "stop", "cont", "close"]
+    asyncio.run(go())
+
+
+def test_all_freeze_pauses_without_a_watchdog_it_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmcorefs.qemu.domains import FreezeWatchedGuest
+
+    def refuse(action: list[str]) -> Watchdog:
+        raise OSError("no process")
+
+    g = Guest()
+    monkeypatch.setattr(watchdog, "action_for", lambda monitor: ["libvirt", "URI", "UUID"])
+    monkeypatch.setattr(watchdog, "start", refuse)
+    fw = FreezeWatchedGuest(_Lazy(g))  # type: ignore[arg-type]
+
+    async def go() -> None:
+        await fw.pause()
+        await fw.resume()
+        await fw.close()
+        assert g.calls == ["stop", "cont", "close"] and fw.watched is None
+    asyncio.run(go())
