@@ -626,8 +626,8 @@ static int copy_reply(struct engine *e, struct fuse_out_header *oh, const struct
         pos += p.length;
     }
     struct iovec iov[2] = {{oh, sizeof *oh}, {e->cbuf, len}};
+    atomic_fetch_add(&e->n_copied, 1); /* before the reply: whoever has it sees the count */
     write_all_dev(e, iov, 2);
-    atomic_fetch_add(&e->n_copied, 1);
     return 0;
 }
 
@@ -793,6 +793,7 @@ static int splice_reply(struct engine *e, struct fuse_out_header *oh, const stru
             goto fallback;
         pos += p.length;
     }
+    atomic_fetch_add(&e->n_spliced, 1); /* before the reply: whoever has it sees the count */
     for (;;) {
         ssize_t n = splice(e->pipe_r, NULL, e->dev_fd, NULL, oh->len, 0);
         if (n < 0 && errno == EINTR)
@@ -801,7 +802,6 @@ static int splice_reply(struct engine *e, struct fuse_out_header *oh, const stru
             pipe_reset(e); /* e.g. ENOENT: the request was interrupted; drop what is left */
         break;
     }
-    atomic_fetch_add(&e->n_spliced, 1);
     return 1;
 fallback:
     pipe_reset(e);
