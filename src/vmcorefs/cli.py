@@ -540,9 +540,13 @@ def _run_foreground(args: argparse.Namespace, ready_fd: int | None) -> int:
 
     try:
         return _event_loop_run(_serve(args, ready))
-    except VmcorefsError as e:
+    except BaseException as e:
+        # The waiting parent prints this line: any failure before "ready",
+        # not only ours (a bug would otherwise show as a bare exit status).
         if ready_fd is not None:
-            os.write(ready_fd, f"ERR {e.exit_code} {e}".encode()[:4000])
+            code, text = ((e.exit_code, str(e)) if isinstance(e, VmcorefsError)
+                          else (1, f"internal error: {type(e).__name__}: {e} (run with --debug -f for details)"))
+            os.write(ready_fd, f"ERR {code} {text}".encode()[:4000])
             os.close(ready_fd)
             ready_fd = None
         raise

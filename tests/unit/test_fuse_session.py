@@ -1,12 +1,18 @@
-"""cli._FuseSession.terminate against pyfuse3's race (no FUSE, no QEMU):
-pyfuse3.terminate() raises InvalidStateError when a task waiting for
-/dev/fuse had just been woken; the waiters after it must still be told."""
+"""The mount command's process side without FUSE or QEMU: _FuseSession.terminate
+against pyfuse3's race (pyfuse3.terminate() raises InvalidStateError when a
+task waiting for /dev/fuse had just been woken; the waiters after it must
+still be told), and the daemon's failures before "ready"."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+import pytest
+
+from vmcorefs import cli
 from vmcorefs.cli import _FuseSession
+from vmcorefs.errors import QEMUGoneError
 
 
 class FakePyfuse3:
@@ -44,3 +50,25 @@ def test_terminate_again_after_invalid_state() -> None:
 
 def test_terminate_gives_up_after_three_tries() -> None:
     assert _terminate(10) == 3
+
+
+def test_daemon_failure_before_ready_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """``vmcorefs mount`` (daemon form): a failure in the daemon before the
+    mount is ready -- ours or a bug -- reaches the waiting command as one line
+    with its exit status, not a bare "daemon exited"."""
+    async def serve_fails(args: object, ready: object) -> int:
+        raise RuntimeError("boom at 0x1000")
+
+    monkeypatch.setattr(cli, "_serve", serve_fails)
+    assert cli.main(["mount", str(tmp_path / "qmp.sock"), str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["vmcorefs: internal error: RuntimeError: boom at 0x1000"
+                                        " (run with --debug -f for details)"], err
+
+    async def serve_gone(args: object, ready: object) -> int:
+        raise QEMUGoneError("QEMU has exited")
+
+    monkeypatch.setattr(cli, "_serve", serve_gone)
+    assert cli.main(["mount", str(tmp_path / "qmp.sock"), str(tmp_path)]) == QEMUGoneError.exit_code
+    assert capsys.readouterr().err.strip().splitlines() == ["vmcorefs: QEMU has exited"]
