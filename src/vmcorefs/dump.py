@@ -391,11 +391,13 @@ def write_kdump(src: int, out: int, layout: SparseFile, snap: Snapshot, fmt: str
     kl = kdump.kdump_layout(snap.dump.notes, snap.vmcoreinfo_fields, ranges, c.status,
                             _guest_utsname(src, layout, snap), int(time.time()))
     PAGE_DESC = kdump.PAGE_DESC
+    desc_offset, data_offset, npages_total = kl.desc_offset, kl.data_offset, kl.pages
     os.pwrite(out, kl.head, 0)
+    del kl  # the header and its bitmaps (16 MiB for 256 GiB) are written: not kept during the copy
     zero = c.compress(_ZERO_PAGE)  # every all-zero page points at this one
-    zero_desc = PAGE_DESC.pack(kl.data_offset, len(zero), c.status, 0)
-    os.pwrite(out, zero, kl.data_offset)
-    data_pos = kl.data_offset + len(zero)
+    zero_desc = PAGE_DESC.pack(data_offset, len(zero), c.status, 0)
+    os.pwrite(out, zero, data_offset)
+    data_pos = data_offset + len(zero)
     index = 0
     pending: list[tuple[Future[list[bytes | None]] | None, int]] = []
 
@@ -404,7 +406,7 @@ def write_kdump(src: int, out: int, layout: SparseFile, snap: Snapshot, fmt: str
         while len(pending) > limit:
             future, npages = pending.pop(0)
             if future is None:  # file holes: all zero pages
-                os.pwrite(out, zero_desc * npages, kl.desc_offset + index * PAGE_DESC.size)
+                os.pwrite(out, zero_desc * npages, desc_offset + index * PAGE_DESC.size)
                 index += npages
                 progress.update(npages * PAGE_SIZE)
                 continue
@@ -421,7 +423,7 @@ def write_kdump(src: int, out: int, layout: SparseFile, snap: Snapshot, fmt: str
             if data:
                 os.pwrite(out, data, data_pos)
                 data_pos += len(data)
-            os.pwrite(out, descs, kl.desc_offset + index * PAGE_DESC.size)
+            os.pwrite(out, descs, desc_offset + index * PAGE_DESC.size)
             index += len(pages)
             progress.update(npages * PAGE_SIZE)
 
@@ -438,8 +440,8 @@ def write_kdump(src: int, out: int, layout: SparseFile, snap: Snapshot, fmt: str
                                     n // PAGE_SIZE))
                 drain(_KDUMP_IN_FLIGHT)
         drain(0)
-    if index != kl.pages:
-        raise DumpError(f"kdump: wrote {index} page descriptors, the header says {kl.pages}")
+    if index != npages_total:
+        raise DumpError(f"kdump: wrote {index} page descriptors, the header says {npages_total}")
 
 
 # -- output file -------------------------------------------------------------------
