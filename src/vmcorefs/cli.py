@@ -266,9 +266,10 @@ class _FuseSession:
 
     def __init__(self, args: argparse.Namespace, mountpoint: str, root: Any, ready: Callable[[], None]) -> None:
         from vmcorefs import readpath
+
+        self.pyfuse3 = _import_pyfuse3()  # first: fs imports pyfuse3, which would load trio
         from vmcorefs.fs import VmcoreFS
 
-        self.pyfuse3 = _import_pyfuse3()
         self.readpath = readpath
         self.args, self.mountpoint, self.ready = args, mountpoint, ready
         self.fs = VmcoreFS(root, file_mode=args.mode)
