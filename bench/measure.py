@@ -375,6 +375,55 @@ def qemu_elf(g: Guest, outdir: str, key: str) -> dict[str, float]:
     return {f"{key}_s": elapsed, f"{key}_alloc_bytes": alloc, f"{key}_growth_bytes": qemu_resident(g) - resident0}
 
 
+def vmcorefs_filtered(g: Guest, outdir: str, level: int = 31) -> dict[str, float]:
+    """(7) ``vmcorefs dump --format kdump-zlib --filter LEVEL`` into
+    ``outdir``: wall time and output size."""
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    with ScratchFile(outdir, "vfilter.kdump") as out:
+        t = time.perf_counter()
+        r = subprocess.run([*VMCOREFS, "dump", "--quiet", "--format", "kdump-zlib", "--filter", str(level),
+                            g.qmp_path, out.path], env=env, capture_output=True, text=True)
+        elapsed = time.perf_counter() - t
+        if r.returncode != 0:
+            raise RuntimeError(f"vmcorefs dump --filter {level} failed ({r.returncode}): {r.stderr[-500:]}")
+        return {"vfilter_s": elapsed, "vfilter_out_bytes": os.path.getsize(out.path)}
+
+
+def qemu_filtered(g: Guest, outdir: str, level: int = 31) -> dict[str, float]:
+    """(7) anchor of :func:`vmcorefs_filtered`, what one does without
+    vmcorefs: QEMU's ELF dump into ``outdir``, then ``makedumpfile -c -d
+    LEVEL`` of it: wall time (both) and output size.  Skipped when QEMU's
+    ELF does not fit, QEMU would fault more never-touched memfd pages in
+    than the host has, or makedumpfile cannot read QEMU's file (QEMU 7.2
+    writes its section headers before the program headers; Debian 12's
+    makedumpfile 1.7.2 wants the program headers at offset 64)."""
+    file_bytes, inflate = dump_need(g)
+    if inflate > host_free() - MARGIN:
+        raise Skip(f"cannot run: QEMU's dump would fault {inflate / GiB:.0f} GiB of never-touched guest RAM"
+                   f" into the memfd, {host_free() / GiB:.1f} GiB of host memory free")
+    st = os.statvfs(outdir)
+    if file_bytes + GiB > st.f_bavail * st.f_frsize:
+        raise Skip(f"cannot run: QEMU's ELF is {file_bytes / GiB:.0f} GiB (every page written),"
+                   f" {st.f_bavail * st.f_frsize / GiB:.1f} GiB free in {outdir}")
+    before_qemu_dumps(g)
+    with ScratchFile(outdir, "qfilter.elf") as elf, ScratchFile(outdir, "qfilter.kdump") as out:
+        t = time.perf_counter()
+        g.qmp("dump-guest-memory", paging=False, protocol=f"file:{elf.path}")
+        dumped = time.perf_counter() - t
+        r = subprocess.run(["makedumpfile", "-c", "-d", str(level), elf.path, out.path], capture_output=True,
+                           text=True)
+        elapsed = time.perf_counter() - t
+        with open(elf.path, "rb") as f:
+            phoff = struct.unpack_from("<Q", f.read(64), 32)[0]
+        if r.returncode != 0 and "number of PT_LOAD" in r.stdout + r.stderr:
+            raise Skip(f"cannot run: makedumpfile cannot read QEMU's ELF dump (program headers at offset {phoff},"
+                       f" after QEMU's section headers; it wants 64): "
+                       f"{(r.stdout + r.stderr).strip().splitlines()[-1]}")
+        if r.returncode != 0:
+            raise RuntimeError(f"makedumpfile failed ({r.returncode}): {(r.stdout + r.stderr)[-500:]}")
+        return {"qfilter_s": elapsed, "qfilter_dump_s": dumped, "qfilter_out_bytes": os.path.getsize(out.path)}
+
+
 def guest_fill(g: Guest, mib: int) -> dict[str, float]:
     """Have the guest write ``mib`` MiB of /dev/urandom into a tmpfs of its
     own (guest RAM really in use, incompressible), typed on its console;

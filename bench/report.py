@@ -102,6 +102,11 @@ METRICS: list[tuple[str, str, Callable[[float], str]]] = [
     ("dumpdisk_s", "(7) dump-guest-memory ELF to the scratch disk: wall time (= guest pause)", _s),
     ("dumpdisk_alloc_bytes", "(7) dump-guest-memory ELF to disk: allocated size", _bytes),
     ("dumpnull_s", "(7) dump-guest-memory ELF into /dev/null (no storage): wall time (= guest pause)", _s),
+    ("vfilter_s", "(7) vmcorefs dump --format kdump-zlib --filter 31: wall time (after QEMU's dumps)", _s),
+    ("vfilter_out_bytes", "(7) vmcorefs dump --filter 31: output size", _bytes),
+    ("qfilter_s", "(7) dump-guest-memory ELF + makedumpfile -c -d 31 of it: wall time", _s),
+    ("qfilter_dump_s", "(7) of which QEMU's dump (the guest's pause)", _s),
+    ("qfilter_out_bytes", "(7) makedumpfile -c -d 31 of QEMU's dump: output size", _bytes),
 ]
 FORMAT = {k: f for k, _, f in METRICS}
 
@@ -129,6 +134,7 @@ RATIOS: list[tuple[str, str, str]] = [
     ("(7) dump-guest-memory into /dev/null ÷ vmcorefs dump to disk (QEMU's lower bound)", "dumpnull_s",
      "vdumpdisk_s"),
     ("(7) allocated size of vmcorefs dump ÷ populated guest RAM", "vdump_alloc_bytes", "vdump_populated_bytes"),
+    ("(7) --filter 31 output, vmcorefs dump ÷ makedumpfile on QEMU's dump", "vfilter_out_bytes", "qfilter_out_bytes"),
 ]
 
 

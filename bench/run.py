@@ -178,6 +178,8 @@ def bench_guest(size: int, kind: str, a: argparse.Namespace, rec: Recorder) -> N
         if "qkdump" in a.only:
             rec.run(["qkdump_s", "qkdump_out_bytes", "qkdump_read_bytes"], measure.qemu_kdump, g, tmp,
                     times=heavy)
+            rec.run(["vfilter_s", "vfilter_out_bytes"], measure.vmcorefs_filtered, g, tmp, times=heavy)
+            rec.run(["qfilter_s", "qfilter_out_bytes"], measure.qemu_filtered, g, tmp, times=heavy)
     finally:
         g.close()
     if "finder" in a.only:
