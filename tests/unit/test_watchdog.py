@@ -63,6 +63,18 @@ def pipe() -> Iterator[tuple[int, Watchdog]]:
     os.close(r)
 
 
+def watch_words(chunks: list[bytes], argv: list[str], quiet: bool = False) -> int:
+    """``watch()`` reading ``chunks`` (one write each, as the daemon does) from a closed pipe."""
+    r, w = os.pipe()
+    for chunk in chunks:
+        os.write(w, chunk)
+    os.close(w)
+    try:
+        return watch(r, argv, quiet=quiet)
+    finally:
+        os.close(r)
+
+
 def said(r: int) -> bytes:
     os.set_blocking(r, False)
     try:
@@ -133,14 +145,7 @@ def test_watch_resumes_only_after_a_last_p(words: bytes, resumed: bool, monkeypa
         return "recorded"
 
     monkeypatch.setitem(watchdog.RESUMERS, "test", record)
-    r, w = os.pipe()
-    for byte in words:  # one write each, as the daemon does
-        os.write(w, bytes([byte]))
-    os.close(w)
-    try:
-        assert watch(r, ["test", "a", "b"]) == 0
-    finally:
-        os.close(r)
+    assert watch_words([bytes([byte]) for byte in words], ["test", "a", "b"]) == 0
     assert calls == ([("a", "b")] if resumed else [])
 
 
@@ -187,14 +192,7 @@ def test_watch_removes_named_files_unless_done(done: bool, tmp_path: Any, monkey
     for f in files:
         f.write_bytes(b"partial")
     words = b"P" + b"".join(watchdog.REMOVE + os.fsencode(f) + b"\0" for f in files) + (b"D" if done else b"")
-    r, w = os.pipe()
-    for pos in range(0, len(words), 7):
-        os.write(w, words[pos:pos + 7])
-    os.close(w)
-    try:
-        assert watch(r, ["test", "sock"], quiet=True) == 0
-    finally:
-        os.close(r)
+    assert watch_words([words[pos:pos + 7] for pos in range(0, len(words), 7)], ["test", "sock"], quiet=True) == 0
     assert calls == [("sock",)]
     assert [f.exists() for f in files] == [done, done]
     err = capsys.readouterr().err
@@ -212,13 +210,7 @@ def test_quiet_watch_says_nothing_when_nothing_was_done(outcome: str, quiet: boo
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(watchdog.RESUMERS, "test", lambda *a: outcome)
-    r, w = os.pipe()
-    os.write(w, PAUSED)
-    os.close(w)
-    try:
-        assert watch(r, ["test"], quiet=quiet) == 0
-    finally:
-        os.close(r)
+    assert watch_words([PAUSED], ["test"], quiet=quiet) == 0
     err = capsys.readouterr().err
     assert (outcome in err) is says and err.count("\n") == int(says)
 
@@ -228,13 +220,7 @@ def test_quiet_still_says_a_failed_resume(monkeypatch: pytest.MonkeyPatch, capsy
         raise TimeoutError("QEMU did not answer")
 
     monkeypatch.setitem(watchdog.RESUMERS, "test", fail)
-    r, w = os.pipe()
-    os.write(w, PAUSED)
-    os.close(w)
-    try:
-        assert watch(r, ["test"], quiet=True) == 1
-    finally:
-        os.close(r)
+    assert watch_words([PAUSED], ["test"], quiet=True) == 1
     assert "cannot resume it: QEMU did not answer" in capsys.readouterr().err
 
 
