@@ -51,6 +51,7 @@ import re
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -455,8 +456,13 @@ def check_output(path: str, force: bool) -> str:
     directory = os.path.dirname(path)
     if os.path.isdir(path):
         raise UsageError(f"{path}: is a directory")
-    if os.path.lexists(path) and not force:
-        raise UsageError(f"{path}: already exists (--force to overwrite)")
+    if os.path.lexists(path):
+        if not force:
+            raise UsageError(f"{path}: already exists (--force to overwrite)")
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            # The output is renamed over OUTPUT: a device, FIFO, socket or
+            # symbolic link there would be replaced, not written to.
+            raise UsageError(f"{path}: not a regular file (--force replaces regular files only)")
     if not os.path.isdir(directory):
         raise UsageError(f"{directory}: directory does not exist")
     try:
@@ -465,6 +471,8 @@ def check_output(path: str, force: bool) -> str:
         raise UsageError(f"{directory}: {e.strerror}") from None
     if st.f_flag & os.ST_RDONLY:
         raise UsageError(f"{directory}: read-only file system")
+    if st.f_blocks == 0:
+        raise UsageError(f"{directory}: a file system without storage (e.g. /proc) cannot hold the dump")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise UsageError(f"{directory}: not writable")
     return path

@@ -23,9 +23,10 @@ open and resumes it at the last close.  If the daemon dies without closing
   (``D``) once it has cleaned up by itself; a pipe that closes without
   ``D`` (SIGKILL, the OOM killer) has the watchdog remove those files
   after the resume.
-* ``--quiet`` (the dump, whose stderr is one line): nothing is said when
-  there was nothing to do (QEMU gone, the guest not paused); a resume, a
-  removed file or a failure is still said.
+* ``--quiet`` (how vmcorefs always starts it: the mount's or the dump's
+  own error stays the one line): nothing is said when there was nothing to
+  do (QEMU gone, the guest not paused); a resume, a removed file or a
+  failure is still said.
 
 The resume action for a QMP socket (:func:`resume_qmp`) connects to the
 monitor the daemon held (QEMU serves one QMP client per monitor and takes
@@ -252,7 +253,7 @@ def watch(fd: int, action: Sequence[str], quiet: bool = False) -> int:
             except OSError as e:
                 said.append(f"cannot remove {os.fsdecode(path)}: {e.strerror}")
     if said:
-        print(f"vmcorefs watchdog: vmcorefs died; {'; '.join(said)}", file=sys.stderr)
+        print(f"vmcorefs watchdog: vmcorefs exited; {'; '.join(said)}", file=sys.stderr)
     return status
 
 
@@ -332,7 +333,7 @@ class Watchdog:
             self._fd = None
 
 
-def start(action: Sequence[str], quiet: bool = False) -> Watchdog:
+def start(action: Sequence[str], quiet: bool = True) -> Watchdog:
     """Spawn a watchdog that runs ``action`` (``[kind, *args]``, a key of
     :data:`RESUMERS` and its arguments) if this process exits while it said
     :meth:`Watchdog.paused` (``quiet``: see :func:`watch`).  Raises OSError
@@ -360,7 +361,10 @@ def action_for(monitor: object) -> list[str] | None:
     if isinstance(monitor, LibvirtMonitor):
         return ["libvirt", monitor.uri, monitor.uuid]
     if isinstance(monitor, Monitor):
-        return ["qmp", monitor.path]
+        # Absolute: the watchdog runs in / (a socket path given relative to
+        # the user's directory was not found there, and a dump killed or
+        # failing with the guest paused left it paused).
+        return ["qmp", os.path.abspath(monitor.path)]
     return None
 
 
@@ -462,7 +466,7 @@ class WatchedGuest:
         self.watchdog.close()
 
 
-def watch_freeze(core: Any, monitor: object, quiet: bool = False) -> WatchedGuest | None:
+def watch_freeze(core: Any, monitor: object, quiet: bool = True) -> WatchedGuest | None:
     """Put the guest of live core ``core`` (a :class:`vmcorefs.live.LiveCore`
     under ``--freeze``) under a new watchdog (``quiet``: see :func:`watch`)
     and follow ``monitor``'s events from the running event loop; None

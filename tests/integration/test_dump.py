@@ -316,6 +316,14 @@ def test_bad_outputs_and_format(memfd_guest: QemuGuest, tmp_path: Path) -> None:
                                           tmp_path)
     assert "dump level" in _untouched(memfd_guest, _dump(memfd_guest, tmp_path / "x", "--filter", "32"), tmp_path)
     assert "is a directory" in _untouched(memfd_guest, _dump(memfd_guest, tmp_path), tmp_path)
+    # --force replaces regular files only: a FIFO, a device or a link stays what it is.
+    fifo, link = tmp_path / "fifo", tmp_path / "link"
+    os.mkfifo(fifo)
+    link.symlink_to("/dev/null")
+    for path in (fifo, link):
+        assert "not a regular file" in _untouched(memfd_guest, _dump(memfd_guest, path, "--force"), tmp_path)
+    assert fifo.is_fifo() and link.is_symlink() and Path("/dev/null").is_char_device()
+    assert "without storage" in _untouched(memfd_guest, _dump(memfd_guest, Path("/proc/vm.elf")), tmp_path)
 
 
 @pytest.fixture
@@ -435,7 +443,7 @@ def test_sigkill_mid_copy_watchdog_resumes_and_removes(filled_guest: QemuGuest, 
     # Generous bounds: the watchdog waits for QEMU to take the next monitor client.
     wait_for(lambda: filled_guest.status() == "running", 60, "the guest running again")
     wait_for(lambda: list(tmp_path.iterdir()) == [], 60, "the partial file removed")
-    assert "vmcorefs watchdog: vmcorefs died; the guest was paused: guest resumed" in r.stderr, r.stderr
+    assert "vmcorefs watchdog: vmcorefs exited; the guest was paused: guest resumed" in r.stderr, r.stderr
     assert "vmcorefs-partial" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

@@ -292,3 +292,14 @@ def test_all_freeze_pauses_without_a_watchdog_it_cannot_start(monkeypatch: pytes
         await fw.close()
         assert g.calls == ["stop", "cont", "close"] and fw.watched is None
     asyncio.run(go())
+
+
+def test_qmp_action_names_the_socket_absolutely(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """The watchdog runs in /: a QMP socket given relative to the user's
+    directory (``vmcorefs dump g/qmp.sock ...``) is passed to it absolute."""
+    from vmcorefs.qemu.monitor import Monitor
+
+    monitor = object.__new__(Monitor)
+    monitor.path = "g/qmp.sock"
+    monkeypatch.chdir(tmp_path)
+    assert watchdog.action_for(monitor) == ["qmp", str(tmp_path / "g" / "qmp.sock")]
