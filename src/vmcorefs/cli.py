@@ -274,6 +274,8 @@ class _FuseSession:
         self.args, self.mountpoint, self.ready = args, mountpoint, ready
         self.fs = VmcoreFS(root, file_mode=args.mode)
         self.native: Any = None
+        #: Between pyfuse3.init() and pyfuse3.close(): terminate() may call libfuse.
+        self.session_open = False
 
     def guest_gone(self, core: Any, all_reads: bool) -> None:
         """``core``'s QEMU went away: its reads fail from now on (all of the
@@ -292,6 +294,8 @@ class _FuseSession:
         /dev/fuse by setting an exception on its future; one the device had
         just woken already has a result (InvalidStateError, and the waiters
         after it are not woken): once that task has run, the rest again."""
+        if not self.session_open:
+            return  # not mounted yet (run() ends it at once), or closed: libfuse has no session
         try:
             self.pyfuse3.terminate()
         except asyncio.InvalidStateError:
@@ -306,14 +310,27 @@ class _FuseSession:
         options = {"fsname=vmcorefs", "subtype=vmcorefs", "ro", "default_permissions", "noatime"}
         if args.allow_other:
             options.add("allow_other")
+        loop = asyncio.get_running_loop()
+        # SIGINT/SIGTERM from here on end the session (a KeyboardInterrupt
+        # raised inside pyfuse3's set-up made libfuse crash on the way out);
+        # one that arrives before pyfuse3.main() ends it as soon as it starts.
+        stop = False
+
+        def on_stop() -> None:
+            nonlocal stop
+            stop = True
+            self.terminate()
+
+        loop.add_signal_handler(signal.SIGINT, on_stop)
+        loop.add_signal_handler(signal.SIGTERM, on_stop)
         try:
             pyfuse3.init(fs, mountpoint, options)
         except RuntimeError as e:
             raise MountError(f"{mountpoint}: cannot mount ({e}; is /dev/fuse usable and fuse3 installed?)") from None
+        self.session_open = True
         if not args.direct:
             # After FUSE_INIT, which sets the readahead to the kernel's default.
             fs.on_first_request = lambda: _tune_readahead(mountpoint)
-        loop = asyncio.get_running_loop()
         kernel_ended = init_refused = False
         if args.reads != "python" and readpath.available():
 
@@ -333,6 +350,7 @@ class _FuseSession:
             try:
                 self.native = readpath.NativeReads.attach(pid, on_event)
             except BaseException:
+                self.session_open = False
                 pyfuse3.close(unmount=True)
                 raise
             fs.native = self.native
@@ -341,13 +359,14 @@ class _FuseSession:
         else:
             log.info("reads: Python (%s)", "--reads python" if args.reads == "python"
                      else f"native read path not built: {readpath.IMPORT_ERROR}")
-        loop.add_signal_handler(signal.SIGINT, self.terminate)
-        loop.add_signal_handler(signal.SIGTERM, self.terminate)
+        if stop:
+            self.terminate()
         if self.native is None:
             self.ready()  # the native path says so once libfuse has accepted FUSE_INIT (R)
         try:
             await pyfuse3.main(min_tasks=2, max_tasks=16)
         finally:
+            self.session_open = False
             pyfuse3.close(unmount=not kernel_ended)
             if self.native is not None:
                 loop.remove_reader(self.native.events)

@@ -31,6 +31,7 @@ def _terminate(fail: int) -> int:
     async def main() -> int:
         session = object.__new__(_FuseSession)
         session.pyfuse3 = FakePyfuse3(fail)
+        session.session_open = True
         session.terminate()
         for _ in range(5):
             await asyncio.sleep(0)
@@ -50,6 +51,16 @@ def test_terminate_again_after_invalid_state() -> None:
 
 def test_terminate_gives_up_after_three_tries() -> None:
     assert _terminate(10) == 3
+
+
+def test_terminate_without_a_session_leaves_libfuse_alone() -> None:
+    """Before pyfuse3.init() or after pyfuse3.close() (a SIGINT handled then
+    crashed libfuse on its freed session)."""
+    session = object.__new__(_FuseSession)
+    session.pyfuse3 = FakePyfuse3(0)
+    session.session_open = False
+    session.terminate()
+    assert session.pyfuse3.calls == 0
 
 
 def test_daemon_failure_before_ready_is_one_line(monkeypatch: pytest.MonkeyPatch,
