@@ -490,17 +490,28 @@ def format_info(info: dict[str, Any]) -> str:
 
 
 def _daemonize(args: argparse.Namespace) -> int:
-    """Fork the serving daemon and wait until it reports ready or fails."""
+    """Fork the serving daemon and wait until it reports ready or fails.
+    Ctrl-C meanwhile reaches only this process (the daemon has its own
+    session): the daemon is let finish starting, then stopped (exit 130).
+    Raises :class:`UsageError` when ``--log-file`` cannot be opened."""
+    try:
+        out = os.open(args.log_file or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise UsageError(f"--log-file {args.log_file}: {e.strerror}") from None
     r, w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
+    # Until the daemon has its own session, a Ctrl-C on the terminal would reach it too.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(r)
         code = 1
         try:
             os.setsid()
-            out = os.open(args.log_file or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # one pending from before setsid is dropped
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
             os.dup2(out, 1)
@@ -511,11 +522,31 @@ def _daemonize(args: argparse.Namespace) -> int:
         finally:
             logging.shutdown()
             os._exit(code)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.close(w)
-    with os.fdopen(r, "rb") as pipe:
-        message = pipe.read(4096).decode(errors="replace").strip()
+    os.close(out)
+    chunks: list[bytes] = []
+    interrupted = False
+    try:
+        while True:
+            try:
+                chunk = os.read(r, 4096)
+            except KeyboardInterrupt:
+                interrupted = True  # the daemon did not see it: wait for its word, then stop it
+                continue
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+    message = b"".join(chunks).decode(errors="replace").strip()
     if message == "OK":
-        return 0
+        if not interrupted:
+            return 0
+        os.kill(pid, signal.SIGTERM)  # the daemon unmounts and exits
+        _reap(pid, READY_TIMEOUT)
+        print("vmcorefs: interrupted; unmounted", file=sys.stderr)
+        return 130
     if message.startswith("ERR "):
         status_text, _, text = message[4:].partition(" ")
         print(f"vmcorefs: {text}", file=sys.stderr)

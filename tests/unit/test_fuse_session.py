@@ -83,3 +83,11 @@ def test_daemon_failure_before_ready_is_one_line(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(cli, "_serve", serve_gone)
     assert cli.main(["mount", str(tmp_path / "qmp.sock"), str(tmp_path)]) == QEMUGoneError.exit_code
     assert capsys.readouterr().err.strip().splitlines() == ["vmcorefs: QEMU has exited"]
+
+
+def test_log_file_that_cannot_be_opened(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """``--log-file`` in a missing directory: one line naming it, exit 2, no daemon."""
+    log_file = tmp_path / "missing" / "vmcorefs.log"
+    assert cli.main(["mount", "--log-file", str(log_file), str(tmp_path / "qmp.sock"), str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"vmcorefs: --log-file {log_file}: No such file or directory"]
