@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         " as they start and stop")
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     m.add_argument("--freeze", action="store_true",
-                   help="pause the guest while vmcore or pmem is open (resumed at the last close)")
+                   help="pause the guest while vmcore, kcore or pmem is open (resumed at the last close)")
     m.add_argument("--direct", action="store_true",
                    help="no page cache: every read goes to guest memory (one FUSE request per read;"
                         " slow for tools that read a few bytes at a time)")
