@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds a layout serves listings and attributes before it is recomputed.
 ATTR_TTL = 1.0
+#: Seconds listings and attributes serve the previous layout, without asking
+#: QEMU again, after a refresh failed (a hung QEMU would make each ``stat``
+#: wait the whole QMP timeout); an open always asks.
+REFRESH_BACKOFF = 30.0
 #: Default bound (seconds) on how old cached guest memory may be.
 MAX_AGE = 1.0
 #: Size of the reply buffer of the Python read path (grown on demand).
@@ -176,6 +180,8 @@ class LiveCore:
         self.handles: set[Handle] = set()
         self._snap: Snapshot | None = None
         self._snap_lock = asyncio.Lock()
+        #: When the last refresh failed (None: it succeeded): see REFRESH_BACKOFF.
+        self._refresh_failed: float | None = None
         self._freeze_lock = asyncio.Lock()
         self._freeze_count = 0
         self._paused_by_us = False
@@ -212,7 +218,9 @@ class LiveCore:
         self.check_alive()
         max_age = self.attr_ttl if max_age is None else max_age
         snap = self._snap
-        if snap is not None and stale_ok and (self.clock() - snap.taken < max_age or self._snap_lock.locked()):
+        backing_off = self._refresh_failed is not None and self.clock() - self._refresh_failed < REFRESH_BACKOFF
+        if snap is not None and stale_ok and (self.clock() - snap.taken < max_age or self._snap_lock.locked()
+                                              or backing_off):
             return snap
         async with self._snap_lock:
             snap = self._snap
@@ -224,10 +232,12 @@ class LiveCore:
                 self.guest_gone(str(e))
                 raise
             except QMPError as e:
+                self._refresh_failed = self.clock()
                 if not stale_ok or snap is None:
                     raise
                 log.info("layout refresh failed, serving the previous one: %s", e)
                 return snap
+            self._refresh_failed = None
             return self._snap
 
     def listed(self, snap: Snapshot) -> list[tuple[FileSpec, SparseFile]]:

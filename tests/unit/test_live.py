@@ -22,7 +22,7 @@ from vmcorefs.core.elf import DumpInfo
 from vmcorefs.core.layout import ExtentKind
 from vmcorefs.core.memmap import GuestPhysBlock
 from vmcorefs.errors import NoSuchFileError, QEMUGoneError, QMPError, QMPTimeoutError
-from vmcorefs.live import FILES, LiveCore, LiveDirectory
+from vmcorefs.live import FILES, REFRESH_BACKOFF, LiveCore, LiveDirectory
 from vmcorefs.qemu.guest import Snapshot
 from vmcorefs.qemu.memory import Source
 
@@ -344,7 +344,19 @@ def test_staleness_and_attributes(guest: FakeGuest, clock: FakeClock) -> None:
         # ...but not for an open.
         with pytest.raises(QMPTimeoutError):
             await core.open("vmcore")
+        # After a failed refresh, listings do not ask QEMU again for a while
+        # (each would wait the whole timeout on a hung QEMU); opens do.
+        asked = guest.calls.count("snapshot")
+        clock.now += 5
+        assert await core.current() is s2 and guest.calls.count("snapshot") == asked
+        with pytest.raises(QMPTimeoutError):
+            await core.open("vmcore")
+        assert guest.calls.count("snapshot") == asked + 1
         guest.fail = None
+        clock.now += REFRESH_BACKOFF
+        s3 = await core.current()
+        assert s3 is not s2 and guest.calls.count("snapshot") == asked + 2
+        s2 = s3
         # Cached: mtime is "now" (the kernel drops pages older than max_age); attributes live max_age.
         assert core.attr_timeout == 2.0
         assert core.attributes(s2.vmcore, s2).mtime_ns == int(clock.now * 1e9)
