@@ -1,5 +1,6 @@
 /*
- * vmcorefs._readpath -- the native READ path of the FUSE adapter.
+ * vmcorefs._readpath -- the native READ path of the FUSE adapter, and the
+ * copy of vmcorefs dump (section 7), which reads guest memory the same way.
  *
  * Why it exists: every FUSE request that goes through pyfuse3 costs the
  * daemon ~20-50 us of Python (docs/benchmarks.md, "Where time goes"), and a
@@ -50,8 +51,9 @@
  *   4. replies                  copied, or spliced (pipe plumbing)
  *   5. the FUSE proxy           one request, one reply; the two threads
  *   6. engine life cycle        open, start (STOPPED -> DEVICE_THREAD -> BOTH), stop, close
- *   7. the CPython binding      (left out with -DREADPATH_NO_PYTHON: tests/fuzz builds
- *                                sections 1-6 alone)
+ *   7. the dump copier          vmcorefs dump's copy: runs of guest memory into a sparse file
+ *   8. the CPython binding      (left out with -DREADPATH_NO_PYTHON: tests/fuzz builds
+ *                                sections 1-7 alone)
  *
  * The struct and constant names are those of <linux/fuse.h>.
  */
@@ -405,15 +407,15 @@ static int qemu_alive(pid_t pid)
  * /proc/PID/mem, with the same access check (ptrace) and the same effect
  * on QEMU (a read fault maps the zero page, allocates nothing).
  */
-static ssize_t read_once(struct engine *e, const struct qemu *q, const struct extent *x, uint64_t src,
+static ssize_t read_once(atomic_int *no_vm_readv, const struct qemu *q, const struct extent *x, uint64_t src,
                          unsigned char *buf, uint64_t len)
 {
-    if (x->kind == EXT_PROCMEM && q->pid > 0 && !atomic_load(&e->no_vm_readv)) {
+    if (x->kind == EXT_PROCMEM && q->pid > 0 && !atomic_load(no_vm_readv)) {
         struct iovec local = {buf, len}, remote = {(void *)(uintptr_t)src, len};
         ssize_t n = process_vm_readv(q->pid, &local, 1, &remote, 1, 0);
         if (n >= 0 || (errno != ENOSYS && errno != EPERM))
             return n;
-        atomic_store(&e->no_vm_readv, 1); /* e.g. a seccomp filter: /proc/PID/mem from now on */
+        atomic_store(no_vm_readv, 1); /* e.g. a seccomp filter: /proc/PID/mem from now on */
     }
     if (src > (uint64_t)INT64_MAX) {
         errno = EINVAL;
@@ -422,13 +424,14 @@ static ssize_t read_once(struct engine *e, const struct qemu *q, const struct ex
     return pread(x->fd, buf, len, (off_t)src);
 }
 
-/* read_into(): fill buf from x at src; 0, or -1 when QEMU has exited. */
-static int read_mem_plain(struct engine *e, const struct qemu *q, const struct extent *x, uint64_t src,
+/* read_into(): fill buf from x at src; 0, or -1 when QEMU has exited.  no_vm_readv: the
+ * caller's "process_vm_readv was refused, use /proc/PID/mem" flag (the engine's, a copier's). */
+static int read_mem_plain(atomic_int *no_vm_readv, const struct qemu *q, const struct extent *x, uint64_t src,
                           unsigned char *buf, uint64_t len)
 {
     uint64_t pos = 0;
     while (pos < len) {
-        ssize_t n = read_once(e, q, x, src + pos, buf + pos, len - pos);
+        ssize_t n = read_once(no_vm_readv, q, x, src + pos, buf + pos, len - pos);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -547,7 +550,7 @@ static int read_procmem(struct engine *e, const struct qemu *q, const struct ext
     uint64_t ents[PM_MAX_PAGES];
     uint64_t n = pagemap_of(q, src, len, ents);
     if (n == 0)
-        return read_mem_plain(e, q, x, src, buf, len);
+        return read_mem_plain(&e->no_vm_readv, q, x, src, buf, len);
     uint64_t first = src / PAGE, pos = 0, i = 0;
     while (pos < len) {
         int touched = !zero_entry(e, ents[i]);
@@ -558,7 +561,7 @@ static int read_procmem(struct engine *e, const struct qemu *q, const struct ext
             end = len;
         if (!touched)
             memset(buf + pos, 0, end - pos);
-        else if (read_mem_plain(e, q, x, src + pos, buf + pos, end - pos) < 0)
+        else if (read_mem_plain(&e->no_vm_readv, q, x, src + pos, buf + pos, end - pos) < 0)
             return -1;
         pos = end;
     }
@@ -573,7 +576,7 @@ static int read_mem(struct engine *e, const struct qemu *q, const struct extent 
     case EXT_PROCMEM:
         return read_procmem(e, q, x, x->src, buf, len);
     case EXT_SHARED:
-        return read_mem_plain(e, q, x, x->src, buf, len);
+        return read_mem_plain(&e->no_vm_readv, q, x, x->src, buf, len);
     default:
         warn_kind(e, x->kind);
         memset(buf, 0, len);
@@ -1172,7 +1175,164 @@ static void engine_close(struct engine *e)
     pthread_mutex_destroy(&e->lock);
 }
 
-/* ==== 7. The CPython binding ========================================== */
+/* ==== 7. The dump copier =============================================== */
+
+/*
+ * vmcorefs dump's copy (vmcorefs.dump.copy_runs): the populated runs of
+ * guest memory -- extents like a layout's (offset in the output file,
+ * length, kind EXT_SHARED or EXT_PROCMEM, src, fd) -- read in chunks and
+ * written at their file offsets, all-zero pages left as holes.  Several
+ * threads each take the next chunk, read it (section 3: process_vm_readv or
+ * pread) into a buffer of their own and pwrite its non-zero pages, so the
+ * reads and the writes of one dump use every core and no chunk waits for
+ * another; the output is the same whatever the order.  No lock is held
+ * while copying; the Python caller polls the counters and may ask to stop.
+ */
+#define COPIER_MAX_THREADS 16
+
+struct copier {
+    int out_fd;
+    struct qemu q; /* pid for process_vm_readv and liveness; no pagemap: runs are populated */
+    struct extent *run;
+    size_t nrun;
+    uint64_t chunk;
+    pthread_mutex_t lock; /* the cursor */
+    size_t next_run;
+    uint64_t next_pos;
+    atomic_int stop;      /* asked to stop, or a thread failed */
+    atomic_int err;       /* the first failure's errno (ESRCH: QEMU exited) */
+    atomic_int no_vm_readv;
+    atomic_ullong done;    /* bytes of runs copied */
+    atomic_ullong written; /* of which written (not all-zero pages) */
+};
+
+/* Is this page all zero bytes?  Most data pages show it at one end. */
+static int page_is_zero(const unsigned char *p)
+{
+    return p[0] == 0 && p[PAGE - 1] == 0 && memcmp(p, zeros, PAGE) == 0;
+}
+
+static int pwrite_all(int fd, const unsigned char *buf, uint64_t len, uint64_t off)
+{
+    while (len) {
+        ssize_t n = pwrite(fd, buf, len, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return -EIO;
+        buf += n;
+        len -= (uint64_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
+/* Write buf's len bytes at file offset off, all-zero pages left out; bytes written, or -errno. */
+static int64_t write_nonzero(int fd, const unsigned char *buf, uint64_t len, uint64_t off)
+{
+    uint64_t total = 0, start = 0;
+    int in_run = 0;
+    for (uint64_t pos = 0; pos <= len; pos += PAGE) {
+        int zero = 1; /* past the end: closes the last run */
+        if (pos < len) {
+            uint64_t n = len - pos < PAGE ? len - pos : PAGE;
+            zero = n == PAGE ? page_is_zero(buf + pos) : memcmp(buf + pos, zeros, n) == 0;
+        }
+        if (!zero && !in_run) {
+            start = pos;
+            in_run = 1;
+        } else if (zero && in_run) {
+            uint64_t end = pos < len ? pos : len;
+            int r = pwrite_all(fd, buf + start, end - start, off + start);
+            if (r)
+                return r;
+            total += end - start;
+            in_run = 0;
+        }
+    }
+    return (int64_t)total;
+}
+
+/* The next piece to copy (at most c->chunk bytes of one run); 0 when none is left. */
+static int copier_take(struct copier *c, struct extent *piece)
+{
+    int got = 0;
+    pthread_mutex_lock(&c->lock);
+    if (c->next_run < c->nrun) {
+        const struct extent *r = &c->run[c->next_run];
+        uint64_t n = r->length - c->next_pos < c->chunk ? r->length - c->next_pos : c->chunk;
+        *piece = *r;
+        piece->offset = r->offset + c->next_pos;
+        piece->src = r->src + c->next_pos;
+        piece->length = n;
+        c->next_pos += n;
+        if (c->next_pos >= r->length) {
+            c->next_run++;
+            c->next_pos = 0;
+        }
+        got = 1;
+    }
+    pthread_mutex_unlock(&c->lock);
+    return got;
+}
+
+static void copier_fail(struct copier *c, int err)
+{
+    int none = 0;
+    atomic_compare_exchange_strong(&c->err, &none, err);
+    atomic_store(&c->stop, 1);
+}
+
+static void *copier_main(void *arg)
+{
+    struct copier *c = arg;
+    unsigned char *buf = NULL;
+    if (posix_memalign((void **)&buf, PAGE, c->chunk)) {
+        copier_fail(c, ENOMEM);
+        return NULL;
+    }
+    struct extent piece;
+    while (!atomic_load(&c->stop) && copier_take(c, &piece)) {
+        if (read_mem_plain(&c->no_vm_readv, &c->q, &piece, piece.src, buf, piece.length) < 0) {
+            copier_fail(c, ESRCH);
+            break;
+        }
+        int64_t n = write_nonzero(c->out_fd, buf, piece.length, piece.offset);
+        if (n < 0) {
+            copier_fail(c, (int)-n);
+            break;
+        }
+        atomic_fetch_add(&c->written, (unsigned long long)n);
+        atomic_fetch_add(&c->done, piece.length);
+    }
+    free(buf);
+    return NULL;
+}
+
+/* Copy every run with up to nthreads threads (this one among them); 0 or the first failure's errno. */
+static int copier_run(struct copier *c, int nthreads)
+{
+    pthread_t t[COPIER_MAX_THREADS];
+    sigset_t all, old;
+    int started = 0;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old); /* signals stay with the caller's threads */
+    for (int i = 1; i < nthreads && i < COPIER_MAX_THREADS; i++) {
+        if (thread_create(&t[started], copier_main, c))
+            break; /* fewer threads: slower, same bytes */
+        started++;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    copier_main(c);
+    for (int i = 0; i < started; i++)
+        pthread_join(t[i], NULL);
+    return atomic_load(&c->err);
+}
+
+/* ==== 8. The CPython binding ========================================== */
 #ifndef READPATH_NO_PYTHON
 
 typedef struct {
@@ -1370,6 +1530,139 @@ static PyTypeObject EngineType = {
     .tp_methods = Engine_methods,
 };
 
+/* -- Copier ------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    struct copier c;
+    int ready;   /* __init__ succeeded: run() may be called (once) */
+    int running; /* run() in progress */
+} Copier;
+
+static int Copier_init(Copier *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"out_fd", "runs", "pid", "chunk", NULL};
+    int out_fd, pid = 0;
+    unsigned long long chunk = 4u << 20;
+    PyObject *runs;
+    if (self->c.run) {
+        PyErr_SetString(PyExc_RuntimeError, "Copier.__init__ called twice");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iO|iK", kwlist, &out_fd, &runs, &pid, &chunk))
+        return -1;
+    if (chunk < PAGE || chunk % PAGE || chunk > (1ull << 30)) {
+        PyErr_Format(PyExc_ValueError, "chunk must be a multiple of %u bytes up to 1 GiB, not %llu", PAGE, chunk);
+        return -1;
+    }
+    PyObject *seq = PySequence_Fast(runs, "runs must be a sequence of (offset, length, kind, src, fd)");
+    if (!seq)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    struct extent *run = calloc(n ? (size_t)n : 1, sizeof(*run));
+    if (!run) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long off, len, src;
+        int kind, fd;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKiKi", &off, &len, &kind, &src, &fd)) {
+            free(run);
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (kind != EXT_SHARED && kind != EXT_PROCMEM) {
+            free(run);
+            Py_DECREF(seq);
+            PyErr_Format(PyExc_ValueError, "run %zd: kind %d is not EXT_SHARED or EXT_PROCMEM", i, kind);
+            return -1;
+        }
+        run[i] = (struct extent){off, len, (enum extent_kind)kind, src, fd};
+    }
+    Py_DECREF(seq);
+    struct copier *c = &self->c;
+    memset(c, 0, sizeof(*c));
+    c->out_fd = out_fd;
+    c->q = (struct qemu){pid, -1};
+    c->run = run;
+    c->nrun = (size_t)n;
+    c->chunk = chunk;
+    pthread_mutex_init(&c->lock, NULL);
+    self->ready = 1;
+    return 0;
+}
+
+static PyObject *Copier_run(Copier *self, PyObject *args)
+{
+    int nthreads = 2;
+    if (!PyArg_ParseTuple(args, "|i", &nthreads))
+        return NULL;
+    if (!self->ready || self->running) {
+        PyErr_SetString(PyExc_RuntimeError, self->running ? "Copier.run() already running" : "Copier not initialised");
+        return NULL;
+    }
+    self->running = 1;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = copier_run(&self->c, nthreads < 1 ? 1 : nthreads);
+    Py_END_ALLOW_THREADS
+    self->running = 0;
+    self->ready = 0; /* once */
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Copier_cancel(Copier *self, PyObject *unused)
+{
+    atomic_store(&self->c.stop, 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Copier_progress(Copier *self, PyObject *unused)
+{
+    return Py_BuildValue("(KK)", (unsigned long long)atomic_load(&self->c.done),
+                         (unsigned long long)atomic_load(&self->c.written));
+}
+
+static void Copier_dealloc(Copier *self)
+{
+    if (self->c.run) {
+        free(self->c.run);
+        pthread_mutex_destroy(&self->c.lock);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Copier_methods[] = {
+    {"run", (PyCFunction)Copier_run, METH_VARARGS,
+     "run(threads=2): copy every run (blocking, without the GIL; once).  Returns when done or cancelled;\n"
+     "OSError with the first failure's errno: a write's (ENOSPC...), ESRCH when QEMU exited."},
+    {"cancel", (PyCFunction)Copier_cancel, METH_NOARGS, "Stop after the chunks being copied (any thread)."},
+    {"progress", (PyCFunction)Copier_progress, METH_NOARGS,
+     "(bytes of runs copied, of which written): all-zero pages are not written."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject CopierType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "vmcorefs._readpath.Copier",
+    .tp_basicsize = sizeof(Copier),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Copier(out_fd, runs, pid=0, chunk=4 MiB): vmcorefs dump's copy of populated guest memory.\n"
+              "runs: (offset in out_fd, length, kind, src, fd) like a layout's extents, kind EXT_SHARED\n"
+              "(src: offset in fd) or EXT_PROCMEM (src: QEMU's address, fd: /proc/PID/mem; pid: QEMU's).\n"
+              "All-zero pages are left as holes.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Copier_init,
+    .tp_dealloc = (destructor)Copier_dealloc,
+    .tp_methods = Copier_methods,
+};
+
 static PyMethodDef module_methods[] = {
     {"_fail_next_thread_create", fail_next_thread_create, METH_O,
      "Testing: make the n-th next thread an Engine starts fail with EAGAIN (0: none)."},
@@ -1383,7 +1676,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__readpath(void)
 {
-    if (PyType_Ready(&EngineType) < 0)
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&CopierType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m)
@@ -1391,6 +1684,12 @@ PyMODINIT_FUNC PyInit__readpath(void)
     Py_INCREF(&EngineType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
         Py_DECREF(&EngineType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&CopierType);
+    if (PyModule_AddObject(m, "Copier", (PyObject *)&CopierType) < 0) {
+        Py_DECREF(&CopierType);
         Py_DECREF(m);
         return NULL;
     }

@@ -21,13 +21,15 @@ What is read, and how (never an mmap of guest RAM, nothing faulted in):
 shared backends (memfd, file) only in the ranges ``SEEK_DATA``/``SEEK_HOLE``
 report, private RAM only in pages ``/proc/PID/pagemap`` says hold data (not
 never-touched, not mapped to the zero page) -- both from
-:class:`vmcorefs.qemu.scan.GuestRAM`; bytes are ``pread`` (the shared
-file, ``/proc/PID/mem``) into a few reused 4 MiB buffers by one thread,
-while a second thread drops all-zero pages and ``pwrite``s the rest at
-their file offsets.  The kernel cannot ``copy_file_range`` from a memfd
-(QEMU's internal tmpfs) to another file system (EXDEV), and a splice would
-write the zero pages a guest keeps in touched memory; the read + zero test
-keeps the file sparser.  Memory use is bounded by the buffers (16 MiB).
+:class:`vmcorefs.qemu.scan.GuestRAM`; the copy is native
+(:class:`vmcorefs._readpath.Copier`): one thread per core takes the next
+4 MiB of a run, reads it (``process_vm_readv`` of QEMU, ``pread`` of the
+shared file) into a buffer of its own, and ``pwrite``s its pages that are
+not all zeros at their file offsets.  The kernel cannot
+``copy_file_range`` from a memfd (QEMU's internal tmpfs) to another file
+system (EXDEV), and a splice would write the zero pages a guest keeps in
+touched memory; the read + zero test keeps the file sparser.  Memory use
+is bounded by the buffers (4 MiB per thread).
 
 Consistency: the guest is paused from the snapshot (notes) to the last
 byte and resumed after, only if it was running (``LiveCore(freeze=True)``);
@@ -46,7 +48,6 @@ import asyncio
 import contextlib
 import errno
 import os
-import queue
 import re
 import select
 import shutil
@@ -73,12 +74,14 @@ if TYPE_CHECKING:  # imported where used: the parser (every vmcorefs command) st
 FORMATS = ("elf", "kdump-zlib", "kdump-lzo", "kdump-snappy")
 #: makedumpfile's compression option and its ``-v`` feature name per kdump format (``--filter``).
 KDUMP = {"kdump-zlib": ("-c", None), "kdump-lzo": ("-l", "lzo"), "kdump-snappy": ("-p", "snappy")}
-#: Bytes per read (and per buffer); ``BUFFERS`` of them exist at once.
+#: Bytes per read (and per buffer of a copying thread).
 CHUNK = 4 << 20
-BUFFERS = 4
+#: Threads copying guest memory (each reads a chunk and writes it): the host's cores, at most 4.
+COPY_THREADS = max(1, min(4, len(os.sched_getaffinity(0))))
+#: Seconds between progress updates (and checks for a stop) during a copy.
+PROGRESS_INTERVAL = 0.05
 #: makedumpfile's largest dump level (every page class filtered).
 MAX_LEVEL = 31
-_ZERO_CHUNK = bytes(CHUNK)
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
@@ -191,86 +194,53 @@ class _Watch:
             self._pidfd = -1
 
 
-def _nonzero_pages(buf: bytearray, n: int) -> list[tuple[int, int]]:
-    """``(start, end)`` byte ranges of ``buf[:n]`` (a multiple of pages)
-    that are not all-zero pages, adjacent pages merged."""
-    if not (buf[0] or buf[n - 1]) and buf[:n] == _ZERO_CHUNK[:n]:
-        return []
-    out: list[tuple[int, int]] = []
-    start = -1
-    for pos in range(0, n, PAGE_SIZE):
-        # Most pages with data show it at one end: then no copy and no compare
-        # (20x faster on dense data, inside the guest's pause).
-        if buf[pos] or buf[pos + PAGE_SIZE - 1] or buf[pos:pos + PAGE_SIZE] != _ZERO_PAGE:
-            if start < 0:
-                start = pos
-        elif start >= 0:
-            out.append((start, pos))
-            start = -1
-    if start >= 0:
-        out.append((start, n))
-    return out
-
-
 def copy_runs(fd: int, p: Plan, ram: GuestRAM, watch: _Watch, progress: Progress) -> int:
     """Write ``p`` into ``fd`` (an empty regular file): the prefix, the
     populated runs minus their all-zero pages, holes elsewhere; the file
     ends at ``p.size``.  Returns the bytes written.
 
-    One thread reads (``pread`` of the shared file or ``/proc/PID/mem``),
-    another tests pages and writes; ``BUFFERS`` buffers of ``CHUNK`` bytes.
+    The copy is native (:class:`vmcorefs._readpath.Copier`, without the
+    GIL): ``COPY_THREADS`` threads each take the next ``CHUNK`` bytes of a
+    run, read them (``process_vm_readv`` of QEMU, else ``pread`` of
+    ``/proc/PID/mem``; ``pread`` of a shared file) into a buffer of their own
+    and ``pwrite`` the pages that are not all zeros, so reading and writing
+    use both cores.  This thread reports progress and watches for a stop.
     Raises :class:`OSError` (ENOSPC...), :class:`QEMUGoneError`; returns
     early (the caller checks ``watch.stop``) when asked to stop.
     """
+    from vmcorefs._readpath import Copier
+
     os.ftruncate(fd, p.size)
     os.pwrite(fd, p.prefix, 0)
-    free: queue.Queue[bytearray] = queue.Queue()
-    for _ in range(BUFFERS):
-        free.put(bytearray(CHUNK))
-    full: queue.Queue[tuple[bytearray, int, int] | None] = queue.Queue()
-    failure: list[BaseException] = []
-    written = len(p.prefix)
+    if watch.stop.is_set():
+        return len(p.prefix)
+    runs = [(r.offset, r.length, int(r.source.kind), r.source.base + r.delta, r.source.fd) for r in p.runs]
+    copier = Copier(fd, runs, ram.memory.pid or 0, CHUNK)
+    failure: list[OSError] = []
 
-    def writer() -> None:
-        nonlocal written
-        while (item := full.get()) is not None:
-            buf, n, offset = item
-            try:
-                if not failure:
-                    view = memoryview(buf)
-                    for a, b in _nonzero_pages(buf, n):
-                        done = a
-                        while done < b:
-                            done += os.pwrite(fd, view[done:b], offset + done)
-                        written += b - a
-                    progress.update(n)
-            except BaseException as e:  # handed to the reader
-                failure.append(e)
-                watch.stop.set()
-            free.put(buf)
+    def run() -> None:
+        try:
+            copier.run(COPY_THREADS)
+        except OSError as e:
+            failure.append(e)
 
-    thread = threading.Thread(target=writer, name="vmcorefs-dump-writer", daemon=True)
+    thread = threading.Thread(target=run, name="vmcorefs-dump-copy", daemon=True)
     thread.start()
-    try:
-        for run in p.runs:
-            for pos in range(0, run.length, CHUNK):
-                if watch.stop.is_set():
-                    return written
-                watch.check()
-                n = min(CHUNK, run.length - pos)
-                buf = free.get()
-                try:
-                    ram.read(run.source, run.delta + pos, memoryview(buf)[:n])
-                except BaseException:
-                    free.put(buf)
-                    raise
-                full.put((buf, n, run.offset + pos))
-    finally:
-        full.put(None)
-        thread.join()
+    reported = 0
+    while thread.is_alive():
+        thread.join(PROGRESS_INTERVAL)
+        done, _ = copier.progress()
+        progress.update(done - reported)
+        reported = done
+        if watch.stop.is_set() or watch.qemu_exited():
+            copier.cancel()
+    thread.join()
     if failure:
+        if failure[0].errno == errno.ESRCH or watch.qemu_exited():
+            raise QEMUGoneError("QEMU exited during the dump")
         raise failure[0]
-    return written
+    watch.check()
+    return len(p.prefix) + copier.progress()[1]
 
 
 # -- kdump-compressed (zlib, lzo, snappy) -----------------------------------------

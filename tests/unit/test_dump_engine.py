@@ -20,7 +20,7 @@ from vmcorefs.core.elf import DumpInfo
 from vmcorefs.core.kdump import UTSNAME_SIZE, uts_looks_sane
 from vmcorefs.core.layout import PAGE_SIZE, ExtentKind
 from vmcorefs.core.memmap import GuestPhysBlock
-from vmcorefs.dump import Makedumpfile, _NoProgress, _nonzero_pages, _Watch, check_filter, copy_runs, plan
+from vmcorefs.dump import Makedumpfile, _NoProgress, _Watch, check_filter, copy_runs, plan
 from vmcorefs.errors import UsageError
 from vmcorefs.qemu.guest import Snapshot
 from vmcorefs.qemu.memory import ProcessMemory, Source
@@ -30,37 +30,62 @@ MiB = 1 << 20
 IDENT64 = b"\x7fELF\x02\x01\x01" + bytes(9)
 
 
-def test_nonzero_pages() -> None:
-    buf = bytearray(8 * PAGE_SIZE)
-    assert _nonzero_pages(buf, len(buf)) == []
-    buf[PAGE_SIZE] = 1                      # page 1
-    buf[3 * PAGE_SIZE - 1] = 1              # page 2: merged with 1
-    buf[5 * PAGE_SIZE + 100] = 1            # page 5
-    buf[8 * PAGE_SIZE - 1] = 1              # page 7, the last
-    assert _nonzero_pages(buf, len(buf)) == [(PAGE_SIZE, 3 * PAGE_SIZE), (5 * PAGE_SIZE, 6 * PAGE_SIZE),
-                                             (7 * PAGE_SIZE, 8 * PAGE_SIZE)]
-    assert _nonzero_pages(buf, 2 * PAGE_SIZE) == [(PAGE_SIZE, 2 * PAGE_SIZE)]
-
-
-def test_nonzero_pages_equals_a_page_by_page_reference() -> None:
-    """Random bytes anywhere in a page (its ends skip the compare, the middle needs it)."""
+@pytest.mark.parametrize(("threads", "chunk"), [(1, 4 * PAGE_SIZE), (2, PAGE_SIZE), (3, 3 * PAGE_SIZE), (2, 4 * MiB)])
+def test_copier_writes_exactly_the_nonzero_pages(tmp_path: Path, threads: int, chunk: int) -> None:
+    """The native copier against a page-by-page reference: runs of a memfd
+    with random bytes anywhere in some pages (a page's ends are tested
+    first, its middle needs the compare), a run ending inside a page, any
+    number of threads and chunk sizes: the file equals the runs, and only
+    the pages that are not all zeros are allocated."""
     import random
 
+    from vmcorefs._readpath import EXT_SHARED, Copier
+
     rng = random.Random(12)
-    for _ in range(300):
-        npages = rng.randint(1, 12)
-        buf = bytearray(npages * PAGE_SIZE)
-        for _ in range(rng.randint(0, 6)):
-            buf[rng.randrange(len(buf))] = rng.randint(1, 255)
-        want: list[tuple[int, int]] = []
-        for page in range(npages):
-            a, b = page * PAGE_SIZE, (page + 1) * PAGE_SIZE
-            if any(buf[a:b]):
-                if want and want[-1][1] == a:
-                    want[-1] = (want[-1][0], b)
-                else:
-                    want.append((a, b))
-        assert _nonzero_pages(buf, len(buf)) == want
+    npages = 96
+    src = bytearray(npages * PAGE_SIZE)
+    for _ in range(60):
+        src[rng.randrange(len(src))] = rng.randint(1, 255)
+    src[5 * PAGE_SIZE:7 * PAGE_SIZE] = os.urandom(2 * PAGE_SIZE)
+    memfd = os.memfd_create("fake-guest-ram")
+    out = tmp_path / "core"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    try:
+        os.pwrite(memfd, src, 0)
+        # (file offset, length, source offset): the last run ends 100 bytes into a page.
+        pieces = [(0, 40 * PAGE_SIZE, 0), (64 * PAGE_SIZE, 20 * PAGE_SIZE, 40 * PAGE_SIZE),
+                  (100 * PAGE_SIZE, 30 * PAGE_SIZE + 100, 60 * PAGE_SIZE)]
+        size = 140 * PAGE_SIZE
+        os.ftruncate(fd, size)
+        copier = Copier(fd, [(o, n, EXT_SHARED, s, memfd) for o, n, s in pieces], 0, chunk)
+        copier.run(threads)
+        want = bytearray(size)
+        nonzero = 0
+        for o, n, s in pieces:
+            want[o:o + n] = src[s:s + n]
+            nonzero += sum(any(src[s + i:s + min(n, i + PAGE_SIZE)]) for i in range(0, n, PAGE_SIZE))
+        assert out.read_bytes() == bytes(want)
+        assert copier.progress() == (sum(n for _, n, _ in pieces), copier.progress()[1])
+        allocated = sum(n for _, n in _data_blocks(fd, size))
+        written = copier.progress()[1]
+        assert nonzero * PAGE_SIZE - PAGE_SIZE < written <= nonzero * PAGE_SIZE  # the partial page counts its 100 bytes
+        assert allocated == -(-written // PAGE_SIZE) * PAGE_SIZE
+    finally:
+        os.close(fd)
+        os.close(memfd)
+
+
+def test_copier_rejects_what_it_cannot_copy() -> None:
+    from vmcorefs._readpath import EXT_PREFIX, EXT_SHARED, Copier
+
+    with pytest.raises(ValueError, match="kind"):
+        Copier(1, [(0, PAGE_SIZE, EXT_PREFIX, 0, 0)])
+    with pytest.raises(ValueError, match="chunk"):
+        Copier(1, [(0, PAGE_SIZE, EXT_SHARED, 0, 0)], 0, 1000)
+    copier = Copier(1, [])
+    copier.run()
+    with pytest.raises(RuntimeError):
+        copier.run()  # once
 
 
 def _snapshot(blocks: list[GuestPhysBlock], sources: list[Source]) -> Snapshot:
