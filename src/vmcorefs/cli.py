@@ -7,39 +7,143 @@ one line on stderr (``vmcorefs: ...``); ``--debug`` adds the detail.
 (before any thread or event loop exists, so the fork is safe and costs no
 second interpreter start-up) and exits 0 only once the daemon reports the
 mount ready on a pipe, or relays the daemon's error and exit code.
+
+SIGINT and SIGTERM are caught from the start of :func:`main` until a
+command installs its own handlers: one line, exit 130 or 143, never a
+traceback.  So that this covers the start-up too, the module imports only
+what that needs; asyncio, argparse, logging and the rest are imported by
+the functions that use them, after the handlers are in place.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
-import logging
 import os
 import signal
 import stat
 import sys
 import time
-import types
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, Sequence
 
 from vmcorefs import __version__
 from vmcorefs.errors import MountError, QEMUGoneError, UsageError, VmcorefsError, stat_or_usage_error
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up (mypy knows the name)
 if TYPE_CHECKING:
+    import argparse
+    import asyncio
+    import logging
+    import types
+    from typing import Any, Callable, Coroutine, Sequence
+
     from vmcorefs.qemu.guest import Guest
     from vmcorefs.qemu.monitor import Monitor
 
-log = logging.getLogger("vmcorefs")
 READY_TIMEOUT = 120.0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # one line, exit 2
-        raise UsageError(f"{message} (see '{self.prog} --help')")
+def _log() -> logging.Logger:
+    import logging
+
+    return logging.getLogger("vmcorefs")
+
+
+class Interrupted(VmcorefsError):
+    """SIGINT or SIGTERM stopped a command before it had handlers of its own;
+    exit 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+class _SignalInterrupt(KeyboardInterrupt):
+    """What :class:`_Signals` raises in synchronous code (a KeyboardInterrupt,
+    so that code which handles Ctrl-C handles SIGTERM the same way)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Signals:
+    """SIGINT and SIGTERM of a command until it installs its own handlers
+    (the mount's FUSE session, the dump's pause): the first one interrupts
+    it -- :class:`_SignalInterrupt` in synchronous code (imports, argument
+    parsing), a cancel of the task under :meth:`run` -- later ones are
+    ignored, so that the clean-up and the error line are not cut short."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.done = False
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for signum in self.SIGNALS:
+            self.previous.setdefault(signum, signal.getsignal(signum))
+            signal.signal(signum, self._on_signal)
+
+    def restore(self) -> None:
+        """Back to the handlers from before :meth:`install` (the mount's own
+        code takes over; a caller of :func:`main` in-process gets its own back)."""
+        self.done = True
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous.clear()
+
+    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
+        if self.received or self.done:
+            return
+        self.received = signum
+        raise _SignalInterrupt(signum)
+
+    def run(self, make: Callable[[], Coroutine[Any, Any, int]]) -> int:
+        """``asyncio.run(make())``, the signals cancelling its task (whose
+        ``finally`` blocks close the monitor) and ending it in
+        :class:`Interrupted`.  The command may install handlers of its own
+        (the dump does, for its pause) and remove them."""
+        import asyncio
+
+        async def command() -> int:
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task()
+
+            def on_signal(signum: int) -> None:
+                if not self.received and task is not None:
+                    self.received = signum
+                    task.cancel()
+
+            for signum in self.SIGNALS:
+                loop.add_signal_handler(signum, on_signal, signum)
+            try:
+                return await make()
+            except asyncio.CancelledError:
+                if self.received:
+                    raise Interrupted(self.received) from None
+                raise
+            finally:
+                for signum in self.SIGNALS:
+                    loop.remove_signal_handler(signum)
+                    signal.signal(signum, self._on_signal)
+
+        coro = command()
+        try:
+            return asyncio.run(coro)
+        except asyncio.CancelledError:  # the cancel arrived as the command returned
+            if self.received:
+                raise Interrupted(self.received) from None
+            raise
+        finally:
+            coro.close()  # never started (a signal in asyncio's set-up): no "never awaited" warning
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> Any:  # one line, exit 2
+            raise UsageError(f"{message} (see '{self.prog} --help')")
+
     p = _Parser(prog="vmcorefs", description="A running QEMU guest as a live ELF core over FUSE.")
     p.add_argument("--version", action="version", version=f"vmcorefs {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -99,6 +203,8 @@ def _libvirt_options(p: argparse.ArgumentParser) -> None:
 
 
 def _file_mode(text: str) -> int:
+    import argparse
+
     try:
         mode = int(text, 8)
     except ValueError:
@@ -109,6 +215,8 @@ def _file_mode(text: str) -> int:
 
 
 def _positive(text: str) -> float:
+    import argparse
+
     try:
         value = float(text)
     except ValueError:
@@ -119,6 +227,8 @@ def _positive(text: str) -> float:
 
 
 def _setup_logging(debug: bool, log_file: str | None = None) -> None:
+    import logging
+
     handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
@@ -148,6 +258,8 @@ def _import_pyfuse3() -> Any:
     ``pyfuse3.asyncio.enable()`` replaces; a placeholder module stands in
     for the import.  Only the daemon does this.
     """
+    import types
+
     if "trio" not in sys.modules:
         placeholder = types.ModuleType("trio", "placeholder: vmcorefs runs pyfuse3 in asyncio mode")
         sys.modules["trio"] = placeholder
@@ -159,6 +271,8 @@ def _import_pyfuse3() -> Any:
 
 
 async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    import asyncio
+
     from vmcorefs import readpath
     from vmcorefs.live import MAX_AGE, LiveCore
     from vmcorefs.watchdog import watch_freeze
@@ -197,7 +311,7 @@ async def _serve(args: argparse.Namespace, ready: Callable[[], None]) -> int:
                 try:
                     await core.thaw()
                 except VmcorefsError as e:
-                    log.warning("could not resume the guest: %s", e)
+                    _log().warning("could not resume the guest: %s", e)
         finally:
             if watched is not None:
                 watched.close()
@@ -213,6 +327,8 @@ async def _serve_all(args: argparse.Namespace, mountpoint: str, ready: Callable[
     """``mount --all``: one directory per running libvirt domain, following
     libvirt's lifecycle events; no guest is touched until one of its files
     is used."""
+    import asyncio
+
     from vmcorefs.live import MAX_AGE, LiveCore, LiveDirectory
     from vmcorefs.qemu.domains import DomainWatcher, FreezeWatchedGuest, LazyGuest
     from vmcorefs.qemu.libvirt import DEFAULT_URI
@@ -231,7 +347,7 @@ async def _serve_all(args: argparse.Namespace, mountpoint: str, ready: Callable[
         guest = guests[name] = FreezeWatchedGuest(lazy) if args.freeze else lazy
         tree.add(LiveCore(guest, os.path.join(mountpoint, name), freeze=args.freeze, cache=not args.direct,
                           max_age=args.max_age or MAX_AGE, name=name))
-        log.info("domain %s: %s/%s", name, mountpoint, name)
+        _log().info("domain %s: %s/%s", name, mountpoint, name)
 
     def stopped(name: str, reason: str) -> None:
         core = tree.remove(name, reason)
@@ -240,7 +356,7 @@ async def _serve_all(args: argparse.Namespace, mountpoint: str, ready: Callable[
             session.guest_gone(core, all_reads=False)
         if guest is not None:
             loop.create_task(guest.close())
-        log.info("%s: %s/%s removed", reason, mountpoint, name)
+        _log().info("%s: %s/%s removed", reason, mountpoint, name)
 
     watcher = DomainWatcher(uri, loop, started, stopped)
     await loop.run_in_executor(None, watcher.start)
@@ -253,7 +369,7 @@ async def _serve_all(args: argparse.Namespace, mountpoint: str, ready: Callable[
             try:
                 await core.thaw()
             except VmcorefsError as e:
-                log.warning("could not resume %s: %s", core.name, e)
+                _log().warning("could not resume %s: %s", core.name, e)
         return 0
     finally:
         watcher.stop()
@@ -294,6 +410,8 @@ class _FuseSession:
         /dev/fuse by setting an exception on its future; one the device had
         just woken already has a result (InvalidStateError, and the waiters
         after it are not woken): once that task has run, the rest again."""
+        import asyncio
+
         if not self.session_open:
             return  # not mounted yet (run() ends it at once), or closed: libfuse has no session
         try:
@@ -306,6 +424,8 @@ class _FuseSession:
         """Mount, serve until unmounted or terminated, unmount.  Raises
         :class:`MountError` when the mount cannot be made or libfuse refuses
         the kernel's FUSE_INIT."""
+        import asyncio
+
         pyfuse3, readpath, args, mountpoint, fs = self.pyfuse3, self.readpath, self.args, self.mountpoint, self.fs
         options = {"fsname=vmcorefs", "subtype=vmcorefs", "ro", "default_permissions", "noatime"}
         if args.allow_other:
@@ -355,10 +475,10 @@ class _FuseSession:
                 raise
             fs.native = self.native
             loop.add_reader(self.native.events, self.native.poll_events)
-            log.info("reads: native read path")
+            _log().info("reads: native read path")
         else:
-            log.info("reads: Python (%s)", "--reads python" if args.reads == "python"
-                     else f"native read path not built: {readpath.IMPORT_ERROR}")
+            _log().info("reads: Python (%s)", "--reads python" if args.reads == "python"
+                        else f"native read path not built: {readpath.IMPORT_ERROR}")
         if stop:
             self.terminate()
         if self.native is None:
@@ -399,7 +519,7 @@ def _tune_readahead(mountpoint: str) -> None:
                 f.seek(0)
                 f.write(str(READAHEAD_KB))
     except (OSError, ValueError) as e:
-        log.info("readahead left at the default: %s", e)
+        _log().info("readahead left at the default: %s", e)
 
 
 def _watch_process(loop: asyncio.AbstractEventLoop, pid: int | None, core: Any) -> int | None:
@@ -449,6 +569,8 @@ async def _open_guest(args: argparse.Namespace) -> tuple[Monitor, Guest]:
 
 
 async def _info(args: argparse.Namespace) -> int:
+    import json
+
     monitor, guest = await _open_guest(args)
     try:
         info = await guest.info()
@@ -520,6 +642,8 @@ def _daemonize(args: argparse.Namespace) -> int:
             os.close(devnull)
             code = _guarded(lambda: _run_foreground(args, w), args.debug)
         finally:
+            import logging
+
             logging.shutdown()
             os._exit(code)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -572,6 +696,8 @@ def _reap(pid: int, timeout: float | None) -> int | None:
 
 def _event_loop_run(coro: Coroutine[Any, Any, int]) -> int:
     """Run the daemon on uvloop when available (cheaper per FUSE request)."""
+    import asyncio
+
     try:
         import uvloop
     except ImportError:
@@ -610,11 +736,12 @@ def _guarded(run: Callable[[], int], debug: bool) -> int:
     except VmcorefsError as e:
         print(f"vmcorefs: {e}", file=sys.stderr)
         if debug:
-            log.debug("detail", exc_info=True)
+            _log().debug("detail", exc_info=True)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("vmcorefs: interrupted", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt as e:  # Ctrl-C; SIGTERM too, before the command's own handlers
+        signum = e.signum if isinstance(e, _SignalInterrupt) else signal.SIGINT
+        print(f"vmcorefs: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
     except Exception as e:  # a bug: one line, detail with --debug
         print(f"vmcorefs: internal error: {type(e).__name__}: {e}"
               + ("" if debug else " (run with --debug for details)"), file=sys.stderr)
@@ -628,20 +755,26 @@ def _guarded(run: Callable[[], int], debug: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    signals = _Signals()
 
     def run() -> int:
+        signals.install()  # before the imports: asyncio alone takes ~50 ms
         args = build_parser().parse_args(argv)
         _check_guest_args(args)
         if args.command == "mount":
+            signals.restore()  # the mount has its own (the daemon's session, the FUSE session's)
             return _run_foreground(args, None) if args.foreground else _daemonize(args)
         _setup_logging(args.debug)
         if args.command == "dump":
             from vmcorefs.dump import dump_command
 
-            return asyncio.run(dump_command(args, _open_guest))
-        return asyncio.run(_info(args))
+            return signals.run(lambda: dump_command(args, _open_guest))
+        return signals.run(lambda: _info(args))
 
-    return _guarded(run, debug)
+    try:
+        return _guarded(run, debug)
+    finally:
+        signals.restore()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,137 @@
+"""The command line as a user runs it, without QEMU or FUSE: signals during
+start-up and the QMP connect, option checks.  Each command runs in a fresh
+interpreter from this source tree, as the ``vmcorefs`` script runs it; a
+listening socket that never greets stands in for QEMU's monitor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+import vmcorefs
+
+SRC = Path(vmcorefs.__file__).resolve().parents[1]
+
+#: ``vmcorefs ARGS`` as the installed script runs it (``from vmcorefs.cli
+#: import main``), except that the interpreter sends itself SIGNUM as soon as
+#: it starts importing MODULE: a Ctrl-C at a precise point of the start-up.
+SIGNAL_AT_IMPORT = """
+import os, sys
+MODULE, SIGNUM = sys.argv.pop(1), int(sys.argv.pop(1))
+
+class SignalAtImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == MODULE:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), SIGNUM)
+        return None
+
+sys.meta_path.insert(0, SignalAtImport())
+from vmcorefs.cli import main
+sys.exit(main())
+"""
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(SRC))
+
+
+def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vmcorefs", *args], capture_output=True, text=True,
+                          timeout=timeout, env=_env())
+
+
+def _one_line(r: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vmcorefs: "), r.stderr
+    return lines[0]
+
+
+class SilentMonitor:
+    """A unix socket that accepts clients and never greets (a QMP monitor
+    that does not answer): ``connected`` is set at the first client,
+    ``closed`` once it has hung up."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.connected = threading.Event()
+        self.closed = threading.Event()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(str(path))
+        self._sock.listen(4)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self._sock.accept()
+        except OSError:
+            return
+        with conn:
+            self.connected.set()
+            while conn.recv(4096):
+                pass
+            self.closed.set()
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.fixture
+def monitor(tmp_path: Path) -> Iterator[SilentMonitor]:
+    m = SilentMonitor(tmp_path / "qmp.sock")
+    yield m
+    m.close()
+
+
+def _command(name: str, sock: Path, tmp_path: Path) -> list[str]:
+    return [name, str(sock), *([str(tmp_path / "out.core")] if name == "dump" else [])]
+
+
+@pytest.mark.parametrize("module", ["asyncio", "vmcorefs.dump", "vmcorefs.qemu.monitor"],
+                         ids=["imports", "parsing", "before-connect"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("command", ["info", "dump"])
+def test_signal_during_start_up_is_one_line(monitor: SilentMonitor, tmp_path: Path, command: str,
+                                           signum: int, module: str) -> None:
+    """Ctrl-C (or SIGTERM) while the command imports its modules, parses its
+    arguments or is about to connect: one line, 128 + the signal, never a
+    traceback (asyncio, imported at start-up, took ~50 ms of it)."""
+    r = subprocess.run([sys.executable, "-c", SIGNAL_AT_IMPORT, module, str(int(signum)),
+                        *_command(command, monitor.path, tmp_path)],
+                       capture_output=True, text=True, timeout=60, env=_env())
+    name = signal.Signals(signum).name
+    assert _one_line(r) == f"vmcorefs: interrupted by {name}"
+    assert r.returncode == 128 + signum
+    assert list(tmp_path.iterdir()) == [monitor.path]  # no output, no partial file
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("command", ["info", "dump"])
+def test_signal_during_qmp_connect_is_one_line(monitor: SilentMonitor, tmp_path: Path, command: str,
+                                              signum: int) -> None:
+    """A signal while the command waits for the monitor's greeting: it hangs
+    up, says so in one line and exits 128 + the signal."""
+    p = subprocess.Popen([sys.executable, "-m", "vmcorefs", *_command(command, monitor.path, tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert monitor.connected.wait(30), "vmcorefs never connected"
+        p.send_signal(signum)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    r = subprocess.CompletedProcess(p.args, p.returncode, "", err)
+    assert _one_line(r) == f"vmcorefs: interrupted by {signal.Signals(signum).name}"
+    assert r.returncode == 128 + signum
+    assert monitor.closed.wait(5)
+    assert list(tmp_path.iterdir()) == [monitor.path]
