@@ -191,7 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from vmcorefs.dump import add_parser as add_dump_parser
 
-    _libvirt_options(add_dump_parser(sub))
+    d = add_dump_parser(sub)
+    _libvirt_options(d)
+    # dump's --timeout (declared a plain float there) gets the check of mount's and info's.
+    timeout = d._option_string_actions.get("--timeout")
+    if timeout is not None:
+        timeout.type = _positive
     return p
 
 
@@ -215,14 +220,20 @@ def _file_mode(text: str) -> int:
 
 
 def _positive(text: str) -> float:
+    """Seconds: more than 0, at most an hour."""
     import argparse
+    import math
 
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds: {text!r}")
+        value = math.nan
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    if value > 3600:
+        raise argparse.ArgumentTypeError(f"must be at most 3600 seconds: {text!r}")
     return value
 
 

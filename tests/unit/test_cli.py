@@ -17,6 +17,7 @@ from typing import Iterator
 import pytest
 
 import vmcorefs
+from vmcorefs import cli
 
 SRC = Path(vmcorefs.__file__).resolve().parents[1]
 
@@ -135,3 +136,20 @@ def test_signal_during_qmp_connect_is_one_line(monitor: SilentMonitor, tmp_path:
     assert r.returncode == 128 + signum
     assert monitor.closed.wait(5)
     assert list(tmp_path.iterdir()) == [monitor.path]
+
+
+@pytest.mark.parametrize("value, why", [("0", "must be more than 0 seconds"), ("-1", "must be more than 0 seconds"),
+                                        ("-0.5", "must be more than 0 seconds"), ("nan", "not a number of seconds"),
+                                        ("soon", "not a number of seconds"), ("1e9", "must be at most 3600 seconds")])
+@pytest.mark.parametrize("command", ["mount", "info", "dump"])
+def test_timeout_must_be_positive(capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str, value: str,
+                                  why: str) -> None:
+    """``--timeout 0`` (or less) is refused by the argument parser, for every
+    command, in one line saying what a timeout must be -- the dump took it and
+    failed its first QMP command with 'no answer within 0 s (is QEMU stopped
+    or hung?)'."""
+    sock = str(tmp_path / "qmp.sock")
+    args = {"mount": [sock, str(tmp_path)], "info": [sock], "dump": [sock, str(tmp_path / "out.core")]}[command]
+    assert cli.main([command, "--timeout", value, *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"vmcorefs: argument --timeout: {why}: {value!r} (see 'vmcorefs {command} --help')"]
