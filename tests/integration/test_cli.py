@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vmcorefs.testing import QemuGuest, run_vmcorefs, spawn_vmcorefs
+from vmcorefs.testing import QemuGuest, is_mounted, run_vmcorefs, spawn_vmcorefs
 
 pytestmark = pytest.mark.integration
 
@@ -52,3 +52,22 @@ def test_interrupted_while_connecting(memfd_guest: QemuGuest, tmp_path: Path, co
     assert g.status() == "running"
     r = run_vmcorefs("info", g.qmp_path)
     assert r.returncode == 0, r.stderr
+
+
+def test_memory_shared_on_private_ram_is_a_usage_error(private_guest: QemuGuest, tmp_path: Path) -> None:
+    """``--memory shared`` for a guest whose RAM is QEMU's private memory:
+    the guest cannot do what the option asks -- exit 2, one line saying why
+    and what to use instead; no mount, no dump, the guest running."""
+    g = private_guest
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    expected = ("vmcorefs: --memory shared: guest RAM 'pc.ram' at 0x0 is not in a shared file mapping (give QEMU"
+                " memory-backend-memfd/-file with share=on, or use --memory procmem or auto)")
+    for args in (["mount", "--memory", "shared", g.qmp_path, str(mnt)],
+                 ["mount", "-f", "--memory", "shared", g.qmp_path, str(mnt)],
+                 ["dump", "--memory", "shared", g.qmp_path, str(tmp_path / "vm.elf")]):
+        r = run_vmcorefs(*args)
+        assert (r.returncode, _one_line(r.stderr)) == (2, expected), args
+        assert not is_mounted(mnt)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt"]
+        assert g.status() == "running"

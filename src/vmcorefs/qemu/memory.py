@@ -42,6 +42,12 @@ _MAPS_RE = re.compile(
 )
 
 
+class NotSharedError(UsageError, AccessError):
+    """``--memory shared`` for guest RAM that is not in a shared file
+    mapping: an option the guest cannot satisfy (a usage error, exit 2),
+    and no way to its memory (an :class:`AccessError`, EACCES for an open)."""
+
+
 @dataclass(frozen=True)
 class Mapping:
     """One line of ``/proc/PID/maps``."""
@@ -172,9 +178,9 @@ class ProcessMemory:
 
         Costs one read of ``/proc/PID/maps`` (not for ``procmem``) and, the
         first time a backing file is seen, a scan of ``/proc/PID/fd``.
-        Raises :class:`AccessError` (no permission; ``shared`` asked for a
-        block that is not in a shared file mapping), :class:`QEMUGoneError`
-        (QEMU exited).
+        Raises :class:`AccessError` (no permission), :class:`NotSharedError`
+        (``shared`` asked for a block that is not in a shared file mapping),
+        :class:`QEMUGoneError` (QEMU exited).
         """
         pid = self._require_pid()
         maps: list[Mapping] = []
@@ -192,8 +198,9 @@ class ProcessMemory:
             src = self._shared_source(pid, b, maps) if self.mode != "procmem" else None
             if src is None:
                 if self.mode == "shared" and b.kind == "ram":
-                    raise AccessError(f"guest RAM {b.name!r} at {b.gpa:#x} is not in a shared file mapping",
-                                      "give QEMU memory-backend-memfd/-file with share=on, or use --memory procmem")
+                    raise NotSharedError(f"--memory shared: guest RAM {b.name!r} at {b.gpa:#x} is not in a shared"
+                                         " file mapping", "give QEMU memory-backend-memfd/-file with share=on,"
+                                         " or use --memory procmem or auto")
                 src = Source(b, self._proc_mem(), b.hva, ExtentKind.PROCMEM, f"/proc/{pid}/mem")
             out.append(src)
         return out
