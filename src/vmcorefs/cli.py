@@ -513,6 +513,23 @@ GONE_GRACE = 0.3
 READAHEAD_KB = 1024
 
 
+def _hidden_files_warning(mountpoint: str) -> str | None:
+    """The line to print once the mount is made when ``mountpoint`` is a
+    directory with files in it: FUSE mounts over them (fusermount3 does;
+    fuse 2 wanted ``-o nonempty``) and they are hidden until the unmount.
+    Checked before mounting; None when it is empty, or cannot be listed, or
+    is a mount point already (the mount says what is wrong)."""
+    try:
+        if os.path.ismount(mountpoint):
+            return None
+        with os.scandir(mountpoint) as entries:
+            if next(entries, None) is None:
+                return None
+    except OSError:
+        return None
+    return f"vmcorefs: {mountpoint} is not empty: its files are hidden while mounted"
+
+
 def _tune_readahead(mountpoint: str) -> None:
     """Raise the mount's readahead so that sequential cached reads arrive as
     1 MiB requests (~1.5-2x the throughput of 128 KiB ones).  Needs root;
@@ -622,8 +639,9 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _daemonize(args: argparse.Namespace) -> int:
-    """Fork the serving daemon and wait until it reports ready or fails.
+def _daemonize(args: argparse.Namespace, warning: str | None = None) -> int:
+    """Fork the serving daemon and wait until it reports ready or fails;
+    print ``warning`` once the mount is ready.
     Ctrl-C meanwhile reaches only this process (the daemon has its own
     session): the daemon is let finish starting, then stopped (exit 130).
     Raises :class:`UsageError` when ``--log-file`` cannot be opened."""
@@ -677,6 +695,8 @@ def _daemonize(args: argparse.Namespace) -> int:
     message = b"".join(chunks).decode(errors="replace").strip()
     if message == "OK":
         if not interrupted:
+            if warning is not None:
+                print(warning, file=sys.stderr)
             return 0
         os.kill(pid, signal.SIGTERM)  # the daemon unmounts and exits
         _reap(pid, READY_TIMEOUT)
@@ -716,15 +736,20 @@ def _event_loop_run(coro: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(coro)
 
 
-def _run_foreground(args: argparse.Namespace, ready_fd: int | None) -> int:
+def _run_foreground(args: argparse.Namespace, ready_fd: int | None, warning: str | None = None) -> int:
+    """Serve the mount in this process; tell ``ready_fd`` (the waiting
+    command of :func:`_daemonize`) or print ``warning`` once it is ready."""
     _setup_logging(args.debug, args.log_file if ready_fd is None else None)
 
     def ready() -> None:
-        nonlocal ready_fd
+        nonlocal ready_fd, warning
         if ready_fd is not None:
             os.write(ready_fd, b"OK")
             os.close(ready_fd)
             ready_fd = None
+        if warning is not None:
+            print(warning, file=sys.stderr)
+            warning = None
 
     try:
         return _event_loop_run(_serve(args, ready))
@@ -774,7 +799,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_guest_args(args)
         if args.command == "mount":
             signals.restore()  # the mount has its own (the daemon's session, the FUSE session's)
-            return _run_foreground(args, None) if args.foreground else _daemonize(args)
+            warning = _hidden_files_warning(args.mountpoint)  # before the mount hides them
+            return _run_foreground(args, None, warning) if args.foreground else _daemonize(args, warning)
         _setup_logging(args.debug)
         if args.command == "dump":
             from vmcorefs.dump import dump_command

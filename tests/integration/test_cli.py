@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vmcorefs.testing import QemuGuest, is_mounted, run_vmcorefs, spawn_vmcorefs
+from vmcorefs.testing import QemuGuest, daemon_pid, is_mounted, run_vmcorefs, spawn_vmcorefs, unmount_and_wait
 
 pytestmark = pytest.mark.integration
 
@@ -71,3 +71,22 @@ def test_memory_shared_on_private_ram_is_a_usage_error(private_guest: QemuGuest,
         assert not is_mounted(mnt)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt"]
         assert g.status() == "running"
+
+
+def test_mount_over_a_non_empty_directory(memfd_guest: QemuGuest, tmp_path: Path) -> None:
+    """A mount over a directory with files in it is made (as fusermount3
+    makes it) with one warning line; the files are back at the unmount."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    (mnt / "notes.txt").write_text("kept")
+    r = run_vmcorefs("mount", memfd_guest.qmp_path, str(mnt))
+    pid = daemon_pid(mnt)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert _one_line(r.stderr) == f"vmcorefs: {mnt} is not empty: its files are hidden while mounted"
+        names = os.listdir(mnt)
+        assert "vmcore" in names and "notes.txt" not in names
+    finally:
+        unmount_and_wait(mnt, pid)
+    assert os.listdir(mnt) == ["notes.txt"]
+    assert (mnt / "notes.txt").read_text() == "kept"

@@ -5,19 +5,22 @@ listening socket that never greets stands in for QEMU's monitor."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
 import vmcorefs
 from vmcorefs import cli
+from vmcorefs.errors import UsageError
 
 SRC = Path(vmcorefs.__file__).resolve().parents[1]
 
@@ -153,3 +156,44 @@ def test_timeout_must_be_positive(capsys: pytest.CaptureFixture[str], tmp_path: 
     assert cli.main([command, "--timeout", value, *args]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"vmcorefs: argument --timeout: {why}: {value!r} (see 'vmcorefs {command} --help')"]
+
+
+def _reap_children(timeout: float = 30.0) -> None:
+    """Wait for the daemons ``cli.main(["mount", ...])`` forked here."""
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(ChildProcessError):  # none left
+        while time.monotonic() < deadline:
+            if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                time.sleep(0.01)
+
+
+@pytest.mark.parametrize("foreground", [False, True], ids=["daemon", "foreground"])
+def test_mount_over_a_non_empty_directory_warns(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                foreground: bool) -> None:
+    """FUSE mounts over a directory with files in it (as fusermount3 does):
+    one line says they are hidden while mounted, once the mount is ready; an
+    empty directory says nothing; a mount that fails says only why."""
+    async def serve(args: object, ready: Callable[[], None]) -> int:
+        ready()
+        return 0
+
+    async def serve_fails(args: object, ready: Callable[[], None]) -> int:
+        raise UsageError("no such QMP socket")
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount = ["mount", *(["-f"] if foreground else []), str(tmp_path / "qmp.sock"), str(mnt)]
+    monkeypatch.setattr(cli, "_serve", serve)
+    try:
+        assert cli.main(mount) == 0
+        assert capsys.readouterr().err == ""
+        (mnt / ".notes").write_text("kept")
+        assert cli.main(mount) == 0
+        assert capsys.readouterr().err.splitlines() == [
+            f"vmcorefs: {mnt} is not empty: its files are hidden while mounted"]
+        monkeypatch.setattr(cli, "_serve", serve_fails)
+        assert cli.main(mount) == 2
+        assert capsys.readouterr().err.splitlines() == ["vmcorefs: no such QMP socket"]
+    finally:
+        _reap_children()
