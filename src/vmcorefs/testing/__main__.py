@@ -1,11 +1,14 @@
 """``python -m vmcorefs.testing``: the test harness for shell scripts (``scripts/demo.sh``).
 
-    boot DIR [--memory memfd|private] [--mib N] [--vcpus N] [--kernel DIR]
+    boot DIR [--memory memfd|private] [--mib N] [--vcpus N] [--kernel DIR] [--qemu 7.2|10]
         Boot a test guest whose sockets and logs are in DIR (qmp.sock for
         vmcorefs, own-qmp.sock, serial.log, qemu.log, qemu.pid), wait until
         it is up, print its ready line and exit 0, leaving QEMU running: kill
         the PID in DIR/qemu.pid when done.  Exit 1 (QEMU killed) if it does
-        not come up.
+        not come up.  --qemu 10 runs bookworm-backports' QEMU 10 that
+        scripts/build-tools.sh unpacks under /var/cache/vmcorefs/qemu-10
+        (default 7.2, Debian 12's); the 6.12 kernel needs it under TCG:
+        boot DIR --qemu 10 --kernel /var/cache/vmcorefs/guest-backports
     drgn-kallsyms CORE [SYMBOL...]
         drgn without debuginfo on CORE: prints linux_banner, then each
         SYMBOL's first 8 bytes as an integer.
@@ -31,12 +34,27 @@ import os
 import sys
 from pathlib import Path
 
-from vmcorefs.testing.guests import DEBIAN12, READY, GuestSpec, KernelAssets, QemuGuest, Unavailable
+from vmcorefs.testing.guests import (
+    DEBIAN12,
+    QEMU10,
+    READY,
+    SYSTEM_QEMU,
+    GuestSpec,
+    KernelAssets,
+    Qemu,
+    QemuGuest,
+    Unavailable,
+)
 from vmcorefs.testing.probes import DRGN_KALLSYMS, printk_head_id, vmcoreinfo_dict
 
 
+#: ``boot --qemu``: the QEMUs the test guests run on.
+QEMUS: dict[str, Qemu] = {"7.2": SYSTEM_QEMU, "10": QEMU10}
+
+
 def boot(a: argparse.Namespace) -> int:
-    spec = GuestSpec(a.dir.name, memory=a.memory, mib=a.mib, vcpus=a.vcpus, kernel=KernelAssets(a.kernel))
+    spec = GuestSpec(a.dir.name, qemu=QEMUS[a.qemu], memory=a.memory, mib=a.mib, vcpus=a.vcpus,
+                     kernel=KernelAssets(a.kernel))
     a.dir.mkdir(parents=True, exist_ok=True)
     try:
         g = QemuGuest(spec, directory=a.dir, detach=True)
@@ -82,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--mib", type=int, default=512, help="guest RAM in MiB (default 512)")
     b.add_argument("--vcpus", type=int, default=2)
     b.add_argument("--kernel", type=Path, default=DEBIAN12.dir, help=f"kernel assets (default {DEBIAN12.dir})")
+    b.add_argument("--qemu", choices=list(QEMUS), default="7.2",
+                   help=f"Debian 12's QEMU 7.2 (default) or QEMU 10 ({QEMU10.binary}), which the 6.12"
+                        " kernel needs")
     d = sub.add_parser("drgn-kallsyms", help="drgn without debuginfo: linux_banner and symbol values")
     d.add_argument("core")
     d.add_argument("symbols", nargs="*")
