@@ -69,7 +69,9 @@ class _Signals:
     (the mount's FUSE session, the dump's pause): the first one interrupts
     it -- :class:`_SignalInterrupt` in synchronous code (imports, argument
     parsing), a cancel of the task under :meth:`run` -- later ones are
-    ignored, so that the clean-up and the error line are not cut short."""
+    ignored, so that the clean-up and the error line are not cut short.
+    A signal the command was started with ignored (SIGINT of a background
+    job of a script, ``trap '' INT``) stays ignored, as Python leaves it."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -80,8 +82,10 @@ class _Signals:
 
     def install(self) -> None:
         for signum in self.SIGNALS:
-            self.previous.setdefault(signum, signal.getsignal(signum))
-            signal.signal(signum, self._on_signal)
+            handler = signal.getsignal(signum)
+            if handler != signal.SIG_IGN:
+                self.previous[signum] = handler
+                signal.signal(signum, self._on_signal)
 
     def restore(self) -> None:
         """Back to the handlers from before :meth:`install` (the mount's own
@@ -113,7 +117,8 @@ class _Signals:
                     self.received = signum
                     task.cancel()
 
-            for signum in self.SIGNALS:
+            caught = list(self.previous)
+            for signum in caught:
                 loop.add_signal_handler(signum, on_signal, signum)
             try:
                 return await make()
@@ -122,7 +127,7 @@ class _Signals:
                     raise Interrupted(self.received) from None
                 raise
             finally:
-                for signum in self.SIGNALS:
+                for signum in caught:
                     loop.remove_signal_handler(signum)
                     signal.signal(signum, self._on_signal)
 

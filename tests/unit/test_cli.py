@@ -197,3 +197,26 @@ def test_mount_over_a_non_empty_directory_warns(monkeypatch: pytest.MonkeyPatch,
         assert capsys.readouterr().err.splitlines() == ["vmcorefs: no such QMP socket"]
     finally:
         _reap_children()
+
+
+@pytest.mark.parametrize("command", ["info", "dump"])
+def test_an_ignored_sigint_stays_ignored(monitor: SilentMonitor, tmp_path: Path, command: str) -> None:
+    """A command started with SIGINT ignored (a background job of a shell
+    script) is not stopped by it, as Python leaves it ignored; SIGTERM still
+    stops it in one line."""
+    p = subprocess.Popen([sys.executable, "-m", "vmcorefs", *_command(command, monitor.path, tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert monitor.connected.wait(30), "vmcorefs never connected"
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert p.poll() is None, p.communicate()
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert _one_line(subprocess.CompletedProcess(p.args, p.returncode, "", err)) == "vmcorefs: interrupted by SIGTERM"
+    assert p.returncode == 128 + signal.SIGTERM
