@@ -196,12 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from vmcorefs.dump import add_parser as add_dump_parser
 
-    d = add_dump_parser(sub)
-    _libvirt_options(d)
-    # dump's --timeout (declared a plain float there) gets the check of mount's and info's.
-    timeout = d._option_string_actions.get("--timeout")
-    if timeout is not None:
-        timeout.type = _positive
+    _libvirt_options(add_dump_parser(sub, seconds=_positive))  # --timeout checked as mount's and info's
     return p
 
 

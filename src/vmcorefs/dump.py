@@ -590,8 +590,8 @@ class Result:
                 f" {self.wall:.2f} s, {pause}")
 
 
-def add_parser(sub: Any) -> argparse.ArgumentParser:
-    """The ``dump`` subcommand on ``sub`` (cli's subparsers)."""
+def add_parser(sub: Any, seconds: Callable[[str], float] = float) -> argparse.ArgumentParser:
+    """The ``dump`` subcommand on ``sub`` (cli's subparsers); ``seconds`` parses ``--timeout``."""
     d: argparse.ArgumentParser = sub.add_parser(
         "dump", help="write a point-in-time core file of the guest (sparse ELF or kdump-compressed)",
         description="Write OUTPUT: the guest's core at one paused instant (ELF as dump-guest-memory"
@@ -609,7 +609,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
     d.add_argument("--memory", choices=("auto", "shared", "procmem"), default="auto",
                    help="how to read guest RAM: shared backing file, /proc/PID/mem, or auto (default)")
-    d.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+    d.add_argument("--timeout", type=seconds, default=10.0, metavar="SECONDS",
                    help="how long a QMP command may take (default 10)")
     d.add_argument("--debug", action="store_true")
     return d
