@@ -660,15 +660,20 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
     monitor, guest = await open_guest(args)
     watch = _Watch(monitor.pid)
 
+    ending = False
+
     def on_signal(signum: int) -> None:
-        if not watch.signum:
+        if not watch.signum and not ending:  # once the guest is resumed, only the monitor's close is left
             watch.signum = signum
             watch.stop.set()
             if not copying and task is not None:
                 task.cancel()
 
+    # Until the loop closes (no gap with the default action while the monitor
+    # closes); a signal the command was started with ignored stays ignored.
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            loop.add_signal_handler(signum, on_signal, signum)
     partial: list[str] = []
     pause: float | None = None
     state = "live"
@@ -766,8 +771,7 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
         for path in partial:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
+        ending = True
         if watched is not None:
             watched.watchdog.done()  # the partial files are gone (or renamed): nothing to remove
             watched.close()  # it resumes the guest only if our own resume failed

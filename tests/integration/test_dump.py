@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from elftools.elf.elffile import ELFFile
@@ -386,10 +386,11 @@ def filled_guest(tmp_path: Path) -> Iterator[QemuGuest]:
         backing.unlink(missing_ok=True)
 
 
-def _interrupt_mid_copy(g: QemuGuest, out: Path, act: object) -> subprocess.CompletedProcess[str]:
-    """Start a dump, call ``act(process)`` as soon as the partial file exists
-    (the copy has started), wait for the dump to end."""
-    proc = spawn_vmcorefs("dump", g.qmp_path, str(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def _interrupt_mid_copy(g: QemuGuest, out: Path, act: object, **popen: Any) -> subprocess.CompletedProcess[str]:
+    """Start a dump (``popen``: more Popen arguments), call ``act(process)``
+    as soon as the partial file exists (the copy has started), wait for the
+    dump to end."""
+    proc = spawn_vmcorefs("dump", g.qmp_path, str(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
     try:
         deadline = time.monotonic() + 60
         while not any("vmcorefs-partial" in p.name for p in out.parent.iterdir()):
@@ -414,6 +415,20 @@ def test_signal_mid_copy_resumes_and_removes(filled_guest: QemuGuest, tmp_path: 
     assert "interrupted" in line and "guest resumed" in line and "partial file removed" in line
     assert filled_guest.status() == "running"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigint_ignored_at_start_stays_ignored(filled_guest: QemuGuest, tmp_path: Path) -> None:
+    """A dump started with SIGINT ignored (a background job of a script,
+    ``trap '' INT``) is not interrupted by one mid-copy: it completes."""
+    out = tmp_path / "vm.elf"
+
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    r = _interrupt_mid_copy(filled_guest, out, lambda p: p.send_signal(signal.SIGINT), preexec_fn=ignore_sigint)
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size > BIG and filled_guest.status() == "running"
+    assert [p.name for p in tmp_path.iterdir()] == ["vm.elf"]
 
 
 def test_qemu_killed_mid_copy(filled_guest: QemuGuest, tmp_path: Path) -> None:
