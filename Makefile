@@ -51,7 +51,7 @@ sanitize: setup
 	  src/vmcorefs/_readpath.c -o $(SAN_DIR)/_readpath$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 \
 	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 VMCOREFS_READPATH_BUILD=$(abspath $(SAN_DIR)) \
-	  $(PYTEST) -q -s -p no:cacheprovider tests/unit/test_readpath_engine.py > build/sanitize/log 2>&1; \
+	  $(PYTEST) -q -s -p no:cacheprovider tests/unit/test_readpath_engine.py tests/unit/test_dump_engine.py > build/sanitize/log 2>&1; \
 	  rc=$$?; cat build/sanitize/log; [ $$rc -eq 0 ] && ! grep -Eq 'Sanitizer|runtime error:' build/sanitize/log
 
 $(FUZZ_BIN): tests/fuzz/fuzz_readpath.c src/vmcorefs/_readpath.c

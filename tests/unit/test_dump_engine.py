@@ -76,7 +76,11 @@ def test_copier_writes_exactly_the_nonzero_pages(tmp_path: Path, threads: int, c
 
 
 def test_copier_rejects_what_it_cannot_copy() -> None:
+    from vmcorefs import _readpath
     from vmcorefs._readpath import EXT_PREFIX, EXT_SHARED, Copier
+
+    if os.environ.get("VMCOREFS_READPATH_BUILD"):  # make sanitize: the ASan+UBSan build is the one tested
+        assert Path(_readpath.__file__).parent == Path(os.environ["VMCOREFS_READPATH_BUILD"])
 
     with pytest.raises(ValueError, match="kind"):
         Copier(1, [(0, PAGE_SIZE, EXT_PREFIX, 0, 0)])

@@ -34,11 +34,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import vmcorefs
 
-SANITIZED = os.environ.get("VMCOREFS_READPATH_BUILD")
-if SANITIZED:  # before anything imports vmcorefs._readpath
-    vmcorefs.__path__.insert(0, SANITIZED)
+SANITIZED = os.environ.get("VMCOREFS_READPATH_BUILD")  # put first on vmcorefs.__path__ by conftest.py
 
 from vmcorefs import readpath  # noqa: E402
 from vmcorefs.core.layout import Extent, ExtentKind  # noqa: E402
