@@ -35,7 +35,7 @@ soak: setup
 lint: setup
 	$(VENV)/bin/mypy
 
-# The native read path (src/vmcorefs/_readpath.c) under ASan+UBSan: its unit tests
+# The native read path and dump copier (src/vmcorefs/_readpath.c) under ASan+UBSan: their unit tests
 # against a sanitized build kept in build/sanitize (never over the installed one);
 # any sanitizer report fails.  `make fuzz` runs its libFuzzer harness for
 # FUZZ_TIME seconds and merges new coverage into tests/fuzz/corpus, which

@@ -34,7 +34,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-
 SANITIZED = os.environ.get("VMCOREFS_READPATH_BUILD")  # put first on vmcorefs.__path__ by conftest.py
 
 from vmcorefs import readpath  # noqa: E402
