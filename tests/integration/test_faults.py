@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -21,6 +23,7 @@ from vmcorefs.testing import (
     run_vmcorefs,
     spawn_vmcorefs,
     unmount,
+    wait_for,
     wait_mounted,
 )
 
@@ -123,6 +126,87 @@ def test_monitor_in_use(memfd_guest: QemuGuest, mnt: Path) -> None:
             assert not is_mounted(other)
         finally:
             os.rmdir(other)
+
+
+@contextlib.contextmanager
+def _queue_filled(path: str) -> Iterator[None]:
+    """Connections to the unix socket ``path`` until its listener's queue
+    is full (EAGAIN), for the ``with`` block: the next client's connect
+    finds no room."""
+    fillers: list[socket.socket] = []
+    try:
+        while True:
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                s.close()
+                break
+            fillers.append(s)
+            assert len(fillers) < 100, "the listener takes every connection"
+        yield
+    finally:
+        for s in fillers:
+            s.close()
+
+
+def _greeted(path: str) -> socket.socket:
+    """A client of the QMP monitor at ``path``, once QEMU has greeted it
+    (its queue of connections may be full for a while: tried again)."""
+    deadline = time.monotonic() + 60
+    while True:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.settimeout(60)
+            s.connect(path)
+            assert b'"QMP"' in s.recv(4096)
+            return s
+        except BlockingIOError:
+            s.close()
+            assert time.monotonic() < deadline, f"{path}: the queue of connections stays full"
+            time.sleep(0.05)
+        except BaseException:
+            s.close()
+            raise
+
+
+def test_stopped_qemu_is_not_a_busy_monitor(memfd_guest: QemuGuest, mnt: Path) -> None:
+    """QMP greets one client per monitor and a stopped QEMU greets none: the
+    two silences are told apart by the state of QEMU's process.  A second
+    client holding the monitor of a running QEMU: "already has a client";
+    QEMU SIGSTOPped: it is stopped, with its pid and how to resume it.  The
+    same when QEMU's queue of connections is full (clients already waiting,
+    e.g. earlier tries): no connection is taken at all."""
+    g = memfd_guest
+    holder = _greeted(g.qmp_path)  # the monitor is this client's
+    try:
+        busy = [run_vmcorefs("info", g.qmp_path, timeout=60)]
+        with _queue_filled(g.qmp_path):
+            busy.append(run_vmcorefs("info", g.qmp_path, timeout=60))
+    finally:
+        holder.close()
+    # QEMU greets (and drops) the connections queued meanwhile, then ours:
+    # its queue is empty again.
+    _greeted(g.qmp_path).close()
+    _one_line_error(busy[0], 1, f"the monitor of QEMU (pid {g.pid}) did not greet", "already has a client")
+    _one_line_error(busy[1], 1, f"the monitor of QEMU (pid {g.pid}) took no connection", "already has a client")
+    os.kill(g.pid, signal.SIGSTOP)
+    try:
+        stopped = [run_vmcorefs("mount", g.qmp_path, str(mnt), timeout=60)]
+        with _queue_filled(g.qmp_path):
+            stopped.append(run_vmcorefs("info", g.qmp_path, timeout=60))
+    finally:
+        os.kill(g.pid, signal.SIGCONT)
+    for r, silence in zip(stopped, ["no answer to the QMP greeting", "no connection taken"]):
+        _one_line_error(r, 1, f"QEMU (pid {g.pid}) is stopped (SIGSTOP): {silence} within 5 s",
+                        f"(kill -CONT {g.pid} resumes it)")
+        assert "already has a client" not in r.stderr
+    assert not is_mounted(mnt)
+    # Running again, its monitor takes the next client (once it has dropped
+    # the connections it never greeted).
+    wait_for(lambda: run_vmcorefs("info", g.qmp_path, timeout=60).returncode == 0, 60, "vmcorefs info after SIGCONT")
+    assert g.status() == "running"
 
 
 def test_qemu_exit_while_mounted(tmp_path: Path) -> None:

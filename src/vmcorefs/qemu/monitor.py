@@ -3,9 +3,10 @@
 QMP serves one client per monitor: a second client's connection is accepted
 by the kernel but never greeted.  :func:`connect` tells the cases apart with
 ``SO_PEERCRED`` (the listening process) so the user learns whether the
-socket is not QMP or the monitor is busy.  Every command has a timeout, so a
-stopped QEMU (SIGSTOP) fails a request instead of hanging it.  HMP command
-lines are only ever built from validated integers (see :meth:`Monitor.gpa2hva`).
+socket is not QMP, the monitor is busy, or QEMU is stopped (``/proc/PID/stat``).
+Every command has a timeout, so a stopped QEMU (SIGSTOP) fails a request
+instead of hanging it.  HMP command lines are only ever built from validated
+integers (see :meth:`Monitor.gpa2hva`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from typing import Any, Iterator
 
 import qemu.qmp
@@ -31,6 +33,7 @@ from vmcorefs.errors import (
     QMPError,
     QMPTimeoutError,
     UsageError,
+    VmcorefsError,
     stat_or_usage_error,
 )
 
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 GREETING_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 10.0
 _UCRED = struct.Struct("3i")
+#: ``/proc/net/unix`` flag of a listening socket (the kernel's __SO_ACCEPTCON).
+_SO_ACCEPTCON = 1 << 16
 
 
 def peer_pid(sock: socket.socket) -> int | None:
@@ -54,6 +59,33 @@ def _process_name(pid: int) -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` in ``/proc/PID/stat`` (``R``,
+    ``S``, ``T`` stopped, ``t`` stopped by its tracer, ...); None when it
+    cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    end = data.rfind(b")")  # the name (comm) may hold spaces and parentheses
+    fields = data[end + 1:].split() if end >= 0 else []
+    return fields[0].decode("ascii", "replace") if fields else None
+
+
+def stopped_why(pid: int | None) -> str | None:
+    """Why process ``pid`` does not run (``stopped (SIGSTOP)``, ``stopped
+    by a debugger (ptrace)``), or None when it is not stopped or unknown."""
+    if pid is None:
+        return None
+    state = process_state(pid)
+    if state == "T":
+        return "stopped (SIGSTOP)"
+    if state == "t":
+        return "stopped by a debugger (ptrace)"
+    return None
 
 
 def check_socket_path(path: str) -> None:
@@ -175,20 +207,33 @@ async def connect(path: str, greeting_timeout: float = GREETING_TIMEOUT,
     ``timeout``: seconds every later command may take.  Raises
     :class:`UsageError` (no such socket, not a socket, nobody listening),
     :class:`MonitorBusyError` (QEMU's monitor already has a client),
-    :class:`NotQMPError` (no QMP greeting from a non-QEMU process).
+    :class:`QMPTimeoutError` (no greeting, or no connection taken: QEMU is
+    stopped, e.g. SIGSTOP), :class:`NotQMPError` (no QMP greeting from a
+    non-QEMU process).  When the listener takes no connection at all (its
+    queue is full), connecting is tried again until ``greeting_timeout``.
     """
     check_socket_path(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(greeting_timeout)
-        sock.connect(path)
-        sock.setblocking(False)
-    except ConnectionRefusedError:
-        sock.close()
-        raise UsageError(f"{path}: connection refused (no process is listening; has QEMU exited?)") from None
-    except OSError as e:
-        sock.close()
-        raise UsageError(f"{path}: cannot connect: {e.strerror or e}") from None
+    deadline = time.monotonic() + greeting_timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(greeting_timeout)
+            sock.connect(path)
+            sock.setblocking(False)
+            break
+        except BlockingIOError:
+            # Its queue of connections is full (EAGAIN): the listener takes
+            # none now -- stopped, or its monitor busy and others waiting.
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise _silence(path, _listener_pid(path), greeting_timeout, accepted=False) from None
+            await asyncio.sleep(0.1)
+        except ConnectionRefusedError:
+            sock.close()
+            raise UsageError(f"{path}: connection refused (no process is listening; has QEMU exited?)") from None
+        except OSError as e:
+            sock.close()
+            raise UsageError(f"{path}: cannot connect: {e.strerror or e}") from None
     pid = peer_pid(sock)
     client = QMPClient("vmcorefs")
     # qemu.qmp's default listener queues (and records) every event for ever
@@ -199,17 +244,68 @@ async def connect(path: str, greeting_timeout: float = GREETING_TIMEOUT,
         await asyncio.wait_for(client.connect(sock), greeting_timeout)
     except asyncio.TimeoutError:
         await _abandon(client, sock)
-        name = _process_name(pid) if pid else ""
-        if "qemu" in name:
-            raise MonitorBusyError(
-                f"{path}: the monitor of QEMU (pid {pid}) did not greet within {greeting_timeout:g} s:"
-                " it already has a client (QMP serves one at a time; give QEMU another -qmp socket)"
-            ) from None
-        raise NotQMPError(f"{path}: not a QMP monitor (no QMP greeting within {greeting_timeout:g} s)") from None
+        raise _silence(path, pid, greeting_timeout, accepted=True) from None
     except (qemu.qmp.QMPError, OSError, EOFError) as e:
         await _abandon(client, sock)
         raise NotQMPError(f"{path}: not a QMP monitor ({_describe(e)})") from None
     return Monitor(client, sock, path, pid, timeout)
+
+
+def _silence(path: str, pid: int | None, waited: float, accepted: bool) -> VmcorefsError:
+    """The error for a process listening at ``path`` (``pid``, None if not
+    known) that said nothing for ``waited`` seconds: it took our connection
+    but sent no greeting (``accepted``), or took no connection at all.  A
+    QEMU that is stopped does either, like a monitor busy with a client:
+    the state of its process tells them apart."""
+    name = _process_name(pid) if pid else ""
+    silence = "no answer to the QMP greeting" if accepted else "no connection taken"
+    why = stopped_why(pid)
+    if why is not None:
+        who = f"QEMU (pid {pid})" if "qemu" in name or not name else f"the process listening ({name}, pid {pid})"
+        hint = f" (kill -CONT {pid} resumes it)" if why.endswith("(SIGSTOP)") else ""
+        return QMPTimeoutError(f"{path}: {who} is {why}: {silence} within {waited:g} s{hint}")
+    if "qemu" in name:
+        waiting = "did not greet" if accepted else "took no connection"
+        others = "" if accepted else " and others waiting"
+        return MonitorBusyError(
+            f"{path}: the monitor of QEMU (pid {pid}) {waiting} within {waited:g} s:"
+            f" it already has a client{others} (QMP serves one at a time; give QEMU another -qmp socket)")
+    if accepted:
+        return NotQMPError(f"{path}: not a QMP monitor (no QMP greeting within {waited:g} s)")
+    return UsageError(f"{path}: cannot connect: {silence} within {waited:g} s (the listener's queue is full)")
+
+
+def _listener_pid(path: str) -> int | None:
+    """PID of a process holding the listening unix socket bound at ``path``
+    (found in ``/proc/net/unix``, then among the descriptors of the
+    processes this user may see), or None.  For diagnoses only: it reads
+    every visible process's descriptors."""
+    names = {path, os.path.abspath(path), os.path.realpath(path)}
+    links = set()
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
+            next(f, None)  # Num RefCount Protocol Flags Type St Inode Path
+            for line in f:
+                fields = line.split(None, 7)
+                if len(fields) == 8 and fields[7].rstrip("\n") in names and int(fields[3], 16) & _SO_ACCEPTCON:
+                    links.add(f"socket:[{fields[6]}]")
+    except (OSError, ValueError):
+        return None
+    if not links:
+        return None
+    with os.scandir("/proc") as procs:
+        for proc in procs:
+            if not proc.name.isdigit():
+                continue
+            try:
+                with os.scandir(f"/proc/{proc.name}/fd") as fds:
+                    for fd in fds:
+                        with contextlib.suppress(OSError):
+                            if os.readlink(fd.path) in links:
+                                return int(proc.name)
+            except OSError:
+                continue
+    return None
 
 
 def _describe(e: BaseException) -> str:
