@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -206,6 +207,41 @@ def test_stopped_qemu_is_not_a_busy_monitor(memfd_guest: QemuGuest, mnt: Path) -
     # Running again, its monitor takes the next client (once it has dropped
     # the connections it never greeted).
     wait_for(lambda: run_vmcorefs("info", g.qmp_path, timeout=60).returncode == 0, 60, "vmcorefs info after SIGCONT")
+    assert g.status() == "running"
+
+
+@pytest.mark.parametrize("options", [(), ("--freeze",)], ids=["plain", "freeze"])
+def test_open_on_stopped_qemu_fails_after_one_timeout(memfd_guest: QemuGuest, options: tuple[str, ...]) -> None:
+    """SIGSTOP: an open of vmcore fails with ETIMEDOUT after about one
+    --timeout, not one per QMP exchange (the lookup's attribute refresh,
+    then the open's snapshot, or its --freeze status check); a later open,
+    once QEMU runs again, asks QEMU again and works."""
+    g = memfd_guest
+    timeout = 3.0
+    with Mount(g, "--timeout", f"{timeout:g}", *options) as m:
+        assert os.stat(m.vmcore).st_size > 0
+        os.kill(g.pid, signal.SIGSTOP)
+        try:
+            # Older than a second, the layout (and the kernel's attributes)
+            # are refreshed by the lookup of the path: a first QMP exchange.
+            time.sleep(1.5)
+            t = time.monotonic()
+            with pytest.raises(OSError) as e:
+                os.open(m.vmcore, os.O_RDONLY)
+            elapsed = time.monotonic() - t
+            assert e.value.errno == errno.ETIMEDOUT
+            # It waited for QEMU, once: a lower bound a busy host cannot
+            # break, an upper one far from two timeouts.
+            assert timeout * 0.9 <= elapsed < timeout * 1.6, elapsed
+        finally:
+            os.kill(g.pid, signal.SIGCONT)
+        fd = os.open(m.vmcore, os.O_RDONLY)
+        try:
+            assert len(os.pread(fd, 4096, 0)) == 4096
+            if options:
+                assert g.status() == "paused"
+        finally:
+            os.close(fd)
     assert g.status() == "running"
 
 

@@ -1,8 +1,15 @@
-"""The QMP monitor's diagnoses against small local servers (no QEMU)."""
+"""The QMP monitor's timeouts and diagnoses against small local servers (no QEMU).
+
+A :class:`FakeQMP` greets, then answers commands in order, as QEMU's
+monitor does, but only while ``running`` is set: cleared, it reads commands
+and answers none, like a stopped or hung QEMU.  Bounds on wall-clock time
+are generous (a shared, busy machine): they tell one timeout from two.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -15,7 +22,155 @@ from typing import Any
 import pytest
 
 from vmcorefs.errors import MonitorBusyError, NotQMPError, QMPTimeoutError, UsageError
-from vmcorefs.qemu.monitor import connect, process_state, stopped_why
+from vmcorefs.qemu.monitor import Monitor, connect, process_state, stopped_why
+
+GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""},
+                    "capabilities": []}}
+TIMEOUT = 1.0
+
+
+class FakeQMP:
+    """A QMP monitor on ``path`` in the running event loop (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.running = asyncio.Event()
+        self.running.set()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> FakeQMP:
+        self._server = await asyncio.start_unix_server(self._serve, str(self.path))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = json.JSONDecoder()
+        writer.write(json.dumps(GREETING).encode() + b"\r\n")
+        buf = ""
+        try:
+            while data := await reader.read(65536):
+                buf += data.decode()
+                while True:
+                    buf = buf.lstrip()
+                    try:
+                        req, end = decoder.raw_decode(buf)
+                    except ValueError:
+                        break
+                    buf = buf[end:]
+                    if req.get("execute") != "qmp_capabilities":
+                        await self.running.wait()  # in order: nothing is answered past a stuck command
+                    writer.write(json.dumps({"return": {}, "id": req.get("id")}).encode() + b"\r\n")
+                    await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _timed(monitor: Monitor, command: str) -> tuple[float, BaseException | None]:
+    t = time.monotonic()
+    try:
+        await monitor.execute(command)
+    except QMPTimeoutError as e:
+        return time.monotonic() - t, e
+    return time.monotonic() - t, None
+
+
+def test_after_a_timeout_the_next_command_waits_only_briefly(tmp_path: Path) -> None:
+    """A hung monitor: the first command waits the whole timeout; the next
+    one, sent at once (the open after an attribute refresh), fails within a
+    fraction of it and says which command QEMU is stuck on."""
+    async def go() -> None:
+        async with FakeQMP(tmp_path / "qmp.sock") as qmp:
+            monitor = await connect(str(qmp.path), timeout=TIMEOUT)
+            try:
+                qmp.running.clear()
+                first, e1 = await _timed(monitor, "query-status")
+                second, e2 = await _timed(monitor, "query-target")
+                assert e1 is not None and e2 is not None
+                assert first >= TIMEOUT * 0.9
+                assert second < TIMEOUT * 0.5, second
+                assert str(e2).startswith("QMP query-target: no answer within 0.25 s")
+                assert "nor to query-status, sent" in str(e2)
+                assert f"(pid {os.getpid()})" in str(e1)
+            finally:
+                qmp.running.set()
+                await monitor.close()
+    asyncio.run(go())
+
+
+def test_a_qemu_that_answers_again_gets_the_whole_timeout(tmp_path: Path) -> None:
+    """The stuck command answered (QEMU was slow, or SIGCONT): the next
+    commands are served as before; and one sent while QEMU is stuck, which
+    QEMU then starts answering within the grace, waits for its answer."""
+    async def go() -> None:
+        async with FakeQMP(tmp_path / "qmp.sock") as qmp:
+            monitor = await connect(str(qmp.path), timeout=TIMEOUT)
+            try:
+                qmp.running.clear()
+                _, e = await _timed(monitor, "query-status")
+                assert e is not None
+                loop = asyncio.get_running_loop()
+                loop.call_later(0.1, qmp.running.set)
+                assert await monitor.execute("query-target") == {}
+                qmp.running.clear()
+                _, e = await _timed(monitor, "query-status")
+                assert e is not None
+                qmp.running.set()
+                await asyncio.sleep(0.05)
+                assert await monitor.execute("query-kvm") == {}
+                # QEMU slow again: a full timeout, not the grace.
+                qmp.running.clear()
+                elapsed, e = await _timed(monitor, "query-status")
+                assert e is not None and elapsed >= TIMEOUT * 0.9
+            finally:
+                qmp.running.set()
+                await monitor.close()
+    asyncio.run(go())
+
+
+def test_a_later_command_waits_the_whole_timeout_again(tmp_path: Path) -> None:
+    """Still stuck, but one timeout later (another open): QEMU is given the
+    whole timeout again."""
+    async def go() -> None:
+        async with FakeQMP(tmp_path / "qmp.sock") as qmp:
+            monitor = await connect(str(qmp.path), timeout=TIMEOUT)
+            try:
+                qmp.running.clear()
+                _, e = await _timed(monitor, "query-status")
+                assert e is not None
+                await asyncio.sleep(TIMEOUT * 1.1)
+                elapsed, e = await _timed(monitor, "query-status")
+                assert e is not None and elapsed >= TIMEOUT * 0.9
+                assert "nor to" not in str(e)
+            finally:
+                qmp.running.set()
+                await monitor.close()
+    asyncio.run(go())
+
+
+def test_cancelled_command_is_withdrawn(tmp_path: Path) -> None:
+    """A command whose caller is cancelled leaves no stall behind."""
+    async def go() -> None:
+        async with FakeQMP(tmp_path / "qmp.sock") as qmp:
+            monitor = await connect(str(qmp.path), timeout=TIMEOUT)
+            try:
+                qmp.running.clear()
+                task = asyncio.ensure_future(monitor.execute("query-status"))
+                await asyncio.sleep(0.1)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                elapsed, e = await _timed(monitor, "query-status")
+                assert e is not None and elapsed >= TIMEOUT * 0.9
+            finally:
+                qmp.running.set()
+                await monitor.close()
+    asyncio.run(go())
+
 
 LISTENER = """
 import socket, sys, time

@@ -5,8 +5,10 @@ by the kernel but never greeted.  :func:`connect` tells the cases apart with
 ``SO_PEERCRED`` (the listening process) so the user learns whether the
 socket is not QMP, the monitor is busy, or QEMU is stopped (``/proc/PID/stat``).
 Every command has a timeout, so a stopped QEMU (SIGSTOP) fails a request
-instead of hanging it.  HMP command lines are only ever built from validated
-integers (see :meth:`Monitor.gpa2hva`).
+instead of hanging it -- once: QMP answers in order, so after a command timed
+out unanswered the next ones wait only briefly (see :meth:`Monitor.execute`).
+HMP command lines are only ever built from validated integers (see
+:meth:`Monitor.gpa2hva`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import socket
 import stat
 import struct
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import qemu.qmp
@@ -41,6 +44,10 @@ log = logging.getLogger(__name__)
 
 GREETING_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 10.0
+#: Upper bound (seconds) on how long a command waits while QEMU has not yet
+#: answered one that timed out (see :meth:`Monitor.execute`); at most a
+#: quarter of that command's timeout.
+STALL_GRACE = 1.0
 _UCRED = struct.Struct("3i")
 #: ``/proc/net/unix`` flag of a listening socket (the kernel's __SO_ACCEPTCON).
 _SO_ACCEPTCON = 1 << 16
@@ -108,6 +115,20 @@ class _Listener(EventListener):
         self._history.clear()
 
 
+@dataclass
+class _Stall:
+    """A command that timed out and that QEMU has not answered yet."""
+
+    command: str
+    #: Its qemu.qmp execution, still waiting for QEMU's answer.
+    task: asyncio.Future[Any]
+    #: ``time.monotonic()`` when it timed out.
+    since: float
+    #: Its timeout (seconds): commands sent within that long after ``since``
+    #: wait only the grace (:meth:`Monitor.execute`).
+    window: float
+
+
 class Monitor:
     """A connected QMP monitor.  Use :func:`connect` to make one."""
 
@@ -128,6 +149,24 @@ class Monitor:
         except (AttributeError, KeyError, TypeError):
             pass
         self.gone = False
+        #: The command QEMU is stuck on, while it has not answered it.
+        self._stall: _Stall | None = None
+
+    def _answered(self, task: asyncio.Future[Any]) -> None:
+        """Done callback of a command that timed out: QEMU answered at last
+        (or the connection closed), so it is no longer stuck."""
+        if not task.cancelled():
+            task.exception()  # retrieved: never "exception was never retrieved"
+        self._stall = None
+
+    def _no_answer(self, waited: float) -> str:
+        """Why a command got no answer within ``waited`` seconds, in words."""
+        why = stopped_why(self.pid)
+        if why is not None:
+            return f"no answer within {waited:g} s: QEMU (pid {self.pid}) is {why}"
+        if self.pid is None:
+            return f"no answer within {waited:g} s (is QEMU stopped or hung?)"
+        return f"no answer within {waited:g} s from QEMU (pid {self.pid}): is it stopped or hung?"
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None,
                       timeout: float | None = None) -> Any:
@@ -138,15 +177,55 @@ class Monitor:
         :class:`QMPTimeoutError` after ``timeout`` s without an answer,
         :class:`QEMUGoneError` when the connection is lost (and on every
         later call).
+
+        A command that times out stays pending (its answer, when QEMU
+        sends it, is taken and dropped).  Until QEMU answers it, and for
+        its ``timeout`` after it timed out, a new command waits at most
+        ``STALL_GRACE`` (a quarter of that timeout at most) unless QEMU
+        answers the stuck one meanwhile: QMP answers in order, so QEMU
+        could only answer the new one after that, and a request that
+        needs several commands (an attribute refresh then an open, a
+        failed snapshot then the ``--freeze`` resume) fails after one
+        timeout, not one per command.  A command sent later, or once
+        QEMU has answered, waits the whole timeout again (a QEMU that was
+        only slow recovers).
         """
         timeout = self.timeout if timeout is None else timeout
         if self.gone:
             raise QEMUGoneError("QEMU has exited", command)
+        start = time.monotonic()
+        stall = self._stall
+        if stall is not None and start - stall.since >= stall.window:
+            stall = None  # a later request: it gets the whole timeout
+        waited = timeout if stall is None else min(timeout, STALL_GRACE, stall.window / 4)
+        task = asyncio.ensure_future(self._client.execute(command, arguments))
         try:
-            return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
-        except asyncio.TimeoutError:
-            raise QMPTimeoutError(f"no answer within {timeout:g} s (is QEMU stopped or hung?)", command) from None
+            if stall is None:
+                await asyncio.wait({task}, timeout=waited)
+            else:
+                await asyncio.wait({task, stall.task}, timeout=waited, return_when=asyncio.FIRST_COMPLETED)
+                if not task.done() and stall.task.done():
+                    # QEMU answers again: this command gets its whole timeout.
+                    stall, waited = None, timeout
+                    await asyncio.wait({task}, timeout=max(0.0, start + timeout - time.monotonic()))
+        except BaseException:  # cancelled: the command goes too, as with wait_for
+            task.cancel()
+            raise
+        if not task.done():
+            task.add_done_callback(self._answered)
+            message = self._no_answer(waited)
+            if stall is None:
+                self._stall = _Stall(command, task, time.monotonic(), timeout)
+            else:
+                sent = time.monotonic() - stall.since + stall.window
+                message += f"; nor to {stall.command}, sent {sent:.1f} s ago"
+            raise QMPTimeoutError(message, command)
+        try:
+            result = task.result()
+            self._stall = None
+            return result
         except qemu.qmp.ExecuteError as e:
+            self._stall = None
             raise QMPError(str(e.error.error.desc), command) from None
         except (qemu.qmp.QMPError, OSError, EOFError) as e:
             self.gone = True
