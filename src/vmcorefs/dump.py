@@ -422,6 +422,8 @@ def check_output(path: str, force: bool) -> str:
     """``path`` made absolute, after the checks done before touching the
     guest: not an existing file unless ``force`` (never a directory), its
     directory exists and is writable.  Raises :class:`UsageError`."""
+    if not path:  # abspath('') would be the working directory
+        raise UsageError("OUTPUT is empty (see 'vmcorefs dump --help')")
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
     if os.path.isdir(path):

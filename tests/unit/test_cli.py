@@ -220,3 +220,14 @@ def test_an_ignored_sigint_stays_ignored(monitor: SilentMonitor, tmp_path: Path,
             p.wait()
     assert _one_line(subprocess.CompletedProcess(p.args, p.returncode, "", err)) == "vmcorefs: interrupted by SIGTERM"
     assert p.returncode == 128 + signal.SIGTERM
+
+
+def test_dump_empty_output_is_a_usage_error(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``vmcorefs dump SOCK ''``: an empty OUTPUT is refused as such (exit 2),
+    before the guest is touched -- it was taken for the working directory
+    ("/cwd: is a directory")."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["dump", str(tmp_path / "qmp.sock"), ""]) == 2
+    assert capsys.readouterr().err.splitlines() == ["vmcorefs: OUTPUT is empty (see 'vmcorefs dump --help')"]
+    assert list(tmp_path.iterdir()) == []
