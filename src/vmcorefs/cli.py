@@ -149,9 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
         def error(self, message: str) -> Any:  # one line, exit 2
             raise UsageError(f"{message} (see '{self.prog} --help')")
 
+    class _CommandParser(_Parser):
+        def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+            # A command's unknown arguments are its own error (pointing to
+            # 'vmcorefs dump --help'), not handed up to the top-level parser.
+            parsed, extras = super().parse_known_args(args, namespace)
+            if extras:
+                self.error(f"unrecognized arguments: {' '.join(extras)}")
+            return parsed, extras
+
     p = _Parser(prog="vmcorefs", description="A running QEMU guest as a live ELF core over FUSE.")
     p.add_argument("--version", action="version", version=f"vmcorefs {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     m = sub.add_parser("mount", help="mount a guest's live core at MOUNTPOINT",
                        description="Mount MOUNTPOINT/vmcore (live ELF core), pmem and vmcoreinfo.")

@@ -231,3 +231,20 @@ def test_dump_empty_output_is_a_usage_error(capsys: pytest.CaptureFixture[str], 
     assert cli.main(["dump", str(tmp_path / "qmp.sock"), ""]) == 2
     assert capsys.readouterr().err.splitlines() == ["vmcorefs: OUTPUT is empty (see 'vmcorefs dump --help')"]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["mount", "info", "dump"])
+def test_unknown_argument_points_to_the_commands_help(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                      command: str) -> None:
+    """An argument a command does not know is that command's usage error
+    ('vmcorefs dump --help', which lists its options), not the top level's;
+    one before the command is the top level's."""
+    sock = str(tmp_path / "qmp.sock")
+    args = {"mount": [sock, str(tmp_path)], "info": [sock], "dump": [sock, str(tmp_path / "out.core")]}[command]
+    for extra in (["--bogus"], ["--bogus", "stray"]):
+        assert cli.main([command, *args, *extra]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"vmcorefs: unrecognized arguments: {' '.join(extra)} (see 'vmcorefs {command} --help')"]
+    assert cli.main(["--bogus", command, *args]) == 2
+    assert capsys.readouterr().err.splitlines() == ["vmcorefs: unrecognized arguments: --bogus (see 'vmcorefs --help')"]
+    assert list(tmp_path.iterdir()) == []
