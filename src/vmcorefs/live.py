@@ -34,6 +34,7 @@ The guest is anything with the :class:`GuestControl` methods
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -42,7 +43,7 @@ from typing import Callable, Protocol
 
 from vmcorefs.core.kcore import gdb_program, gdb_script
 from vmcorefs.core.layout import ExtentKind, SparseFile
-from vmcorefs.errors import NoSuchFileError, QEMUGoneError, QMPError
+from vmcorefs.errors import NoSuchFileError, QEMUGoneError, QMPError, QMPTimeoutError, VmcorefsError
 from vmcorefs.qemu.guest import Snapshot
 from vmcorefs.qemu.memory import read_extent, zero_fill
 
@@ -400,7 +401,17 @@ class LiveCore:
                 # then says "paused" and the guest would run under the freeze.
                 async with self._snap_lock:
                     if await self.guest.status() == "running":
-                        await self.guest.pause()
+                        try:
+                            await self.guest.pause()
+                        except (QMPTimeoutError, asyncio.CancelledError):
+                            # The stop was sent: QEMU may have done it (a
+                            # signal cancelled us as it answered) or do it
+                            # later.  Undo it now; a cont of a running guest
+                            # does nothing.
+                            self._paused_by_us = True
+                            with contextlib.suppress(VmcorefsError):
+                                await asyncio.shield(self.thaw())
+                            raise
                         self._paused_by_us = True
                         log.info("guest paused (--freeze)")
             self._freeze_count += 1

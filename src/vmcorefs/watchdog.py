@@ -412,13 +412,18 @@ class WatchedGuest:
 
     async def pause(self) -> None:
         """Pause (``P`` first, so a death in between is covered); ``R`` again
-        if QEMU refused (a timeout keeps ``P``: the stop may still happen)."""
+        if QEMU refused.  A timeout or a cancellation (a signal) keeps ``P``
+        and makes the pause ours: the stop was sent, QEMU may have done it
+        or still do it, so :meth:`resume` must undo it."""
+        import asyncio
+
         from vmcorefs.errors import QMPTimeoutError
 
         self.watchdog.paused()
         try:
             await self.guest.pause()
-        except QMPTimeoutError:
+        except (QMPTimeoutError, asyncio.CancelledError):
+            self.ours = True
             raise
         except BaseException:
             self.watchdog.resumed()

@@ -247,6 +247,45 @@ def test_reader_that_dies_during_open_gives_its_share_back(guest: FakeGuest, clo
     run(go())
 
 
+@pytest.mark.parametrize("how", ["cancelled", "timeout"])
+def test_open_stopped_as_its_stop_is_answered_resumes_the_guest(guest: FakeGuest, clock: FakeClock,
+                                                                 how: str) -> None:
+    """The stop was sent and QEMU did it, but the open was cancelled (a
+    signal: vmcorefs dump's Ctrl-C as the guest paused) or timed out before
+    the answer: the guest must not stay paused with nobody holding it."""
+    async def go() -> None:
+        core = make(guest, clock, freeze=True)
+        answered = asyncio.Event()
+
+        async def pause_then_hang() -> None:
+            guest.calls.append("pause")
+            guest.status_value = "paused"              # QEMU did the stop...
+            if how == "timeout":
+                raise QMPTimeoutError("no answer within 10 s", "stop")
+            answered.set()
+            await asyncio.Event().wait()               # ...but its answer is not in yet
+
+        guest.pause = pause_then_hang  # type: ignore[method-assign]
+        task = asyncio.create_task(core.open("vmcore"))
+        if how == "cancelled":
+            await answered.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            with pytest.raises(QMPTimeoutError):
+                await task
+        assert guest.status_value == "running" and guest.calls == ["pause", "resume"]
+        assert not core.paused_by_us
+        # The next open pauses and resumes as usual.
+        guest.pause = FakeGuest.pause.__get__(guest)  # type: ignore[method-assign]
+        h = await core.open("vmcore")
+        assert guest.status_value == "paused"
+        await core.release(h)
+        assert guest.status_value == "running"
+    run(go())
+
+
 # -- layouts, hotplug, page cache ---------------------------------------------------
 
 def test_layout_changes_between_opens_never_under_a_handle(guest: FakeGuest, clock: FakeClock) -> None:

@@ -113,6 +113,23 @@ def test_refused_stop_takes_p_back_but_a_timeout_keeps_it(pipe: tuple[int, Watch
     asyncio.run(go())
 
 
+def test_cancelled_stop_keeps_p_and_is_ours_to_undo(pipe: tuple[int, Watchdog]) -> None:
+    """A signal cancels the pause after the stop went out: QEMU may have
+    done it, so the watchdog keeps ``P`` and a resume sends ``cont``."""
+    r, wd = pipe
+    g = Guest()
+    wg = WatchedGuest(g, wd)
+
+    async def go() -> None:
+        g.fail = asyncio.CancelledError()
+        with pytest.raises(asyncio.CancelledError):
+            await wg.pause()
+        assert said(r) == PAUSED and wg.ours
+        await wg.resume()
+        assert said(r) == RESUMED and not wg.ours and g.calls == ["stop", "cont"]
+    asyncio.run(go())
+
+
 def test_someone_elses_resume_ends_our_pause(pipe: tuple[int, Watchdog]) -> None:
     r, wd = pipe
     g = Guest()
