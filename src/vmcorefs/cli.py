@@ -1,7 +1,10 @@
 """Command line: ``vmcorefs mount`` and ``vmcorefs info``.
 
 Exit codes: 0 success, 2 bad input or usage, 1 any other failure.  Errors are
-one line on stderr (``vmcorefs: ...``); ``--debug`` adds the detail.
+one line on stderr (``vmcorefs: ...``); ``--debug`` adds the detail.  A
+standard output that cannot be written is one line too (exit 1), except a
+pipe whose reader has gone (``| head -1``): silent, exit 141 like a tool
+killed by SIGPIPE.
 
 ``vmcorefs mount`` without ``-f`` behaves like sshfs: it forks a daemon
 (before any thread or event loop exists, so the fork is safe and costs no
@@ -17,6 +20,7 @@ the functions that use them, after the handlers are in place.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import stat
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
     import asyncio
     import logging
     import types
-    from typing import Any, Callable, Coroutine, Sequence
+    from typing import Any, Callable, Coroutine, Sequence, TextIO
 
     from vmcorefs.qemu.guest import Guest
     from vmcorefs.qemu.monitor import Monitor
@@ -62,6 +66,68 @@ class _SignalInterrupt(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+class StdoutError(VmcorefsError):
+    """Standard output could not be written (``| head -1``, a full disk).
+    A reader that went away (EPIPE) ends the command silently with 141, as
+    SIGPIPE ends other Unix tools; any other error is one line, exit 1."""
+
+    def __init__(self, error: OSError, fd: int | None) -> None:
+        super().__init__(f"cannot write to standard output: {error.strerror or error}")
+        self.broken_pipe = error.errno == errno.EPIPE
+        self.exit_code = 128 + signal.SIGPIPE if self.broken_pipe else 1
+        self.fd = fd
+
+    def discard_output(self) -> None:
+        """Point the file descriptor at /dev/null: what is still buffered is
+        dropped at exit, not written again ("Exception ignored ...")."""
+        if self.fd is None:
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self.fd)
+        finally:
+            os.close(devnull)
+
+
+class _Stdout:
+    """``sys.stdout`` while :func:`main` runs: the stream itself, except that
+    a write or flush that fails raises :class:`StdoutError` -- never an
+    OSError that might be anyone's, nor one that argparse (``--help``)
+    would swallow only for Python to report it again at exit."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def _error(self, error: OSError) -> StdoutError:
+        try:
+            fd: int | None = self.stream.fileno()
+        except (OSError, ValueError):  # not a file (an in-memory stream), or closed
+            fd = None
+        return StdoutError(error, fd)
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            raise self._error(e) from None
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as e:
+            raise self._error(e) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _flush_stdout() -> None:
+    """Write out what the command printed, so that a failure is reported
+    by :func:`_guarded`, not by Python at exit."""
+    if sys.stdout is not None:
+        sys.stdout.flush()
 
 
 class _Signals:
@@ -778,6 +844,11 @@ def _guarded(run: Callable[[], int], debug: bool) -> int:
     """Run a command; errors become one line on stderr and an exit code."""
     try:
         return run()
+    except StdoutError as e:  # whichever command wrote, whenever
+        e.discard_output()
+        if not e.broken_pipe:
+            print(f"vmcorefs: {e}", file=sys.stderr)
+        return e.exit_code
     except VmcorefsError as e:
         print(f"vmcorefs: {e}", file=sys.stderr)
         if debug:
@@ -803,8 +874,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     signals = _Signals()
 
     def run() -> int:
+        code = command()
+        _flush_stdout()
+        return code
+
+    def command() -> int:
         signals.install()  # before the imports: asyncio alone takes ~50 ms
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:  # --help, --version
+            _flush_stdout()
+            raise
         _check_guest_args(args)
         if args.command == "mount":
             signals.restore()  # the mount has its own (the daemon's session, the FUSE session's)
@@ -817,10 +897,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return signals.run(lambda: dump_command(args, _open_guest))
         return signals.run(lambda: _info(args))
 
+    stdout = sys.stdout
+    if stdout is not None:
+        sys.stdout = _Stdout(stdout)
     try:
         return _guarded(run, debug)
     finally:
         signals.restore()
+        if stdout is not None:
+            sys.stdout = stdout
 
 
 if __name__ == "__main__":

@@ -248,3 +248,89 @@ def test_unknown_argument_points_to_the_commands_help(capsys: pytest.CaptureFixt
     assert cli.main(["--bogus", command, *args]) == 2
     assert capsys.readouterr().err.splitlines() == ["vmcorefs: unrecognized arguments: --bogus (see 'vmcorefs --help')"]
     assert list(tmp_path.iterdir()) == []
+
+
+#: ``vmcorefs info SOCK`` whose guest prints SIZE bytes of output (``_info``
+#: stands in for the guest: no QEMU needed); SIZE -1 raises BrokenPipeError.
+INFO_PRINTS = """
+import json, sys
+from vmcorefs import cli
+SIZE = int(sys.argv.pop(1))
+
+async def info(args):
+    if SIZE < 0:  # a broken pipe that is not stdout's (a bug)
+        raise BrokenPipeError(32, "Broken pipe")
+    if args.json:
+        print(json.dumps({"vmcoreinfo": {"OSRELEASE": "6.1.0"}, "padding": "x" * SIZE}, indent=2))
+    else:
+        print("VMCOREINFO   OSRELEASE=6.1.0\\n" + "x" * SIZE)
+    return 0
+
+cli._info = info
+sys.exit(cli.main())
+"""
+
+
+@contextlib.contextmanager
+def _stdout(sink: str) -> Iterator[int]:
+    """A file descriptor for a command's stdout: ``/dev/full``, or a pipe
+    whose reader is gone (``| head -1`` once head has exited)."""
+    if sink == "full":
+        fd = os.open("/dev/full", os.O_WRONLY)
+    else:
+        r, fd = os.pipe()
+        os.close(r)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "PYTHONUNBUFFERED"])
+@pytest.mark.parametrize("sink", ["closed-pipe", "full"])
+@pytest.mark.parametrize("argv", [["info", "SOCK"], ["info", "SOCK", "--json"], ["info", "SOCK", "big"],
+                                  ["info", "SOCK", "--json", "big"], ["--version"], ["--help"], ["dump", "--help"]],
+                         ids=["info", "info-json", "info-big", "info-json-big", "version", "help", "dump-help"])
+def test_stdout_that_cannot_be_written(sink: str, buffered: bool, argv: list[str]) -> None:
+    """``vmcorefs info SOCK | head -1`` once head has gone: silent, 141 as a
+    tool killed by SIGPIPE (was "internal error: BrokenPipeError", or
+    Python's "Exception ignored ... BrokenPipeError" at exit).  ``> /dev/full``:
+    one line saying so, exit 1.  The same for argparse's output, and for a
+    write that fails mid-command (output larger than stdout's buffer)."""
+    env = _env()
+    env.pop("PYTHONUNBUFFERED", None)
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    if argv[0] == "info":
+        size = 1 << 20 if "big" in argv else 0
+        cmd = ["-c", INFO_PRINTS, str(size), *(a for a in argv if a != "big")]
+    else:
+        cmd = ["-m", "vmcorefs", *argv]
+    with _stdout(sink) as fd:
+        r = subprocess.run([sys.executable, *cmd], stdout=fd, stderr=subprocess.PIPE, text=True, timeout=60, env=env)
+    if sink == "closed-pipe":
+        assert (r.returncode, r.stderr) == (128 + signal.SIGPIPE, "")
+    else:
+        assert _one_line(r) == "vmcorefs: cannot write to standard output: No space left on device"
+        assert r.returncode == 1
+
+
+def test_stdout_is_written(capfd: pytest.CaptureFixture[str]) -> None:
+    """What the command prints arrives (the same runs as above, stdout fine)."""
+    r = subprocess.run([sys.executable, "-c", INFO_PRINTS, "10", "info", "SOCK"], capture_output=True, text=True,
+                       timeout=60, env=_env())
+    assert (r.returncode, r.stdout, r.stderr) == (0, "VMCOREINFO   OSRELEASE=6.1.0\n" + "x" * 10 + "\n", "")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capfd.readouterr().out == f"vmcorefs {vmcorefs.__version__}\n"
+    assert sys.stdout is not None and not isinstance(sys.stdout, cli._Stdout)
+
+
+def test_other_broken_pipes_are_not_stdouts() -> None:
+    """Only a failed write to stdout is taken for a closed stdout: an EPIPE
+    from elsewhere is still an internal error, not a silent 141."""
+    r = subprocess.run([sys.executable, "-c", INFO_PRINTS, "-1", "info", "SOCK"], capture_output=True, text=True,
+                       timeout=60, env=_env())
+    assert _one_line(r).startswith("vmcorefs: internal error: BrokenPipeError")
+    assert (r.returncode, r.stdout) == (1, "")
