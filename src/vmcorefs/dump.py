@@ -447,7 +447,31 @@ def check_output(path: str, force: bool) -> str:
         raise UsageError(f"{directory}: a file system without storage (e.g. /proc) cannot hold the dump")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise UsageError(f"{directory}: not writable")
+    try:
+        name_max = os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(os.fsencode(os.path.basename(path))) > name_max:
+        raise UsageError(f"{path}: file name too long (at most {name_max} bytes here)")
     return path
+
+
+def _link_noreplace(src: str, dst: str) -> None:
+    """Give ``src`` the name ``dst`` unless ``dst`` exists (FileExistsError):
+    a hard link then an unlink, atomic where the file system has hard links;
+    elsewhere a check then a rename."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS):
+            raise
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
 
 
 def check_space(directory: str, needed: int) -> None:
@@ -472,8 +496,13 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+#: Characters of OUTPUT's name kept in a partial file's name (``.NAME.XXXXXXXX.vmcorefs-partial``
+#: stays within NAME_MAX, 255, whatever OUTPUT's name).
+PARTIAL_NAME_KEEP = 200
+
+
 def _tempfile(directory: str, name: str) -> str:
-    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".vmcorefs-partial", dir=directory)
+    fd, path = tempfile.mkstemp(prefix=f".{name[:PARTIAL_NAME_KEEP]}.", suffix=".vmcorefs-partial", dir=directory)
     os.close(fd)
     return path
 
@@ -552,8 +581,10 @@ def check_filter(mdf: Makedumpfile, level: int, vmcoreinfo: dict[str, str] | Non
 def run_makedumpfile(args: list[str], elf: str, output: str, watch: _Watch) -> None:
     """``makedumpfile ARGS ELF OUTPUT``; stopped at a signal.  Raises
     :class:`VmcorefsError` with makedumpfile's last error line."""
-    proc = subprocess.Popen([*args, "--message-level", "4", elf, output], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Its own session: a terminal's Ctrl-C reaches this process, which stops it.
+    # Message level 6: common and error messages (not the progress lines).
+    proc = subprocess.Popen([*args, "--message-level", "6", elf, output], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     while True:
         try:
             out, _ = proc.communicate(timeout=0.2)
@@ -563,10 +594,18 @@ def run_makedumpfile(args: list[str], elf: str, output: str, watch: _Watch) -> N
                 proc.kill()
                 proc.wait()
                 return
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not watch.stop.is_set():
         lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
-        why = next((ln for ln in reversed(lines) if "makedumpfile Failed" not in ln), "no output")
-        raise DumpError(f"makedumpfile failed (exit {proc.returncode}): {why}")
+        why = next((ln for ln in reversed(lines) if "makedumpfile Failed" not in ln
+                    and not ln.startswith("The dumpfile is saved")), "")
+        if proc.returncode < 0:
+            how = f"killed by {signal.Signals(-proc.returncode).name}"
+        else:
+            how = f"exit {proc.returncode}"
+        st = os.statvfs(os.path.dirname(output))
+        if st.f_bavail * st.f_frsize < (1 << 20):
+            why = f"{os.path.dirname(output)}: {os.strerror(errno.ENOSPC)}" + (f" ({why})" if why else "")
+        raise DumpError(f"makedumpfile failed ({how}): {why or 'no message'}")
 
 
 # -- the command ---------------------------------------------------------------------
@@ -706,6 +745,9 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
         memory: ProcessMemory = guest.memory
         try:
             if mdf is not None:
+                if not handle.snap.vmcoreinfo_fields:
+                    raise UsageError("--filter: makedumpfile needs the guest's VMCOREINFO, and this guest has"
+                                     " published none (no Linux kernel booted yet?); dump without --filter")
                 check_filter(mdf, args.filter, handle.snap.vmcoreinfo_fields)
             with GuestRAM(memory, handle.snap.sources) as ram:
                 p = plan(handle.snap, handle.layout, ram)
@@ -759,7 +801,14 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
             elf = out_tmp
         if watch.stop.is_set():
             raise asyncio.CancelledError
-        os.rename(elf, output)
+        if args.force:
+            os.rename(elf, output)
+        else:
+            try:
+                _link_noreplace(elf, output)
+            except FileExistsError:
+                raise UsageError(f"{output}: already exists (it appeared during the dump; --force to overwrite);"
+                                 f" {_cleanup(partial, core_state(args.live, state))}") from None
         partial.clear()
     except (asyncio.CancelledError, KeyboardInterrupt):
         if watch.signum:

@@ -324,6 +324,13 @@ def test_bad_outputs_and_format(memfd_guest: QemuGuest, tmp_path: Path) -> None:
         assert "not a regular file" in _untouched(memfd_guest, _dump(memfd_guest, path, "--force"), tmp_path)
     assert fifo.is_fifo() and link.is_symlink() and Path("/dev/null").is_char_device()
     assert "without storage" in _untouched(memfd_guest, _dump(memfd_guest, Path("/proc/vm.elf")), tmp_path)
+    # The longest name the directory takes works (the partial file's name is cut to fit); a longer one is refused.
+    longest = tmp_path / ("v" * 255)
+    r = _dump(memfd_guest, longest, "-q")
+    assert r.returncode == 0 and longest.stat().st_size > 0, r.stderr
+    longest.unlink()
+    memfd_guest.clear_events()
+    assert "file name too long" in _untouched(memfd_guest, _dump(memfd_guest, tmp_path / ("v" * 256)), tmp_path)
 
 
 @pytest.fixture
@@ -429,6 +436,66 @@ def test_sigint_ignored_at_start_stays_ignored(filled_guest: QemuGuest, tmp_path
     assert r.returncode == 0, r.stderr
     assert out.stat().st_size > BIG and filled_guest.status() == "running"
     assert [p.name for p in tmp_path.iterdir()] == ["vm.elf"]
+
+
+def test_output_that_appears_during_the_dump_is_kept(filled_guest: QemuGuest, tmp_path: Path) -> None:
+    """OUTPUT did not exist at the start but does at the end (another dump,
+    the user): without --force it is not replaced; one line, exit 2."""
+    out = tmp_path / "vm.elf"
+    r = _interrupt_mid_copy(filled_guest, out, lambda p: out.write_text("the user's file\n"))
+    line = _one_line(r)
+    assert r.returncode == 2 and "already exists" in line and "appeared during the dump" in line, r.stderr
+    assert out.read_text() == "the user's file\n" and filled_guest.status() == "running"
+    _no_partial(tmp_path)
+
+
+def test_filter_without_vmcoreinfo_is_refused_before_the_copy(filled_guest: QemuGuest, tmp_path: Path) -> None:
+    """No kernel in the guest, so no VMCOREINFO: makedumpfile could not
+    filter; one line, exit 2, the guest resumed, no file."""
+    r = _dump(filled_guest, tmp_path / "vm.kdump", "--filter", "31", "--format", "kdump-zlib")
+    line = _one_line(r)
+    assert r.returncode == 2 and "VMCOREINFO" in line and "--filter" in line, r.stderr
+    assert filled_guest.status() == "running"
+    assert list(tmp_path.iterdir()) == []
+
+
+def _filtering(pid: int) -> bool:
+    """Whether process ``pid`` has a makedumpfile child filtering (not its version probe)."""
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{d}/stat").read_text()
+                if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                    argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+                    if argv[0].endswith(b"makedumpfile") and b"--message-level" in argv:
+                        return True
+    return False
+
+
+def test_ctrl_c_during_filter_is_an_interrupt(memfd_guest: QemuGuest, tmp_path: Path) -> None:
+    """Ctrl-C on a terminal signals the whole foreground process group:
+    while makedumpfile filters, that is an interrupt of the dump (exit 130,
+    no file), not a makedumpfile failure."""
+    out = tmp_path / "vm.kdump"
+    proc = spawn_vmcorefs("dump", memfd_guest.qmp_path, str(out), "--filter", "31", "--format", "kdump-zlib",
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _filtering(proc.pid):
+            assert proc.poll() is None, f"dump ended before makedumpfile was seen: {proc.stderr.read()}"  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
+    line = _one_line(r)
+    assert r.returncode == 130 and "interrupted" in line and "makedumpfile" not in line, stderr
+    assert memfd_guest.status() == "running"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_qemu_killed_mid_copy(filled_guest: QemuGuest, tmp_path: Path) -> None:
