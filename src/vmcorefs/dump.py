@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from vmcorefs.core.layout import PAGE_SIZE, SparseFile
-from vmcorefs.errors import AccessError, QEMUGoneError, UsageError, VmcorefsError
+from vmcorefs.errors import AccessError, QEMUGoneError, QMPError, UsageError, VmcorefsError
 
 if TYPE_CHECKING:  # imported where used: the parser (every vmcorefs command) stays light
     from vmcorefs.qemu.guest import Snapshot
@@ -720,6 +720,12 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
     state = "live"
     watched: WatchedGuest | None = None
 
+    def guest_now() -> str:
+        """What became of the guest, for an error line."""
+        if watched is not None and watched.ours:  # our cont was not answered
+            return "guest still paused (the watchdog resumes it once QEMU answers)"
+        return core_state(args.live, state)
+
     def partial_file() -> str:
         """A new hidden file in OUTPUT's directory, removed at the end (by
         the watchdog if this process is killed)."""
@@ -812,12 +818,14 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
         partial.clear()
     except (asyncio.CancelledError, KeyboardInterrupt):
         if watch.signum:
-            raise DumpInterrupted(watch.signum, _cleanup(partial, core_state(args.live, state))) from None
+            raise DumpInterrupted(watch.signum, _cleanup(partial, guest_now())) from None
         raise
     except QEMUGoneError as e:
         raise QEMUGoneError(f"{e}; {_cleanup(partial, 'QEMU gone')}") from None
+    except QMPError as e:  # a snapshot or the resume that QEMU did not answer
+        raise DumpError(f"{e}; {_cleanup(partial, guest_now())}") from None
     except OSError as e:
-        raise DumpError(f"{output}: {e.strerror}; {_cleanup(partial, core_state(args.live, state))}") from None
+        raise DumpError(f"{output}: {e.strerror}; {_cleanup(partial, guest_now())}") from None
     finally:
         for path in partial:
             with contextlib.suppress(OSError):

@@ -498,6 +498,37 @@ def test_ctrl_c_during_filter_is_an_interrupt(memfd_guest: QemuGuest, tmp_path: 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_qemu_stopped_mid_copy_says_the_guest_is_still_paused(filled_guest: QemuGuest, tmp_path: Path) -> None:
+    """QEMU SIGSTOPped during the copy: its cont gets no answer within
+    --timeout 2; the dump's line says so and that the guest is still
+    paused, exit 1, no file; once QEMU runs again (SIGCONT after the dump
+    exited) the watchdog resumes the guest."""
+    out = tmp_path / "vm.elf"
+    proc = spawn_vmcorefs("dump", "--timeout", "2", filled_guest.qmp_path, str(out),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not any("vmcorefs-partial" in p.name for p in tmp_path.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.001)
+        os.kill(filled_guest.pid, signal.SIGSTOP)
+        proc.wait(timeout=60)
+        os.kill(filled_guest.pid, signal.SIGCONT)
+        stderr = proc.stderr.read()  # type: ignore[union-attr]  # until the watchdog (same stderr) is done
+    finally:
+        os.kill(filled_guest.pid, signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith("vmcorefs: QMP cont") and "guest still paused" in lines[0], stderr
+    assert "partial file removed" in lines[0]
+    assert all(ln.startswith("vmcorefs watchdog: ") and "resumed" in ln for ln in lines[1:]), stderr
+    wait_for(lambda: filled_guest.status() == "running", 30, "the watchdog's resume")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_qemu_killed_mid_copy(filled_guest: QemuGuest, tmp_path: Path) -> None:
     out = tmp_path / "vm.elf"
 
