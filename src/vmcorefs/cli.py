@@ -657,9 +657,11 @@ async def _open_guest(args: argparse.Namespace) -> tuple[Monitor, Guest]:
     domain (``--domain``, ``--connect``)."""
     if args.domain is None:
         from vmcorefs.qemu.guest import Guest as QMPGuest
-        from vmcorefs.qemu.monitor import connect
+        from vmcorefs.qemu.monitor import GREETING_TIMEOUT, connect
 
-        monitor = await connect(args.qmp_socket, timeout=args.timeout)
+        # --timeout bounds the wait for QEMU's greeting too (5 s at most: a greeting is no command).
+        monitor = await connect(args.qmp_socket, greeting_timeout=min(GREETING_TIMEOUT, args.timeout),
+                                timeout=args.timeout)
         return monitor, QMPGuest(monitor, args.memory)
     from vmcorefs.qemu import libvirt
 

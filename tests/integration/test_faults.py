@@ -123,8 +123,11 @@ def test_monitor_in_use(memfd_guest: QemuGuest, mnt: Path) -> None:
         other = tempfile.mkdtemp()
         try:
             r = run_vmcorefs("mount", memfd_guest.qmp_path, other, timeout=30)
-            _one_line_error(r, 1, "already has a client")
+            _one_line_error(r, 1, "already has a client", "within 5 s")
             assert not is_mounted(other)
+            # --timeout bounds the wait for the greeting too.
+            r = run_vmcorefs("info", "--timeout", "1", memfd_guest.qmp_path, timeout=30)
+            _one_line_error(r, 1, "already has a client", "within 1 s")
         finally:
             os.rmdir(other)
 
