@@ -667,8 +667,16 @@ def _progress(quiet: bool, total: int, what: str) -> Progress:
         return _NoProgress()
     from tqdm import tqdm  # type: ignore[import-untyped]
 
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except OSError:
+        size = os.terminal_size((0, 0))
+    # A terminal that reports no size (a pty nobody sized: 0 rows, 0 columns)
+    # gets an 80-column bar; tqdm would draw none (0 rows), or a cut one.
+    width: dict[str, Any] = {"dynamic_ncols": True} if size.columns and size.lines else {
+        "ncols": size.columns or 80, "nrows": size.lines or 24}
     bar: Progress = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what,
-                         file=sys.stderr, dynamic_ncols=True, leave=False)
+                         file=sys.stderr, leave=False, **width)
     return bar
 
 

@@ -459,3 +459,34 @@ def test_kdump_zlib_pages_no_bigger_than_zlib_level_1() -> None:
         assert stored(len(ours)) <= stored(len(zlib.compress(page, 1)))
         if len(ours) < PAGE_SIZE:
             assert zlib.decompress(ours) == page
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(0, 0), (30, 0), (0, 100), (30, 100)])
+def test_progress_bar_on_a_terminal_of_any_reported_size(monkeypatch: pytest.MonkeyPatch, rows: int,
+                                                         cols: int) -> None:
+    """A pty that reports 0 rows or columns (nobody sized it, e.g. ``script``
+    run without a terminal) still gets a whole bar with the bytes done."""
+    import fcntl
+    import pty
+    import struct
+    import sys
+    import termios
+
+    from vmcorefs.dump import _progress
+
+    master, slave = pty.openpty()
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        with open(slave, "w", closefd=False) as tty:
+            monkeypatch.setattr(sys, "stderr", tty)
+            bar = _progress(False, 8 * MiB, "copying")
+            bar.update(4 * MiB)
+            bar.close()
+            tty.flush()
+        os.set_blocking(master, False)
+        out = os.read(master, 65536).decode(errors="replace")
+        first = out.split("\r")[1]  # the first draw (tqdm redraws at most every 0.1 s)
+        assert first.startswith("copying:") and "0.00/8.00M [" in first and first.rstrip().endswith("]"), out
+    finally:
+        os.close(master)
+        os.close(slave)
