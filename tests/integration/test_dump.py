@@ -393,18 +393,31 @@ def filled_guest(tmp_path: Path) -> Iterator[QemuGuest]:
         backing.unlink(missing_ok=True)
 
 
-def _interrupt_mid_copy(g: QemuGuest, out: Path, act: object, **popen: Any) -> subprocess.CompletedProcess[str]:
-    """Start a dump (``popen``: more Popen arguments), call ``act(process)``
-    as soon as the partial file exists (the copy has started), wait for the
-    dump to end."""
-    proc = spawn_vmcorefs("dump", g.qmp_path, str(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+def _interrupt_mid_copy(g: QemuGuest, out: Path, act: object, *args: str, ready: Any = None,
+                        **popen: Any) -> subprocess.CompletedProcess[str]:
+    """Start ``vmcorefs dump ARGS`` (``popen``: more Popen arguments); as
+    soon as ``ready(process)`` (by default: the partial file exists, the
+    copy has started) stop it (SIGSTOP: a fast copy cannot end before
+    ``act`` on a busy machine), call ``act(process)``, let it go on
+    (SIGCONT: a signal ``act`` sent arrives now), wait for the dump to end."""
+    def copying(_proc: object) -> bool:
+        return any("vmcorefs-partial" in p.name for p in out.parent.iterdir())
+
+    ready = ready or copying
+    proc = spawn_vmcorefs("dump", *args, g.qmp_path, str(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          **popen)
     try:
-        deadline = time.monotonic() + 60
-        while not any("vmcorefs-partial" in p.name for p in out.parent.iterdir()):
-            assert proc.poll() is None, f"dump ended before its copy was seen: {proc.stderr.read()}"  # type: ignore[union-attr]
+        deadline = time.monotonic() + 120
+        while not ready(proc):
+            assert proc.poll() is None, f"dump ended too early: {proc.stderr.read()}"  # type: ignore[union-attr]
             assert time.monotonic() < deadline
-            time.sleep(0.001)
-        act(proc)  # type: ignore[operator]
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            act(proc)  # type: ignore[operator]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -477,23 +490,11 @@ def test_ctrl_c_during_filter_is_an_interrupt(memfd_guest: QemuGuest, tmp_path: 
     while makedumpfile filters, that is an interrupt of the dump (exit 130,
     no file), not a makedumpfile failure."""
     out = tmp_path / "vm.kdump"
-    proc = spawn_vmcorefs("dump", memfd_guest.qmp_path, str(out), "--filter", "31", "--format", "kdump-zlib",
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not _filtering(proc.pid):
-            assert proc.poll() is None, f"dump ended before makedumpfile was seen: {proc.stderr.read()}"  # type: ignore[union-attr]
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    r = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
+    r = _interrupt_mid_copy(memfd_guest, out, lambda p: os.killpg(p.pid, signal.SIGINT),  # what the terminal does
+                            "--filter", "31", "--format", "kdump-zlib", ready=lambda p: _filtering(p.pid),
+                            start_new_session=True)
     line = _one_line(r)
-    assert r.returncode == 130 and "interrupted" in line and "makedumpfile" not in line, stderr
+    assert r.returncode == 130 and "interrupted" in line and "makedumpfile" not in line, r.stderr
     assert memfd_guest.status() == "running"
     assert list(tmp_path.iterdir()) == []
 
@@ -511,7 +512,9 @@ def test_qemu_stopped_mid_copy_says_the_guest_is_still_paused(filled_guest: Qemu
         while not any("vmcorefs-partial" in p.name for p in tmp_path.iterdir()):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.001)
+        proc.send_signal(signal.SIGSTOP)  # (as _interrupt_mid_copy: the copy cannot end first)
         os.kill(filled_guest.pid, signal.SIGSTOP)
+        proc.send_signal(signal.SIGCONT)
         proc.wait(timeout=60)
         os.kill(filled_guest.pid, signal.SIGCONT)
         stderr = proc.stderr.read()  # type: ignore[union-attr]  # until the watchdog (same stderr) is done
