@@ -89,8 +89,14 @@ class DumpError(VmcorefsError):
     """The dump could not be written (OUTPUT's file system said why)."""
 
 
+#: The signals that stop a dump cleanly once it has its guest (resumed,
+#: partial file removed, one line, exit 128 + the signal): Ctrl-C, kill,
+#: the terminal or ssh session closing under it (SIGHUP), Ctrl-\ (SIGQUIT).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
 class DumpInterrupted(VmcorefsError):
-    """SIGINT or SIGTERM stopped a dump; exit 128 + the signal number."""
+    """One of :data:`STOP_SIGNALS` stopped a dump; exit 128 + the signal number."""
 
     def __init__(self, signum: int, detail: str) -> None:
         self.exit_code = 128 + signum
@@ -720,7 +726,7 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
 
     # Until the loop closes (no gap with the default action while the monitor
     # closes); a signal the command was started with ignored stays ignored.
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         if signal.getsignal(signum) != signal.SIG_IGN:
             loop.add_signal_handler(signum, on_signal, signum)
     partial: list[str] = []

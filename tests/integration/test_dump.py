@@ -426,7 +426,7 @@ def _interrupt_mid_copy(g: QemuGuest, out: Path, act: object, *args: str, ready:
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT])
 def test_signal_mid_copy_resumes_and_removes(filled_guest: QemuGuest, tmp_path: Path, signum: int) -> None:
     out = tmp_path / "vm.elf"
     r = _interrupt_mid_copy(filled_guest, out, lambda p: p.send_signal(signum))
