@@ -394,9 +394,9 @@ def qemu_filtered(g: Guest, outdir: str, level: int = 31) -> dict[str, float]:
     vmcorefs: QEMU's ELF dump into ``outdir``, then ``makedumpfile -c -d
     LEVEL`` of it: wall time (both) and output size.  Skipped when QEMU's
     ELF does not fit, QEMU would fault more never-touched memfd pages in
-    than the host has, or makedumpfile cannot read QEMU's file (QEMU 7.2
-    writes its section headers before the program headers; Debian 12's
-    makedumpfile 1.7.2 wants the program headers at offset 64)."""
+    than the host has.  makedumpfile cannot read QEMU's file as QEMU
+    writes it: :func:`phdrs_to_64` rewrites its header first (the one step
+    a user would add; its time is counted)."""
     file_bytes, inflate = dump_need(g)
     if inflate > host_free() - MARGIN:
         raise Skip(f"cannot run: QEMU's dump would fault {inflate / GiB:.0f} GiB of never-touched guest RAM"
@@ -410,18 +410,44 @@ def qemu_filtered(g: Guest, outdir: str, level: int = 31) -> dict[str, float]:
         t = time.perf_counter()
         g.qmp("dump-guest-memory", paging=False, protocol=f"file:{elf.path}")
         dumped = time.perf_counter() - t
+        moved = phdrs_to_64(elf.path)
         r = subprocess.run(["makedumpfile", "-c", "-d", str(level), elf.path, out.path], capture_output=True,
                            text=True)
         elapsed = time.perf_counter() - t
-        with open(elf.path, "rb") as f:
-            phoff = struct.unpack_from("<Q", f.read(64), 32)[0]
-        if r.returncode != 0 and "number of PT_LOAD" in r.stdout + r.stderr:
-            raise Skip(f"cannot run: makedumpfile cannot read QEMU's ELF dump (program headers at offset {phoff},"
-                       f" after QEMU's section headers; it wants 64): "
-                       f"{(r.stdout + r.stderr).strip().splitlines()[-1]}")
         if r.returncode != 0:
-            raise RuntimeError(f"makedumpfile failed ({r.returncode}): {(r.stdout + r.stderr)[-500:]}")
+            raise RuntimeError(f"makedumpfile failed ({r.returncode}) on QEMU's ELF"
+                               f"{' (program headers moved from offset %d to 64)' % moved if moved else ''}: "
+                               f"{(r.stdout + r.stderr)[-500:]}")
         return {"qfilter_s": elapsed, "qfilter_dump_s": dumped, "qfilter_out_bytes": os.path.getsize(out.path)}
+
+
+def phdrs_to_64(path: str) -> int:
+    """Rewrite the ELF64 header of QEMU's dump at ``path`` in place so that
+    makedumpfile reads it: makedumpfile (1.7.2, 1.7.6) reads the program
+    header table right after the 64-byte ELF header, where QEMU (7.2 and
+    later) puts its section headers ("Can't get the number of PT_LOAD").
+    The table is copied to offset 64, ``e_phoff`` set to 64, ``e_ehsize``
+    to 64 and the section header fields (``e_shoff``, ``e_shentsize``,
+    ``e_shnum``, ``e_shstrndx``) to 0; no segment byte moves.  Returns the
+    old ``e_phoff``, or 0 when it was already 64.  Raises RuntimeError if a
+    segment starts before the end of the moved table."""
+    with open(path, "r+b") as f:
+        ehdr = bytearray(f.read(64))
+        phoff, = struct.unpack_from("<Q", ehdr, 32)
+        phentsize, phnum = struct.unpack_from("<HH", ehdr, 54)
+        if phoff == 64:
+            return 0
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+        first = min(struct.unpack_from("<Q", table, i * phentsize + 8)[0] for i in range(phnum))
+        if first < 64 + len(table):
+            raise RuntimeError(f"{path}: a segment starts at {first}, inside the program headers moved to 64")
+        struct.pack_into("<QQ", ehdr, 32, 64, 0)       # e_phoff, e_shoff
+        struct.pack_into("<H", ehdr, 52, 64)           # e_ehsize
+        struct.pack_into("<HHH", ehdr, 58, 0, 0, 0)    # e_shentsize, e_shnum, e_shstrndx
+        f.seek(0)
+        f.write(bytes(ehdr) + table)
+    return phoff
 
 
 def guest_fill(g: Guest, mib: int) -> dict[str, float]:

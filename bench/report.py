@@ -104,7 +104,7 @@ METRICS: list[tuple[str, str, Callable[[float], str]]] = [
     ("dumpnull_s", "(7) dump-guest-memory ELF into /dev/null (no storage): wall time (= guest pause)", _s),
     ("vfilter_s", "(7) vmcorefs dump --format kdump-zlib --filter 31: wall time (after QEMU's dumps)", _s),
     ("vfilter_out_bytes", "(7) vmcorefs dump --filter 31: output size", _bytes),
-    ("qfilter_s", "(7) dump-guest-memory ELF + makedumpfile -c -d 31 of it: wall time", _s),
+    ("qfilter_s", "(7) dump-guest-memory ELF + makedumpfile -c -d 31 of it (its program headers moved to offset 64 first): wall time", _s),
     ("qfilter_dump_s", "(7) of which QEMU's dump (the guest's pause)", _s),
     ("qfilter_out_bytes", "(7) makedumpfile -c -d 31 of QEMU's dump: output size", _bytes),
 ]
