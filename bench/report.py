@@ -376,6 +376,40 @@ def finder_markdown(run: dict[str, Any]) -> str:
 
 # -- plot -----------------------------------------------------------------------
 
+STYLE = {"memfd": "-", "private": "--"}
+
+
+def _series(ax: Any, run: dict[str, Any], kind: str, metric: str, label: str, color: str, scale: float = 1.0,
+            floor: float = 0.0, marker: str = "o") -> None:
+    """One line of a plot: the median (bars: min to max) of ``metric`` over
+    the run's guest sizes of ``kind``, divided by ``scale``, at least ``floor``."""
+    xs, ys, lo, hi = [], [], [], []
+    for s in sizes_kinds(run)[0]:
+        g = _guest(run, s, kind)
+        vals = g["samples"].get(metric) if g else None
+        if vals:
+            vals = [max(v / scale, floor) for v in vals]
+            xs.append(s)
+            ys.append(med(vals))
+            lo.append(med(vals) - min(vals))
+            hi.append(max(vals) - med(vals))
+    if xs:
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt=marker + STYLE[kind], color=color, capsize=3,
+                    label=f"{label} ({kind})")
+
+
+def _finish(fig: Any, axes: Any, sizes: list[int], title: str, paths: list[str]) -> None:
+    for ax in axes:
+        ax.minorticks_off()
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    for p in paths:
+        fig.savefig(p, dpi=110)
+
+
 def plot(run: dict[str, Any], paths: list[str]) -> None:
     import matplotlib
 
@@ -384,22 +418,9 @@ def plot(run: dict[str, Any], paths: list[str]) -> None:
 
     sizes, kinds = sizes_kinds(run)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 6.2))
-    style = {"memfd": "-", "private": "--"}
 
     def series(ax: Any, kind: str, metric: str, label: str, color: str, scale: float = 1.0) -> None:
-        xs, ys, lo, hi = [], [], [], []
-        for s in sizes:
-            g = _guest(run, s, kind)
-            vals = g["samples"].get(metric) if g else None
-            if vals:
-                vals = [max(v / scale, floor) for v in vals]
-                xs.append(s)
-                ys.append(med(vals))
-                lo.append(med(vals) - min(vals))
-                hi.append(max(vals) - med(vals))
-        if xs:
-            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o" + style[kind], color=color, capsize=3,
-                        label=f"{label} ({kind})")
+        _series(ax, run, kind, metric, label, color, scale, floor)
 
     floor = 0.0
     for k in kinds:
@@ -422,13 +443,50 @@ def plot(run: dict[str, Any], paths: list[str]) -> None:
     ax2.axhline(80, color="grey", lw=0.8, ls=":", label="target daemon ≤ 80 MiB")
     ax2.set(xscale="log", yscale="log", xlabel="guest RAM (GiB)", ylabel="MiB (0.01 = nothing)",
             title="Host memory")
-    for ax in (ax1, ax2):
-        ax.minorticks_off()
-        ax.set_xticks(sizes, [str(s) for s in sizes])
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
-    fig.suptitle(f"vmcorefs benchmarks — {run['meta']['date']}", fontsize=10)
-    fig.tight_layout()
-    for p in paths:
-        fig.savefig(p, dpi=110)
+    _finish(fig, (ax1, ax2), sizes, f"vmcorefs benchmarks — {run['meta']['date']}", paths)
+    plt.close(fig)
+
+
+def plot_dump(run: dict[str, Any], paths: list[str]) -> None:
+    """The dump groups (7) of ``run`` as four log-log panels against guest
+    RAM: ELF wall time and guest pause (vmcorefs dump vs dump-guest-memory,
+    /dev/shm and disk), kdump-zlib and ``--filter 31`` wall time, and the
+    output's allocated size against the guest's populated RAM.  Raises
+    ImportError without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes, kinds = sizes_kinds(run)
+    fig, axes = plt.subplots(2, 2, figsize=(13, 12))
+    (wall, pause), (kdump, alloc) = axes
+    for k in kinds:
+        _series(wall, run, k, "vdump_s", "vmcorefs dump → /dev/shm", "C0")
+        _series(wall, run, k, "vdumpdisk_s", "vmcorefs dump → disk", "C2", marker="s")
+        _series(wall, run, k, "dump_s", "dump-guest-memory → /dev/shm", "C1")
+        _series(wall, run, k, "dumpdisk_s", "dump-guest-memory → disk", "C3", marker="s")
+        _series(wall, run, k, "dumpnull_s", "dump-guest-memory → /dev/null", "C7", marker="^")
+        _series(pause, run, k, "vdump_pause_s", "vmcorefs dump → /dev/shm", "C0")
+        _series(pause, run, k, "vdumpdisk_pause_s", "vmcorefs dump → disk", "C2", marker="s")
+        _series(pause, run, k, "dump_s", "dump-guest-memory → /dev/shm", "C1")
+        _series(pause, run, k, "dumpdisk_s", "dump-guest-memory → disk", "C3", marker="s")
+        _series(kdump, run, k, "vkdump_s", "vmcorefs dump --format kdump-zlib", "C0")
+        _series(kdump, run, k, "qkdump_s", "dump-guest-memory format=kdump-zlib", "C1")
+        _series(kdump, run, k, "vfilter_s", "vmcorefs dump --filter 31", "C2", marker="s")
+        _series(kdump, run, k, "qfilter_s", "dump-guest-memory + makedumpfile -d 31", "C3", marker="s")
+        _series(alloc, run, k, "vdump_populated_bytes", "guest RAM populated before the dump", "C7", GiB,
+                marker="^")
+        _series(alloc, run, k, "vdump_alloc_bytes", "vmcorefs dump (ELF): allocated", "C0", GiB)
+        _series(alloc, run, k, "dumpdisk_alloc_bytes", "dump-guest-memory (ELF): allocated", "C1", GiB)
+    alloc.plot(sizes, sizes, color="grey", lw=0.8, ls="-.", label="guest RAM")
+    wall.set(title="ELF dump: wall time", ylabel="seconds (median, min–max)")
+    pause.set(title="ELF dump: guest paused (dump-guest-memory: its whole dump)", ylabel="seconds")
+    kdump.set(title="kdump-zlib and --filter 31 (to disk): wall time", ylabel="seconds")
+    alloc.set(title="ELF dump: allocated size of the output", ylabel="GiB")
+    for ax in (wall, pause, kdump, alloc):
+        ax.set(xscale="log", yscale="log", xlabel="guest RAM (GiB)")
+    _finish(fig, (wall, pause, kdump, alloc), sizes,
+            f"vmcorefs dump vs dump-guest-memory — {run['meta']['date']} (missing points: QEMU cannot run there)",
+            paths)
     plt.close(fig)

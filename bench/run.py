@@ -12,7 +12,7 @@ kind, without ``-device vmcoreinfo``).  See docs/benchmarks.md.
 usage: run.py [--sizes 1,4] [--kinds memfd,private] [--repeat 3] [--quick]
               [--only ttfa,qemu,rand,seq,full,mdf,freeze,vdump,vkdump,dump,qkdump,finder] [--docs]
 
-Writes bench/out/results.{json,md} and bench/out/benchmarks.png; a full run
+Writes bench/out/results.{json,md} and bench/out/benchmarks.png (and dump-benchmarks.png when a dump group ran); a full run
 (all default sizes and kinds, not --quick) or --docs also rewrites the
 generated part of docs/benchmarks.md and docs/benchmarks.png; with ``--docs``
 a run of ``finder`` rewrites its own generated section (and only that one
@@ -45,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_SIZES = [1, 4, 16, 64, 256]
 KINDS = ["memfd", "private"]
+DUMP_GROUPS = {"vdump", "vkdump", "dump", "qkdump"}
 GROUPS = ["ttfa", "qemu", "rand", "seq", "full", "mdf", "freeze", "vdump", "vkdump", "dump", "qkdump", "finder"]
 #: The groups of the main tables (the finder has its own section).
 MAIN_GROUPS = set(GROUPS) - {"finder"}
@@ -339,11 +340,17 @@ def main() -> int:
         update_docs(finder_md, FINDER_BEGIN, FINDER_END)
     if not md:
         return 0
-    try:
-        report.plot(run, pngs)
-        print("bench: plot in " + ", ".join(pngs))
-    except ImportError:
-        print("bench: matplotlib missing (pip install -e .[bench]); no plot", file=sys.stderr)
+    plots = [(report.plot, pngs)]
+    if ran & DUMP_GROUPS:
+        plots.append((report.plot_dump, [str(Path(a.out) / "dump-benchmarks.png"),
+                                         *([str(REPO / "docs" / "dump-benchmarks.png")] if a.docs else [])]))
+    for draw, paths in plots:
+        try:
+            draw(run, paths)
+            print("bench: plot in " + ", ".join(paths))
+        except ImportError:
+            print("bench: matplotlib missing (pip install -e .[bench]); no plot", file=sys.stderr)
+            break
     return 0
 
 
