@@ -179,7 +179,7 @@ class _Signals:
             task = asyncio.current_task()
 
             def on_signal(signum: int) -> None:
-                if not self.received and task is not None:
+                if not self.received and not self.done and task is not None:
                     self.received = signum
                     task.cancel()
 
@@ -187,7 +187,9 @@ class _Signals:
             for signum in caught:
                 loop.add_signal_handler(signum, on_signal, signum)
             try:
-                return await make()
+                code = await make()
+                self.done = True  # its work is done (a dump's OUTPUT in place): a later signal changes nothing
+                return code
             except asyncio.CancelledError:
                 if self.received:
                     raise Interrupted(self.received) from None

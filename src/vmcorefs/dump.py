@@ -749,6 +749,11 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
             watched.watchdog.remove_on_death(path)
         return path
 
+    # RESUME events from the snapshot on: a resume by another client (or
+    # the end of another dump's pause) mid-copy means the image mixes
+    # instants.  (Through libvirt no QMP events arrive: not seen there.)
+    events = contextlib.ExitStack()
+    resumes = events.enter_context(monitor.listen("RESUME"))
     try:
         core = LiveCore(guest, directory, freeze=not args.live, cache=False)
         # A watchdog process resumes the guest if this process is killed with
@@ -762,6 +767,7 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
             state = await guest.status()
         t_pause = time.monotonic()
         handle = await core.open("vmcore")
+        resumes.clear()  # QEMU's answers to the snapshot came after any earlier event
         memory: ProcessMemory = guest.memory
         try:
             if mdf is not None:
@@ -786,6 +792,10 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
                 finally:
                     copying = False
                     progress.close()
+            if not args.live and not resumes.empty():
+                raise DumpError("the guest was resumed by another QMP client during the copy (the image would"
+                                " mix instants; dump again, or use --live to accept that);"
+                                f" {_cleanup(partial, 'guest left running')}")
         finally:
             paused_by_us = core.paused_by_us
             await asyncio.shield(core.release(handle))
@@ -830,6 +840,7 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
                 raise UsageError(f"{output}: already exists (it appeared during the dump; --force to overwrite);"
                                  f" {_cleanup(partial, core_state(args.live, state))}") from None
         partial.clear()
+        ending = True  # OUTPUT is in place: a signal from now on changes nothing (exit 0)
     except (asyncio.CancelledError, KeyboardInterrupt):
         if watch.signum:
             raise DumpInterrupted(watch.signum, _cleanup(partial, guest_now())) from None
@@ -850,6 +861,7 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
             watched.close()  # it resumes the guest only if our own resume failed
         watch.close()
         guest.close()
+        events.close()
         await monitor.close()
     if not args.quiet:
         st = os.stat(output)

@@ -429,7 +429,10 @@ def _interrupt_mid_copy(g: QemuGuest, out: Path, act: object, *args: str, ready:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT])
 def test_signal_mid_copy_resumes_and_removes(filled_guest: QemuGuest, tmp_path: Path, signum: int) -> None:
     out = tmp_path / "vm.elf"
-    r = _interrupt_mid_copy(filled_guest, out, lambda p: p.send_signal(signum))
+    # With the signal's default action, whatever this run inherited (under
+    # nohup SIGHUP is ignored, and a dump keeps an ignored signal ignored).
+    r = _interrupt_mid_copy(filled_guest, out, lambda p: p.send_signal(signum),
+                            preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
     line = _one_line(r)
     assert r.returncode == 128 + signum, r.stderr
     assert "interrupted" in line and "guest resumed" in line and "partial file removed" in line
@@ -449,6 +452,38 @@ def test_sigint_ignored_at_start_stays_ignored(filled_guest: QemuGuest, tmp_path
     assert r.returncode == 0, r.stderr
     assert out.stat().st_size > BIG and filled_guest.status() == "running"
     assert [p.name for p in tmp_path.iterdir()] == ["vm.elf"]
+
+
+@pytest.mark.parametrize("paused_before", [False, True], ids=["running", "paused-by-another"])
+def test_resume_by_another_client_mid_copy_fails(filled_guest: QemuGuest, tmp_path: Path,
+                                                 paused_before: bool) -> None:
+    """Another QMP client resumes the guest mid-copy (``cont`` on the other
+    monitor; or, paused before, as another dump's end would): the image
+    would mix instants, so the dump fails with one line, exit 1, no file."""
+    out = tmp_path / "vm.elf"
+    if paused_before:
+        filled_guest.qmp("stop")
+    try:
+        r = _interrupt_mid_copy(filled_guest, out, lambda p: filled_guest.qmp("cont"))
+    finally:
+        if filled_guest.status() != "running":
+            filled_guest.qmp("cont")
+    line = _one_line(r)
+    assert r.returncode == 1, r.stderr
+    assert "resumed by another QMP client during the copy" in line and "partial file removed" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_signal_once_the_output_is_in_place_changes_nothing(filled_guest: QemuGuest, tmp_path: Path) -> None:
+    """A SIGTERM that arrives once OUTPUT has its name (the dump closing its
+    monitor) leaves the dump a success: exit 0, the file kept, its summary."""
+    out = tmp_path / "vm.elf"
+    r = _interrupt_mid_copy(filled_guest, out, lambda p: p.send_signal(signal.SIGTERM),
+                            ready=lambda p: out.exists(),
+                            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    assert r.returncode == 0, r.stderr
+    assert SUMMARY.search(r.stderr) and "interrupted" not in r.stderr, r.stderr
+    assert out.stat().st_size > BIG and filled_guest.status() == "running"
 
 
 def test_output_that_appears_during_the_dump_is_kept(filled_guest: QemuGuest, tmp_path: Path) -> None:
