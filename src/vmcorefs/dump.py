@@ -798,7 +798,14 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
                                 f" {_cleanup(partial, 'guest left running')}")
         finally:
             paused_by_us = core.paused_by_us
-            await asyncio.shield(core.release(handle))
+            release = asyncio.ensure_future(core.release(handle))  # our resume, if the pause is ours
+            try:
+                await asyncio.shield(release)
+            except asyncio.CancelledError:  # a signal during it: let it end, so the line says what it did
+                await asyncio.wait({release}, timeout=args.timeout)
+                if release.done() and not release.cancelled():
+                    release.exception()  # retrieved: a failed resume is what guest_now() says (the watchdog's then)
+                raise
             if paused_by_us:
                 pause = time.monotonic() - t_pause
         if not watch.stop.is_set() and native_kdump:

@@ -486,6 +486,47 @@ def test_signal_once_the_output_is_in_place_changes_nothing(filled_guest: QemuGu
     assert out.stat().st_size > BIG and filled_guest.status() == "running"
 
 
+def test_signal_during_the_dumps_own_resume(filled_guest: QemuGuest, tmp_path: Path) -> None:
+    """SIGTERM while the dump's ``cont`` is unanswered (QEMU stopped with
+    SIGSTOP from the copy's start: its memory is still read, its monitor
+    does not answer): once QEMU answers, one line that says the guest was
+    resumed (not "still paused"), exit 143, nothing left."""
+    out = tmp_path / "vm.elf"
+    proc = spawn_vmcorefs("dump", filled_guest.qmp_path, str(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    stopped = False
+    try:
+        deadline = time.monotonic() + 120
+        while not (partial := [p for p in tmp_path.iterdir() if "vmcorefs-partial" in p.name]):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()  # type: ignore[union-attr]
+            time.sleep(0.002)
+        os.kill(filled_guest.pid, signal.SIGSTOP)
+        stopped = True
+        # The copy goes on (process_vm_readv reads a stopped process) and ends; then its cont waits.
+        last, since = -1, time.monotonic()
+        while time.monotonic() - since < 0.5:
+            blocks = os.stat(partial[0]).st_blocks
+            if blocks != last:
+                last, since = blocks, time.monotonic()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        os.kill(filled_guest.pid, signal.SIGCONT)
+        stopped = False
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if stopped:
+            os.kill(filled_guest.pid, signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    line = _one_line(subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr))
+    assert proc.returncode == 143, stderr
+    assert "interrupted by SIGTERM; guest resumed, partial file removed" in line, line
+    assert filled_guest.status() == "running"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_output_that_appears_during_the_dump_is_kept(filled_guest: QemuGuest, tmp_path: Path) -> None:
     """OUTPUT did not exist at the start but does at the end (another dump,
     the user): without --force it is not replaced; one line, exit 2."""
