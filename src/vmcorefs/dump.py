@@ -442,7 +442,8 @@ def check_output(path: str, force: bool) -> str:
             # symbolic link there would be replaced, not written to.
             raise UsageError(f"{path}: not a regular file (--force replaces regular files only)")
     if not os.path.isdir(directory):
-        raise UsageError(f"{directory}: directory does not exist")
+        raise UsageError(f"{directory}: " + ("not a directory" if os.path.exists(directory)
+                                              else "directory does not exist"))
     try:
         st = os.statvfs(directory)
     except OSError as e:
@@ -760,11 +761,7 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
         # it paused, and removes the partial files; quiet: when QEMU is gone
         # (nothing to resume) this process's error is the one line.
         watched = watch_freeze(core, monitor, quiet=True)
-        if args.live:
-            print("vmcorefs: --live: the guest runs during the copy; the image is fuzzy"
-                  " (memory of different instants)", file=sys.stderr)
-        else:
-            state = await guest.status()
+        state = await guest.status()  # --live: a paused guest gives an image of one instant all the same
         t_pause = time.monotonic()
         handle = await core.open("vmcore")
         resumes.clear()  # QEMU's answers to the snapshot came after any earlier event
@@ -780,6 +777,9 @@ async def dump_command(args: argparse.Namespace, open_guest: OpenGuest) -> int:
                 # Worst case: nothing compresses (kdump keeps the ELF beside it meanwhile).
                 need = (len(p.prefix) + p.populated) * (2 if filtering else 1) + (1 << 20)
                 check_space(directory, need)
+                if args.live and state == "running":  # after the checks: an error stays one line
+                    print("vmcorefs: --live: the guest runs during the copy; the image is fuzzy"
+                          " (memory of different instants)", file=sys.stderr)
                 elf = partial_file()
                 progress = _progress(args.quiet, p.populated, "copying" if not filtering else "copying (ELF)")
                 copying = True

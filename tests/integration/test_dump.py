@@ -283,6 +283,10 @@ def test_live_dump_of_busy_guest_says_fuzzy(tmp_path: Path) -> None:
             loads = [s for s in _segments(ELFFile(f)) if s[0] == "PT_LOAD"]
         assert sum(s[3] for s in loads) >= g.mem_mb << 20
         assert allocated(out) < os.path.getsize(out) // 2
+        # Of a guest paused meanwhile, --live says nothing of fuzziness (one instant all the same).
+        with g.paused():
+            r = _dump(g, tmp_path / "paused.elf", "--live")
+        assert r.returncode == 0 and "fuzzy" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
 
 
 # -- bad input: one line, exit 2, guest untouched, no file ---------------------------
@@ -312,6 +316,10 @@ def test_output_exists_refused_unless_force(memfd_guest: QemuGuest, tmp_path: Pa
 def test_bad_outputs_and_format(memfd_guest: QemuGuest, tmp_path: Path) -> None:
     memfd_guest.clear_events()
     assert "does not exist" in _untouched(memfd_guest, _dump(memfd_guest, tmp_path / "no" / "vm.elf"), tmp_path)
+    (tmp_path / "file").write_text("")
+    assert "file: not a directory" in _untouched(memfd_guest, _dump(memfd_guest, tmp_path / "file" / "vm.elf"),
+                                                tmp_path)
+    (tmp_path / "file").unlink()
     assert "invalid choice" in _untouched(memfd_guest, _dump(memfd_guest, tmp_path / "x", "--format", "bogus"),
                                           tmp_path)
     assert "dump level" in _untouched(memfd_guest, _dump(memfd_guest, tmp_path / "x", "--filter", "32"), tmp_path)
