@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -647,7 +648,7 @@ def test_sigkill_mid_copy_watchdog_resumes_and_removes(filled_guest: QemuGuest, 
     assert "vmcorefs-partial" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_progress_on_a_terminal_only(memfd_guest: QemuGuest, tmp_path: Path) -> None:
+def test_progress_on_a_terminal_only(filled_guest: QemuGuest, memfd_guest: QemuGuest, tmp_path: Path) -> None:
     """On a terminal: a progress bar (bytes, rate, ETA) then the summary;
     not a terminal: the summary alone; --quiet: nothing."""
     import fcntl
@@ -657,15 +658,37 @@ def test_progress_on_a_terminal_only(memfd_guest: QemuGuest, tmp_path: Path) -> 
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    proc = spawn_vmcorefs("dump", memfd_guest.qmp_path, str(tmp_path / "tty.elf"),
+    chunks: list[bytes] = []
+
+    def read_terminal() -> None:
+        with contextlib.suppress(OSError):  # EIO once the child closed the terminal
+            while chunk := os.read(master, 65536):
+                chunks.append(chunk)
+
+    reader = threading.Thread(target=read_terminal)
+    reader.start()
+    # The filled guest (1 GiB to copy), its copy held 0.3 s as it starts: the
+    # bar's next refresh then has a rate and an ETA however fast the copy
+    # (a 256 MiB guest's copy once ended before the bar's first refresh).
+    proc = spawn_vmcorefs("dump", filled_guest.qmp_path, str(tmp_path / "tty.elf"),
                           stdin=slave, stdout=slave, stderr=slave)
     os.close(slave)
-    seen = b""
-    with contextlib.suppress(OSError):  # EIO once the child closed the terminal
-        while chunk := os.read(master, 65536):
-            seen += chunk
-    os.close(master)
-    assert proc.wait(timeout=120) == 0, seen
+    try:
+        deadline = time.monotonic() + 120
+        while not any("vmcorefs-partial" in p.name for p in tmp_path.iterdir()) and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGCONT)
+        assert proc.wait(timeout=120) == 0, b"".join(chunks)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=10)
+        os.close(master)
+    seen = b"".join(chunks)
     text = seen.decode(errors="replace")
     assert re.search(r"copying:\s+\d+%\|.*\| [\d.]+\w?/[\d.]+\w? \[\d\d:\d\d<\d\d:\d\d, ", text), text
     assert SUMMARY.search(text.replace("\r\n", "\n").replace("\r", "\n")), text
