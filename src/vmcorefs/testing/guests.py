@@ -388,7 +388,7 @@ class QemuGuest:
     def _restart_hung(self, hung: TimeoutError) -> None:
         """Kill a guest whose first boot hung and start it again, saying so on
         stderr with where its vCPUs were (``info registers -a``: RIP, EIP or PC) and
-        keeping its serial log as ``serial-hung.log``."""
+        keeping its serial log as ``serial-hungN.log`` (N: the restart)."""
         self.restarts += 1
         where = _vcpu_pcs(self.own_qmp_path)
         self._disconnect()
