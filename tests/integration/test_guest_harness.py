@@ -11,11 +11,12 @@ pytestmark = pytest.mark.integration
 
 
 def test_a_hung_first_boot_is_restarted_once_then_fails(capfd: pytest.CaptureFixture[str]) -> None:
-    # -S: QEMU never starts the vCPUs (both stay at the reset vector), so /init never announces itself.
-    g = QemuGuest(GuestSpec("hung", mib=64, extra=("-S",), boot_timeout=3))
+    # -S: QEMU never starts the vCPUs (both stay at the reset vector), so /init never announces itself;
+    # 8 s leave a busy host time to start QEMU and its monitor (where the vCPUs are read).
+    g = QemuGuest(GuestSpec("hung", mib=64, extra=("-S",), boot_timeout=8))
     first = g.pid
     try:
-        with pytest.raises(TimeoutError, match="guest hung did not boot in 3 s"):
+        with pytest.raises(TimeoutError, match="guest hung did not boot in 8 s"):
             g.wait_ready()
         assert g.restarts == 1 and g.pid != first
         assert (g.dir / "serial-hung1.log").exists()
